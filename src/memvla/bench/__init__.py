@@ -1,0 +1,1 @@
+"""Benchmarks run by ``memvla bench NAME``: scripts that print measured figures."""

@@ -1,0 +1,1 @@
+"""Subcommands of the ``memvla`` command line (see :mod:`memvla.cli`)."""

@@ -1,0 +1,233 @@
+"""Typed configuration dataclasses, validated in ``__post_init__``.
+
+Nested configs serialise to JSON with :func:`memvla.config_utils.to_dict` and come back with
+:func:`memvla.config_utils.from_dict`; the command line edits them with dotted overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .layers.mlp import ACTIVATIONS
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _positive(owner: str, **values: int | float) -> None:
+    for name, v in values.items():
+        _require(v > 0, f"{owner}.{name} must be > 0, got {v}")
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP-family ViT."""
+
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    image_size: int = 512
+    patch_size: int = 16
+    channels: int = 3
+    eps: float = 1e-6
+    act: str = "gelu_tanh"
+
+    def __post_init__(self):
+        _positive("vision", width=self.width, depth=self.depth, heads=self.heads,
+                  mlp_dim=self.mlp_dim, image_size=self.image_size, patch_size=self.patch_size)
+        _require(self.width % self.heads == 0,
+                 f"vision.width ({self.width}) must be a multiple of vision.heads ({self.heads})")
+        _require(self.image_size % self.patch_size == 0,
+                 f"vision.image_size ({self.image_size}) must be a multiple of "
+                 f"vision.patch_size ({self.patch_size})")
+        _require(self.act in ACTIVATIONS, f"vision.act must be one of {sorted(ACTIVATIONS)}, "
+                 f"got {self.act!r}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class DecoderConfig:
+    """Llama / SmolLM2 / Gemma decoder stack. ``vocab_size = 0``: no token embeddings."""
+
+    width: int = 960
+    depth: int = 16
+    heads: int = 15
+    kv_heads: int = 5
+    head_dim: int = 64
+    mlp_dim: int = 2560
+    vocab_size: int = 0
+    rms_eps: float = 1e-5
+    rope_base: float = 10_000.0
+    act: str = "silu"
+    norm_unit_offset: bool = False  # Gemma: scale by 1 + weight
+    lm_head: bool = False  # keep an (untied) output head, for checkpoint compatibility
+
+    def __post_init__(self):
+        _positive("decoder", width=self.width, depth=self.depth, heads=self.heads,
+                  kv_heads=self.kv_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim)
+        _require(self.heads % self.kv_heads == 0,
+                 f"decoder.heads ({self.heads}) must be a multiple of kv_heads "
+                 f"({self.kv_heads})")
+        _require(self.head_dim % 2 == 0, f"decoder.head_dim must be even for RoPE, got "
+                 f"{self.head_dim}")
+        _require(self.vocab_size >= 0, f"decoder.vocab_size must be >= 0, got {self.vocab_size}")
+        _require(self.act in ACTIVATIONS, f"decoder.act must be one of {sorted(ACTIVATIONS)}, "
+                 f"got {self.act!r}")
+        _require(not (self.lm_head and not self.vocab_size),
+                 "decoder.lm_head needs vocab_size > 0")
+
+
+STATE_TOKEN_PLACES = ("prefix", "suffix")
+
+
+@dataclass
+class FlowVLAConfig:
+    """The flow-matching VLA (SmolVLA / π0 family): a VLM over the prefix (images,
+    language, state) and a narrower action expert over the suffix (the action chunk)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: DecoderConfig = field(default_factory=DecoderConfig)  # the kept backbone layers
+    expert: DecoderConfig = field(default_factory=DecoderConfig)  # vocab_size 0
+    connector_scale: int = 4  # pixel-shuffle factor (1 = a plain linear projector)
+    connector_bias: bool = False
+    # Every n-th expert layer (i % n == 0) attends jointly over [prefix; suffix]; the others
+    # cross-attend to the prefix only, through their own k/v projections of the backbone's
+    # keys/values. n = 1: joint attention everywhere (π0); n = 2: SmolVLA.
+    self_attn_every_n_layers: int = 2
+    chunk_size: int = 50
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    state_token: str = "prefix"  # "prefix" (SmolVLA) or "suffix" (π0)
+    causal_actions: bool = True  # action tokens attend causally (SmolVLA) or jointly (π0)
+    scale_image_embeddings: bool = True  # multiply image tokens by sqrt(width)
+    scale_text_embeddings: bool = True  # multiply language tokens by sqrt(width)
+    num_steps: int = 10  # Euler steps at inference
+    time_alpha: float = 1.5
+    time_beta: float = 1.0
+    time_min: float = 0.001
+    time_min_period: float = 4e-3
+    time_max_period: float = 4.0
+
+    def __post_init__(self):
+        _positive("model", connector_scale=self.connector_scale,
+                  self_attn_every_n_layers=self.self_attn_every_n_layers,
+                  chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
+                  max_action_dim=self.max_action_dim, num_steps=self.num_steps,
+                  time_alpha=self.time_alpha, time_beta=self.time_beta)
+        _require(self.state_token in STATE_TOKEN_PLACES,
+                 f"model.state_token must be one of {STATE_TOKEN_PLACES}, got "
+                 f"{self.state_token!r}")
+        _require(self.text.vocab_size > 0, "model.text.vocab_size must be > 0 (the backbone "
+                 "embeds language tokens)")
+        _require(self.expert.vocab_size == 0, "model.expert.vocab_size must be 0 (the action "
+                 "expert has no token embeddings)")
+        _require(self.expert.depth == self.text.depth,
+                 f"model.expert.depth ({self.expert.depth}) must equal model.text.depth "
+                 f"({self.text.depth}): each expert layer reads the backbone layer beside it")
+        _require(self.expert.head_dim == self.text.head_dim,
+                 f"model.expert.head_dim ({self.expert.head_dim}) must equal "
+                 f"model.text.head_dim ({self.text.head_dim}) for joint attention")
+        _require(self.expert.kv_heads == self.text.kv_heads,
+                 f"model.expert.kv_heads ({self.expert.kv_heads}) must equal "
+                 f"model.text.kv_heads ({self.text.kv_heads}) for joint attention")
+        _require(self.vision.grid % self.connector_scale == 0,
+                 f"model.connector_scale ({self.connector_scale}) must divide the patch grid "
+                 f"side ({self.vision.grid} = image_size / patch_size)")
+        _require(0.0 <= self.time_min < 1.0, f"model.time_min must be in [0, 1), got "
+                 f"{self.time_min}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.vision.grid // self.connector_scale) ** 2
+
+    def is_joint_layer(self, i: int) -> bool:
+        return i % self.self_attn_every_n_layers == 0
+
+
+TOKENIZER_KINDS = ("words", "hf")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "words"  # "words": built-in word/byte tokenizer; "hf": a local HF tokenizer
+    path: str | None = None  # directory of a Hugging Face tokenizer (kind = "hf")
+    max_length: int = 48  # tasks are padded to this many tokens; longer ones are an error
+    words: list[str] | None = None  # vocabulary of the word tokenizer (None = built-in)
+
+    def __post_init__(self):
+        _require(self.kind in TOKENIZER_KINDS, f"tokenizer.kind must be one of "
+                 f"{TOKENIZER_KINDS}, got {self.kind!r}")
+        _require(self.kind != "hf" or bool(self.path),
+                 "tokenizer.path must name a local tokenizer directory when kind = 'hf'")
+        _positive("tokenizer", max_length=self.max_length)
+
+
+CONTEXT_KINDS = ("none",)
+
+
+@dataclass
+class ContextConfig:
+    """Temporal context of the policy (what it remembers of the episode)."""
+
+    kind: str = "none"
+
+    def __post_init__(self):
+        _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
+                 f"got {self.kind!r}")
+
+
+NORM_MODES = ("mean_std", "min_max", "identity")
+IMAGE_PADS = ("top_left", "center")
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a policy: model, inputs, processors, context."""
+
+    model: FlowVLAConfig = field(default_factory=FlowVLAConfig)
+    cameras: list[str] = field(default_factory=lambda: ["top"])
+    image_shape: tuple[int, int, int] = (3, 512, 512)  # (C, H, W) of the input images
+    # Input images of another size than the vision tower's are resized keeping the aspect
+    # ratio and padded: "top_left" puts the padding left/top (SmolVLA), "center" (π0).
+    image_pad: str = "top_left"
+    state_dim: int = 6
+    action_dim: int = 6
+    n_action_steps: int = 50
+    normalization: dict[str, str] = field(
+        default_factory=lambda: {"observation.state": "mean_std", "action": "mean_std"})
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+
+    def __post_init__(self):
+        _require(len(self.cameras) > 0, "policy.cameras must name at least one camera")
+        _require(len(set(self.cameras)) == len(self.cameras),
+                 f"policy.cameras has duplicates: {self.cameras}")
+        _require(len(self.image_shape) == 3 and self.image_shape[0] == self.model.vision.channels,
+                 f"policy.image_shape must be (C, H, W) with C = model.vision.channels "
+                 f"({self.model.vision.channels}), got {self.image_shape}")
+        _require(self.image_pad in IMAGE_PADS, f"policy.image_pad must be one of {IMAGE_PADS}, "
+                 f"got {self.image_pad!r}")
+        _positive("policy", state_dim=self.state_dim, action_dim=self.action_dim,
+                  n_action_steps=self.n_action_steps)
+        _require(self.state_dim <= self.model.max_state_dim,
+                 f"policy.state_dim ({self.state_dim}) exceeds model.max_state_dim "
+                 f"({self.model.max_state_dim}); raise model.max_state_dim")
+        _require(self.action_dim <= self.model.max_action_dim,
+                 f"policy.action_dim ({self.action_dim}) exceeds model.max_action_dim "
+                 f"({self.model.max_action_dim}); raise model.max_action_dim")
+        _require(self.n_action_steps <= self.model.chunk_size,
+                 f"policy.n_action_steps ({self.n_action_steps}) must be <= "
+                 f"model.chunk_size ({self.model.chunk_size})")
+        for key, mode in self.normalization.items():
+            _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
+                     f"{NORM_MODES}, got {mode!r}")
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [f"observation.images.{c}" for c in self.cameras]

@@ -1,0 +1,100 @@
+"""A ViT vision encoder of the SigLIP family: patch embedding (conv), learned position
+embedding, pre-LayerNorm blocks with biased attention and a GELU-tanh MLP, and a final
+LayerNorm. Module names follow Hugging Face's SigLIP vision tower."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .attention import merge_heads, scaled_attention, split_heads
+from .mlp import MLP
+
+
+def patchify_conv(images: Tensor, weight: Tensor, bias: Tensor | None, patch: int) -> Tensor:
+    """images (B, C, H, W) -> patch features (B, P, D), row-major over the patch grid."""
+    x = nn.functional.conv2d(images, weight, bias, stride=patch)  # (B, D, H/p, W/p)
+    return x.flatten(2).transpose(1, 2)  # (B, P, D)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, width: int, image_size: int, patch_size: int, channels: int = 3):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"vision: image_size {image_size} is not a multiple of "
+                             f"patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.patch_embedding = nn.Conv2d(channels, width, patch_size, stride=patch_size)
+        self.position_embedding = nn.Embedding(self.num_patches, width)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = patchify_conv(images, self.patch_embedding.weight, self.patch_embedding.bias,
+                          self.patch_size)  # (B, P, D)
+        return x + self.position_embedding.weight[None]  # (B, P, D)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"vision: width {width} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        full = x.new_ones(x.shape[0], x.shape[1], x.shape[1], dtype=bool)  # (B, P, P)
+        return self.out_proj(merge_heads(scaled_attention(q, k, v, full)))  # (B, P, D)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, act: str):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.self_attn = VisionAttention(width, heads)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """Holds ``layers`` (the ``encoder`` of HF SigLIP)."""
+
+    def __init__(self, depth: int, **block):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(**block) for _ in range(depth))
+
+
+class VisionTransformer(nn.Module):
+    """images (B, C, H, W) in [-1, 1] -> patch features (B, P, D)."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, image_size: int,
+                 patch_size: int, channels: int = 3, eps: float = 1e-6,
+                 act: str = "gelu_tanh"):
+        super().__init__()
+        self.image_size = image_size
+        self.channels = channels
+        self.embeddings = VisionEmbeddings(width, image_size, patch_size, channels)
+        self.encoder = VisionEncoder(depth, width=width, heads=heads, mlp_dim=mlp_dim,
+                                     eps=eps, act=act)
+        self.post_layernorm = nn.LayerNorm(width, eps=eps)
+
+    @property
+    def num_patches(self) -> int:
+        return self.embeddings.num_patches
+
+    def forward(self, images: Tensor) -> Tensor:
+        want = (self.channels, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"vision: images must be (B, {want[0]}, {want[1]}, {want[2]}), "
+                             f"got {tuple(images.shape)}")
+        x = self.embeddings(images)  # (B, P, D)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)  # (B, P, D)

@@ -1,0 +1,1 @@
+"""Compositions of the building blocks: decoder stacks, the VLM, the VLAs."""

@@ -1,0 +1,136 @@
+"""The flow-matching VLA behind the LeRobot-style policy API.
+
+``forward(batch) -> (loss, info)``, ``predict_action_chunk(obs) -> (B, A, action_dim)``,
+``select_action(obs) -> (B, action_dim)`` popping from a queue of ``n_action_steps``,
+``reset()``. Inputs use LeRobot keys (``observation.images.<camera>``,
+``observation.state``, ``task``, ``action``, ``action_is_pad``) and are validated;
+normalisation happens in the processor, outside the model, and is saved with the policy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config_utils import from_dict, to_dict
+from ..configs import PolicyConfig
+from ..data.tokenizers import make_tokenizer
+from ..models.flow_vla import FlowMatchingVLA
+from .checkpoint import (
+    PROCESSOR_FILE,
+    WEIGHTS_FILE,
+    check_keys,
+    read_config,
+    read_tensors,
+    write_checkpoint,
+)
+from .inputs import check_actions, check_observation
+from .processor import Normalizer, resize_with_pad
+
+
+def pad_last(x: Tensor, size: int) -> Tensor:
+    """Zero-pad the last axis to ``size`` (state/action to max_state_dim/max_action_dim)."""
+    return F.pad(x, (0, size - x.shape[-1]))
+
+
+class FlowVLAPolicy(nn.Module):
+    policy_type = "flow_vla"
+
+    def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None = None):
+        super().__init__()
+        self.config = config
+        self.model = FlowMatchingVLA(config.model)
+        self.normalizer = Normalizer(config.normalization, stats)
+        self.tokenizer = make_tokenizer(config.tokenizer)
+        vocab = config.model.text.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
+                             f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
+        self._queue: deque[Tensor] = deque()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- inputs ---------------------------------------------------------------------------
+    def encode_observation(self, batch: dict):
+        """Validate and prepare model inputs: images per camera (B, C, S, S) in [-1, 1],
+        language ids/pad (B, Nl), normalised state padded to max_state_dim (B, Ds')."""
+        cfg = self.config
+        images, state, tasks = check_observation(batch, cfg)
+        dev = self.device
+        size = cfg.model.vision.image_size
+        images = [resize_with_pad(img.to(dev), size, cfg.image_pad) * 2 - 1 for img in images]
+        ids, pad = self.tokenizer(tasks)  # (B, Nl)
+        state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
+        return images, ids.to(dev), pad.to(dev), pad_last(state, cfg.model.max_state_dim)
+
+    # -- training -------------------------------------------------------------------------
+    def forward(self, batch: dict, noise: Tensor | None = None,
+                time: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Flow-matching loss: mean squared error over the real (not padded) action steps
+        and the real action dimensions."""
+        images, ids, pad, state = self.encode_observation(batch)
+        actions, is_pad = check_actions(batch, self.config, state.shape[0])
+        actions = self.normalizer.normalize("action", actions.to(state.device))  # (B, A, Da)
+        padded = pad_last(actions, self.config.model.max_action_dim)  # (B, A, Da')
+        losses = self.model(images, ids, pad, state, padded, noise, time)  # (B, A, Da')
+        losses = losses[..., : self.config.action_dim]  # (B, A, Da)
+        valid = (~is_pad.to(state.device)).float()  # (B, A)
+        denom = valid.sum() * self.config.action_dim
+        if denom == 0:
+            raise ValueError("action_is_pad: every action step of the batch is padding")
+        loss = (losses * valid[..., None]).sum() / denom
+        return loss, {"loss": loss.item(), "valid_steps": int(valid.sum().item())}
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(self, obs: dict, noise: Tensor | None = None) -> Tensor:
+        """-> unnormalised actions (B, chunk_size, action_dim)."""
+        images, ids, pad, state = self.encode_observation(obs)
+        x = self.model.sample_actions(images, ids, pad, state, noise)  # (B, A, Da')
+        x = x[..., : self.config.action_dim]  # (B, A, Da)
+        return self.normalizer.unnormalize("action", x)
+
+    @torch.no_grad()
+    def select_action(self, obs: dict) -> Tensor:
+        """-> the next action (B, action_dim); a new chunk is predicted every
+        ``n_action_steps`` calls."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(obs)[:, : self.config.n_action_steps]
+            self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Forget the episode: clears the action queue."""
+        self._queue.clear()
+
+    # -- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return write_checkpoint(directory, self.policy_type, to_dict(self.config),
+                                self.model.state_dict(), self.normalizer.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        d = Path(directory)
+        meta = read_config(d)
+        if meta["type"] != cls.policy_type:
+            raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
+                             f"{cls.policy_type!r}")
+        config = from_dict(PolicyConfig, meta["config"])
+        weights = read_tensors(d / WEIGHTS_FILE)
+        processor = read_tensors(d / PROCESSOR_FILE)
+        policy = cls(config)
+        policy.normalizer = Normalizer.from_state_dict(config.normalization, processor)
+        own = policy.model.state_dict()
+        check_keys(d / WEIGHTS_FILE, set(own), set(weights))
+        for k, v in weights.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the "
+                                 f"config expects {tuple(own[k].shape)}")
+        policy.model.load_state_dict(weights)
+        return policy.to(device)

@@ -1,0 +1,96 @@
+"""Processor steps outside the model: normalisation with dataset statistics and image
+preparation. Their state (the statistics) is saved beside the policy's weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-8
+# which statistics each mode needs
+MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "identity": ()}
+
+
+class Normalizer:
+    """Per-feature normalisation: ``mean_std`` -> (x − mean) / std, ``min_max`` -> [−1, 1],
+    ``identity``. ``stats`` maps feature -> {stat name -> tensor}; with ``stats=None``
+    every feature is left as it is (and :attr:`has_stats` is False)."""
+
+    def __init__(self, modes: dict[str, str], stats: dict[str, dict[str, Tensor]] | None = None):
+        self.modes = dict(modes)
+        self.has_stats = stats is not None
+        self.stats: dict[str, dict[str, Tensor]] = {}
+        if stats is None:
+            return
+        for key, mode in self.modes.items():
+            need = MODE_STATS[mode]
+            if not need:
+                continue
+            if key not in stats:
+                raise ValueError(f"normalisation: no statistics for {key!r} (mode {mode!r} "
+                                 f"needs {need}); statistics were given for {sorted(stats)}")
+            missing = [s for s in need if s not in stats[key]]
+            if missing:
+                raise ValueError(f"normalisation: statistics of {key!r} lack {missing} "
+                                 f"(mode {mode!r}); found {sorted(stats[key])}")
+            self.stats[key] = {s: torch.as_tensor(stats[key][s], dtype=torch.float32).flatten()
+                               for s in need}
+
+    def _get(self, key: str, x: Tensor) -> tuple[str, dict[str, Tensor]]:
+        mode = self.modes.get(key, "identity")
+        st = self.stats.get(key)
+        if st is None:
+            return "identity", {}
+        st = {k: v.to(x.device, x.dtype) for k, v in st.items()}
+        dim = x.shape[-1]
+        for name, v in st.items():
+            if v.numel() != dim:
+                raise ValueError(f"normalisation of {key!r}: statistic {name!r} has {v.numel()} "
+                                 f"values but the data has {dim} on its last axis")
+        return mode, st
+
+    def normalize(self, key: str, x: Tensor) -> Tensor:
+        mode, st = self._get(key, x)
+        if mode == "mean_std":
+            return (x - st["mean"]) / (st["std"] + EPS)
+        if mode == "min_max":
+            return 2 * (x - st["min"]) / (st["max"] - st["min"] + EPS) - 1
+        return x
+
+    def unnormalize(self, key: str, x: Tensor) -> Tensor:
+        mode, st = self._get(key, x)
+        if mode == "mean_std":
+            return x * (st["std"] + EPS) + st["mean"]
+        if mode == "min_max":
+            return (x + 1) / 2 * (st["max"] - st["min"] + EPS) + st["min"]
+        return x
+
+    # -- persistence: flat {"<feature>/<stat>": tensor}, stored as safetensors ------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{k}/{s}": v.contiguous() for k, d in self.stats.items() for s, v in d.items()}
+
+    @classmethod
+    def from_state_dict(cls, modes: dict[str, str], flat: dict[str, Tensor]) -> Normalizer:
+        if not flat:
+            return cls(modes, None)
+        stats: dict[str, dict[str, Tensor]] = {}
+        for name, v in flat.items():
+            key, stat = name.rsplit("/", 1)
+            stats.setdefault(key, {})[stat] = v
+        return cls(modes, stats)
+
+
+def resize_with_pad(images: Tensor, size: int, pad: str = "top_left") -> Tensor:
+    """images (B, C, H, W) in [0, 1] -> (B, C, size, size): bilinear resize keeping the aspect
+    ratio, padded with 0 on the left/top (``top_left``) or on both sides (``center``)."""
+    b, c, h, w = images.shape
+    if h == size and w == size:
+        return images
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    out = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False)
+    ph, pw = size - nh, size - nw
+    if pad == "center":
+        return F.pad(out, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return F.pad(out, (pw, 0, ph, 0))  # (B, C, size, size)
