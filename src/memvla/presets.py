@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .config_utils import apply_overrides
 from .configs import DecoderConfig, FlowVLAConfig, PolicyConfig, TokenizerConfig, VisionConfig
-from .data.tokenizers import DEFAULT_WORDS, SPECIALS
+from .data.tokenizers import WordTokenizer
 from .utils import did_you_mean
 
 PRESETS: dict[str, Callable[[], PolicyConfig]] = {}
@@ -46,7 +46,7 @@ def smolvla_expert_mlp_dim(width: int, multiplier: int = 4, multiple_of: int = 2
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-WORD_VOCAB = len(SPECIALS) + 256 + len(DEFAULT_WORDS)
+WORD_VOCAB = WordTokenizer().vocab_size  # the built-in word/byte tokenizer
 
 
 @register("tiny")
@@ -98,3 +98,14 @@ def pi0_3b() -> PolicyConfig:
                         image_shape=(3, 224, 224), state_dim=14, action_dim=14,
                         n_action_steps=50,
                         tokenizer=TokenizerConfig(kind="words", max_length=48))
+
+
+def count_parameters(cfg: PolicyConfig) -> int:
+    """Parameters of the preset's model, built on the meta device (no memory used)."""
+    import torch
+
+    from .models.flow_vla import FlowMatchingVLA
+
+    with torch.device("meta"):
+        model = FlowMatchingVLA(cfg.model)
+    return sum(p.numel() for p in model.parameters())

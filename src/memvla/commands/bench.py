@@ -1,26 +1,33 @@
-"""``memvla bench NAME``: benchmarks that print measured figures (and write them as JSON)."""
+"""``memvla bench NAME [options]``: benchmarks that print measured figures (and write them
+as JSON with ``--json FILE``). A benchmark module is imported only when it runs."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
-HELP = "run a benchmark and print its figures (core, envs, ...)"
+from ..utils import did_you_mean
+
+HELP = "run a benchmark and print its figures (see 'memvla bench --help')"
 
 # benchmark name -> module under memvla.bench; each defines HELP, add_arguments, run
 BENCHES = {
     "core": "core",
+    "envs": "envs",
 }
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
-    for name, module_name in BENCHES.items():
-        module = importlib.import_module(f"memvla.bench.{module_name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
-        module.add_arguments(p)
-        p.set_defaults(_bench_run=module.run)
+    parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(BENCHES)}")
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help="options of the benchmark ('memvla bench NAME --help')")
 
 
 def run(args) -> int:
-    return int(args._bench_run(args) or 0)
+    if args.name not in BENCHES:
+        raise ValueError(did_you_mean(args.name, BENCHES, what="benchmark"))
+    module = importlib.import_module(f"memvla.bench.{BENCHES[args.name]}")
+    parser = argparse.ArgumentParser(prog=f"memvla bench {args.name}", description=module.HELP)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.options)) or 0)

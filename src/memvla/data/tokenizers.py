@@ -17,19 +17,20 @@ from ..configs import TokenizerConfig
 
 # Words of the built-in task instructions and common manipulation vocabulary; anything
 # else is spelled as UTF-8 bytes.
-DEFAULT_WORDS: tuple[str, ...] = tuple("""
+_WORDS_TEXT = """
 a an the this that these those it its one two three four five six seven eight nine ten
 first second third fourth fifth last next then after before again later now once
-and or of to in on at by with from into onto under over above below near next left right
+and or of to in on at by with from into onto under over above below near left right
 up down back front behind between same other each every all
 red green blue yellow orange purple pink cyan white black gray grey brown magenta
 color colour colors colours ball balls cup cups object objects block blocks cube cubes
 disc dot dots circle square zone area target start place position spot marker item items
-touch reach go move push pull pick put place grasp grab release drop lift return bring
+touch reach go move push pull pick put grasp grab release drop lift return bring
 take remember recall memorize watch find choose select follow hit press open close
 shown showed seen saw appeared appears order sequence hidden hides shuffled shuffle swap
 where which what was is are were be been had has have you your
-""".split())
+"""
+DEFAULT_WORDS: tuple[str, ...] = tuple(_WORDS_TEXT.split())
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _SPLIT = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")

@@ -149,6 +149,20 @@ class FlowMatchingVLA(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * de, de)
         self.action_time_mlp_out = nn.Linear(de, de)
 
+    def unused_parameter_names(self) -> set[str]:
+        """Parameters the action loss never reaches: the prefix's hidden states after the
+        last backbone layer are not read (only its keys/values are), so that layer's query,
+        output and MLP weights, the final backbone norm and the LM head get no gradient.
+        They are kept so that checkpoints of the reference implementations load by name."""
+        last = f"vlm_with_expert.vlm.model.text_model.layers.{self.cfg.text.depth - 1}."
+        names = {n for n, _ in self.named_parameters()
+                 if n.startswith(last) and ".k_proj." not in n and ".v_proj." not in n
+                 and ".input_layernorm." not in n}
+        names |= {n for n, _ in self.named_parameters()
+                  if n.startswith(("vlm_with_expert.vlm.model.text_model.norm.",
+                                   "vlm_with_expert.vlm.lm_head."))}
+        return names
+
     # -- token construction ---------------------------------------------------------------
     def embed_prefix(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
                      state: Tensor) -> list[TokenSegment]:

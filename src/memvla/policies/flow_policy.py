@@ -99,7 +99,8 @@ class FlowVLAPolicy(nn.Module):
     @torch.no_grad()
     def select_action(self, obs: dict) -> Tensor:
         """-> the next action (B, action_dim); a new chunk is predicted every
-        ``n_action_steps`` calls."""
+        ``n_action_steps`` calls. Every observation is validated, queued actions or not."""
+        check_observation(obs, self.config)
         if not self._queue:
             chunk = self.predict_action_chunk(obs)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
