@@ -1,0 +1,1 @@
+"""Training: ``memvla train`` (see :func:`memvla.training.loop.train`)."""

@@ -1,0 +1,61 @@
+"""The training run's configuration: the policy config plus :class:`TrainConfig`, saved as
+``RUN/run.json`` and compared on ``--resume``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..configs import PolicyConfig, _positive, _require
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and loop settings. Defaults follow SmolVLA (AdamW, betas (0.9, 0.95),
+    eps 1e-8, weight decay 1e-10, gradient clipping at 10, warmup then cosine decay to
+    2.5% of the peak), with the warmup scaled to the run length when it is shorter."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-10
+    grad_clip_norm: float = 10.0
+    warmup_steps: int = 1000  # capped at 10% of `steps`
+    decay_lr_ratio: float = 0.025  # final lr = ratio * lr (SmolVLA: 2.5e-6 / 1e-4)
+    seed: int = 0
+    num_workers: int = 2  # data-loading worker processes (0 = in the main process)
+    save_every: int = 1000  # checkpoint every K steps (and at the end, and on SIGINT/SIGTERM)
+    log_every: int = 10
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                  save_every=self.save_every, log_every=self.log_every)
+        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got "
+                 f"{self.warmup_steps}")
+        _require(self.num_workers >= 0, f"train.num_workers must be >= 0, got "
+                 f"{self.num_workers}")
+        _require(self.grad_clip_norm > 0, f"train.grad_clip_norm must be > 0, got "
+                 f"{self.grad_clip_norm}")
+        _require(0 <= self.decay_lr_ratio <= 1, f"train.decay_lr_ratio must be in [0, 1], got "
+                 f"{self.decay_lr_ratio}")
+        _require(self.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one "
+                 f"of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+
+    @property
+    def effective_warmup(self) -> int:
+        return min(self.warmup_steps, self.steps // 10)
+
+
+@dataclass
+class RunConfig:
+    """What ``memvla train`` was asked to do: a preset, a dataset and the resolved configs."""
+
+    preset: str = "tiny"
+    dataset: str = ""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
