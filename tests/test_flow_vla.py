@@ -8,7 +8,8 @@ from helpers import narrow_config
 from memvla.layers.attention import merge_heads, scaled_attention, split_heads
 from memvla.layers.masks import block_mask
 from memvla.layers.rope import apply_rope
-from memvla.models.flow_vla import FlowMatchingVLA, TokenSegment
+from memvla.layers.tokens import TokenSegment
+from memvla.models.flow_vla import FlowMatchingVLA
 
 
 def model_inputs(cfg, b=2, seed=0):
@@ -30,8 +31,8 @@ def test_cached_sampling_equals_recomputed_prefix(name):
     model = FlowMatchingVLA(cfg.model).eval()
     images, ids, pad, state = model_inputs(cfg)
     noise = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
-    fast = model.sample_actions(images, ids, pad, state, noise=noise)
-    slow = model.sample_actions_uncached(images, ids, pad, state, noise=noise)
+    fast, _ = model.sample_actions(images, ids, pad, state, noise=noise)
+    slow, _ = model.sample_actions_uncached(images, ids, pad, state, noise=noise)
     assert fast.shape == noise.shape
     assert (fast - slow).abs().max().item() <= 1e-5
 
@@ -86,7 +87,7 @@ def test_two_pass_forward_equals_joint_attention(name):
         prefix = TokenSegment.cat(model.embed_prefix(images, ids, pad, state))
         suffix = model.embed_suffix(state, x_t, t)
         ref = joint_reference(model, prefix, suffix)
-        cache = model.prefill(images, ids, pad, state)
+        cache, _ = model.prefill(images, ids, pad, state)
         got = model.vlm_with_expert.expert(suffix, cache)
     assert (got - ref).abs().max().item() <= 1e-5
 
@@ -109,6 +110,6 @@ def test_training_loss_is_deterministic_given_noise_and_time():
     images, ids, pad, state = model_inputs(cfg)
     actions = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
     noise, t = torch.randn_like(actions), torch.tensor([0.5, 0.1])
-    l1 = model(images, ids, pad, state, actions, noise, t)
-    l2 = model(images, ids, pad, state, actions, noise, t)
+    l1, _ = model(images, ids, pad, state, actions, noise, t)
+    l2, _ = model(images, ids, pad, state, actions, noise, t)
     assert torch.equal(l1, l2) and l1.shape == actions.shape

@@ -88,7 +88,7 @@ def test_policy_actions_are_unnormalised_with_saved_stats(policy, tmp_path):
     torch.manual_seed(3)
     assert torch.equal(a, loaded.predict_action_chunk(obs))
     torch.manual_seed(3)
-    raw = policy.model.sample_actions(*policy.encode_observation(obs))[..., :3]
+    raw = policy.model.sample_actions(*policy.encode_observation(obs))[0][..., :3]
     torch.testing.assert_close(a, raw * (STATS["action"]["std"] + 1e-8) + STATS["action"]["mean"])
 
 

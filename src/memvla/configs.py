@@ -168,18 +168,39 @@ class TokenizerConfig:
         _positive("tokenizer", max_length=self.max_length)
 
 
-CONTEXT_KINDS = ("none",)
+CONTEXT_KINDS = ("none", "memory_tokens")
+MEMORY_LAYOUTS = ("smolvla", "rmt")
 
 
 @dataclass
 class ContextConfig:
-    """Temporal context of the policy (what it remembers of the episode)."""
+    """Temporal context of the policy: what it carries from one chunk to the next.
+
+    ``none``: nothing (each chunk sees the current observation only).
+    ``memory_tokens``: ``num_tokens`` recurrent memory tokens in the prefix, in the
+    ``smolvla`` (read = write at the start) or ``rmt`` (read at the start, write at the
+    end) layout; trained through the episode (see ``train.bptt_depth``).
+    """
 
     kind: str = "none"
+    num_tokens: int = 4
+    layout: str = "smolvla"
+    init_std: float = 0.02
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
                  f"got {self.kind!r}")
+        if self.kind == "memory_tokens":
+            _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
+                     f"context.kind=memory_tokens, got {self.num_tokens}")
+            _require(self.layout in MEMORY_LAYOUTS, f"context.layout must be one of "
+                     f"{MEMORY_LAYOUTS}, got {self.layout!r}")
+            _require(self.init_std > 0, f"context.init_std must be > 0, got {self.init_std}")
+
+    @property
+    def recurrent(self) -> bool:
+        """True when the policy carries state across chunks (trained through episodes)."""
+        return self.kind != "none"
 
 
 NORM_MODES = ("mean_std", "min_max", "identity")

@@ -20,13 +20,12 @@ connector, text_model}``, ``vlm_with_expert.lm_expert``, ``state_proj``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..configs import FlowVLAConfig
+from ..configs import ContextConfig, FlowVLAConfig
 from ..layers.connector import Connector
 from ..layers.flow_matching import (
     action_time_embed,
@@ -37,31 +36,10 @@ from ..layers.flow_matching import (
 )
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
+from ..layers.memory_tokens import MemoryTokens
+from ..layers.tokens import TokenSegment
 from ..layers.vision import VisionTransformer
 from .decoder import Decoder
-
-
-@dataclass
-class TokenSegment:
-    """A run of tokens: embeddings (B, N, D), real-token flags (B, N) bool and block
-    flags (B, N) (1 starts a new attention block)."""
-
-    embs: Tensor
-    pad: Tensor
-    flags: Tensor
-
-    @staticmethod
-    def cat(parts: list[TokenSegment]) -> TokenSegment:
-        return TokenSegment(torch.cat([p.embs for p in parts], 1),  # (B, N, D)
-                            torch.cat([p.pad for p in parts], 1),  # (B, N)
-                            torch.cat([p.flags for p in parts], 1))  # (B, N)
-
-    @staticmethod
-    def full(embs: Tensor, first_flag: int, rest_flag: int) -> TokenSegment:
-        b, n, _ = embs.shape
-        flags = torch.full((b, n), rest_flag, dtype=torch.long, device=embs.device)
-        flags[:, 0] = first_flag
-        return TokenSegment(embs, torch.ones(b, n, dtype=torch.bool, device=embs.device), flags)
 
 
 class VLMInner(nn.Module):
@@ -110,7 +88,8 @@ class VLMWithExpert(nn.Module):
         pos = offset + torch.cumsum(prefix.pad.long(), 1) - 1  # (B, Np)
         block = last_block + torch.cumsum(prefix.flags.long(), 1)  # (B, Np)
         cache.append_tokens(prefix.pad, block, pos)
-        mask = block_mask_between(block, prefix.pad, cache.key_block, cache.key_pad)  # (B,Np,L)
+        mask = block_mask_between(prefix.query_blocks(block), prefix.pad, cache.key_block,
+                                  cache.key_pad)  # (B, Np, L)
         return self.text_model(prefix.embs, pos, mask, cache)  # (B, Np, D)
 
     def expert(self, suffix: TokenSegment, cache: KVCache) -> Tensor:
@@ -138,9 +117,15 @@ class VLMWithExpert(nn.Module):
 
 
 class FlowMatchingVLA(nn.Module):
-    def __init__(self, cfg: FlowVLAConfig):
+    """With ``context.kind = "memory_tokens"`` the prefix also holds recurrent memory tokens
+    (:mod:`memvla.layers.memory_tokens`); ``prefill``, ``forward`` and ``sample_actions``
+    then take the current memory (B, M, D) and return the next one beside their result
+    (``None`` without memory)."""
+
+    def __init__(self, cfg: FlowVLAConfig, context: ContextConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        self.context = context or ContextConfig()
         d, de = cfg.text.width, cfg.expert.width
         self.vlm_with_expert = VLMWithExpert(cfg)
         self.state_proj = nn.Linear(cfg.max_state_dim, d if cfg.state_token == "prefix" else de)
@@ -148,12 +133,23 @@ class FlowMatchingVLA(nn.Module):
         self.action_out_proj = nn.Linear(de, cfg.max_action_dim)
         self.action_time_mlp_in = nn.Linear(2 * de, de)
         self.action_time_mlp_out = nn.Linear(de, de)
+        self.memory_tokens = None
+        if self.context.kind == "memory_tokens":
+            c = self.context
+            self.memory_tokens = MemoryTokens(c.num_tokens, d, c.layout, c.init_std)
+
+    def initial_memory(self, batch: int) -> Tensor | None:
+        return None if self.memory_tokens is None else self.memory_tokens.initial(batch)
 
     def unused_parameter_names(self) -> set[str]:
         """Parameters the action loss never reaches: the prefix's hidden states after the
         last backbone layer are not read (only its keys/values are), so that layer's query,
         output and MLP weights, the final backbone norm and the LM head get no gradient.
-        They are kept so that checkpoints of the reference implementations load by name."""
+        They are kept so that checkpoints of the reference implementations load by name.
+        Memory tokens read the prefix's outputs: then only the LM head is unused."""
+        if self.memory_tokens is not None:
+            return {n for n, _ in self.named_parameters()
+                    if n.startswith("vlm_with_expert.vlm.lm_head.")}
         last = f"vlm_with_expert.vlm.model.text_model.layers.{self.cfg.text.depth - 1}."
         names = {n for n, _ in self.named_parameters()
                  if n.startswith(last) and ".k_proj." not in n and ".v_proj." not in n
@@ -165,9 +161,8 @@ class FlowMatchingVLA(nn.Module):
 
     # -- token construction ---------------------------------------------------------------
     def embed_prefix(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-                     state: Tensor) -> list[TokenSegment]:
-        """The prefix as named parts (images per camera, language, state); a temporal
-        context may insert its own parts before they are concatenated."""
+                     state: Tensor, memory: Tensor | None = None) -> list[TokenSegment]:
+        """The prefix as parts: [memory] + images per camera + language + state."""
         vwe, d = self.vlm_with_expert, self.cfg.text.width
         parts = []
         for img in images:
@@ -181,6 +176,11 @@ class FlowMatchingVLA(nn.Module):
         parts.append(TokenSegment(lang, lang_pad, torch.zeros_like(lang_ids)))
         if self.cfg.state_token == "prefix":
             parts.append(TokenSegment.full(self.state_proj(state)[:, None], 1, 1))  # (B, 1, D)
+        if memory is not None:
+            if self.memory_tokens is None:
+                raise ValueError("memory given to a model without memory tokens "
+                                 "(context.kind is 'none')")
+            parts = self.memory_tokens.insert(parts, memory)
         return parts
 
     def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> TokenSegment:
@@ -199,50 +199,57 @@ class FlowMatchingVLA(nn.Module):
         return self.action_out_proj(h[:, -self.cfg.chunk_size:])  # (B, A, Da)
 
     # -- training -------------------------------------------------------------------------
-    def prefill(self, images, lang_ids, lang_pad, state, cache: KVCache | None = None):
+    def prefill(self, images, lang_ids, lang_pad, state, memory: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[KVCache, Tensor | None]:
+        """Run the backbone over the prefix -> (filled cache, next memory or None)."""
         cache = cache if cache is not None else KVCache(self.cfg.text.depth)
-        prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state))
-        self.vlm_with_expert.prefill(prefix, cache)
-        return cache
+        prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state, memory))
+        hidden = self.vlm_with_expert.prefill(prefix, cache)  # (B, Np, D)
+        new_memory = None if memory is None else self.memory_tokens.extract(hidden)
+        return cache, new_memory
 
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
-                actions: Tensor, noise: Tensor | None = None,
-                time: Tensor | None = None) -> Tensor:
-        """Flow-matching losses per element (B, A, Da): (v(x_t, t) − (noise − actions))².
-        Inputs are normalised and padded to max_state_dim / max_action_dim."""
+                actions: Tensor, noise: Tensor | None = None, time: Tensor | None = None,
+                memory: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Flow-matching losses per element (B, A, Da): (v(x_t, t) − (noise − actions))²,
+        and the next memory. Inputs are normalised and padded to max_state_dim /
+        max_action_dim."""
         b = actions.shape[0]
         noise = torch.randn_like(actions) if noise is None else noise
         if time is None:
             time = sample_time(b, self.cfg.time_alpha, self.cfg.time_beta, self.cfg.time_min,
                                device=actions.device)  # (B,)
         x_t = interpolate(actions, noise, time)  # (B, A, Da)
-        cache = self.prefill(images, lang_ids, lang_pad, state)
+        cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory)
         v = self._velocity(cache, state, x_t, time)  # (B, A, Da)
-        return F.mse_loss(v, target_velocity(actions, noise), reduction="none")
+        return F.mse_loss(v, target_velocity(actions, noise), reduction="none"), new_memory
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def sample_actions(self, images, lang_ids, lang_pad, state, noise: Tensor | None = None,
-                       num_steps: int | None = None) -> Tensor:
+                       num_steps: int | None = None,
+                       memory: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Denoise an action chunk (B, A, Da): the prefix runs once into the cache, which
-        every Euler step reuses."""
+        every Euler step reuses. Returns (actions, next memory or None)."""
         noise = self._noise(state) if noise is None else noise
-        cache = self.prefill(images, lang_ids, lang_pad, state)
-        return euler_sample(lambda x, t: self._velocity(cache, state, x, t), noise,
-                            num_steps or self.cfg.num_steps)
+        cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory)
+        actions = euler_sample(lambda x, t: self._velocity(cache, state, x, t), noise,
+                               num_steps or self.cfg.num_steps)
+        return actions, new_memory
 
     @torch.no_grad()
     def sample_actions_uncached(self, images, lang_ids, lang_pad, state,
-                                noise: Tensor | None = None,
-                                num_steps: int | None = None) -> Tensor:
+                                noise: Tensor | None = None, num_steps: int | None = None,
+                                memory: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Slow twin of :meth:`sample_actions`: recomputes the prefix at every step."""
         noise = self._noise(state) if noise is None else noise
 
         def velocity(x, t):
-            cache = self.prefill(images, lang_ids, lang_pad, state)
+            cache, _ = self.prefill(images, lang_ids, lang_pad, state, memory)
             return self._velocity(cache, state, x, t)
 
-        return euler_sample(velocity, noise, num_steps or self.cfg.num_steps)
+        actions = euler_sample(velocity, noise, num_steps or self.cfg.num_steps)
+        return actions, self.prefill(images, lang_ids, lang_pad, state, memory)[1]
 
     def _noise(self, state: Tensor) -> Tensor:
         return torch.randn(state.shape[0], self.cfg.chunk_size, self.cfg.max_action_dim,

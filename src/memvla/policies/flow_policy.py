@@ -43,7 +43,7 @@ class FlowVLAPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None = None):
         super().__init__()
         self.config = config
-        self.model = FlowMatchingVLA(config.model)
+        self.model = FlowMatchingVLA(config.model, config.context)
         self.normalizer = Normalizer(config.normalization, stats)
         self.tokenizer = make_tokenizer(config.tokenizer)
         vocab = config.model.text.vocab_size
@@ -51,6 +51,12 @@ class FlowVLAPolicy(nn.Module):
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                              f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
         self._queue: deque[Tensor] = deque()
+        self._memory: Tensor | None = None  # (B, M, D) carried between chunks
+
+    @property
+    def is_recurrent(self) -> bool:
+        """True when the policy carries memory from chunk to chunk (trained on episodes)."""
+        return self.config.context.recurrent
 
     @property
     def device(self) -> torch.device:
@@ -72,27 +78,100 @@ class FlowVLAPolicy(nn.Module):
     # -- training -------------------------------------------------------------------------
     def forward(self, batch: dict, noise: Tensor | None = None,
                 time: Tensor | None = None) -> tuple[Tensor, dict]:
-        """Flow-matching loss: mean squared error over the real (not padded) action steps
-        and the real action dimensions."""
+        """Flow-matching loss of independent samples: mean squared error over the real (not
+        padded) action steps and the real action dimensions. A memory policy starts from
+        its initial memory here; :meth:`forward_episode` carries it through episodes."""
+        losses, valid, _ = self._segment_losses(batch, None, noise, time)
+        loss = self._reduce(losses, valid)
+        return loss, {"loss": loss.item(), "valid_steps": int(valid.sum().item())}
+
+    def _segment_losses(self, batch: dict, memory: Tensor | None, noise: Tensor | None = None,
+                        time: Tensor | None = None):
         images, ids, pad, state = self.encode_observation(batch)
         actions, is_pad = check_actions(batch, self.config, state.shape[0])
         actions = self.normalizer.normalize("action", actions.to(state.device))  # (B, A, Da)
         padded = pad_last(actions, self.config.model.max_action_dim)  # (B, A, Da')
-        losses = self.model(images, ids, pad, state, padded, noise, time)  # (B, A, Da')
-        losses = losses[..., : self.config.action_dim]  # (B, A, Da)
+        if memory is None:
+            memory = self.model.initial_memory(state.shape[0])
+        losses, new_memory = self.model(images, ids, pad, state, padded, noise, time,
+                                        memory=memory)  # (B, A, Da')
         valid = (~is_pad.to(state.device)).float()  # (B, A)
+        return losses[..., : self.config.action_dim], valid, new_memory
+
+    def _reduce(self, losses: Tensor, valid: Tensor) -> Tensor:
         denom = valid.sum() * self.config.action_dim
         if denom == 0:
             raise ValueError("action_is_pad: every action step of the batch is padding")
-        loss = (losses * valid[..., None]).sum() / denom
-        return loss, {"loss": loss.item(), "valid_steps": int(valid.sum().item())}
+        return (losses * valid[..., None]).sum() / denom
+
+    def forward_episode(self, episodes, bptt_depth: int = -1,
+                        max_segments: int | None = None) -> tuple[Tensor, dict]:
+        """Loss over whole episodes cut into chunk-aligned segments (a
+        :class:`memvla.data.segments.SegmentBatch`), carrying the memory from segment to
+        segment in lockstep across the batch.
+
+        Truncated back-propagation through time of depth k = ``bptt_depth``: the carried
+        memory is detached before segments s > 0 with s % (k + 1) == 0, so the loss of a
+        segment back-propagates through at most k memory updates; k = 0 detaches every
+        segment (independent samples), k = -1 keeps the whole episode.
+        """
+        a = self.config.model.chunk_size
+        s_total = episodes.num_segments if max_segments is None else min(
+            max_segments, episodes.num_segments)
+        if bptt_depth < -1:
+            raise ValueError(f"bptt_depth must be >= -1, got {bptt_depth}")
+        if bptt_depth > s_total:
+            raise ValueError(f"bptt_depth ({bptt_depth}) is larger than the number of segments "
+                             f"({s_total}); use at most {s_total}, or -1 for the whole episode")
+        if episodes.action.shape[2] != a:
+            raise ValueError(f"segments hold chunks of {episodes.action.shape[2]} actions, the "
+                             f"policy's chunk_size is {a}; build them with "
+                             f"EpisodeSegmentLoader(chunk_size={a})")
+        starts = torch.arange(episodes.num_segments) * a  # (S,)
+        real = ~episodes.segment_is_pad  # (B, S)
+        misaligned = real & (episodes.frame_index != starts[None])
+        if misaligned.any():
+            b, s = misaligned.nonzero()[0].tolist()
+            raise ValueError(
+                f"segment {s} of episode {int(episodes.episode_index[b])} starts at frame "
+                f"{int(episodes.frame_index[b, s])}, not at {s * a}: episodes must be cut at "
+                f"multiples of chunk_size={a} from their first frame (use "
+                f"EpisodeSegmentLoader(chunk_size={a}))")
+        memory = None
+        total, count = 0.0, 0.0
+        for s in range(s_total):
+            if memory is not None and bptt_depth >= 0 and s % (bptt_depth + 1) == 0:
+                memory = memory.detach()
+            seg = episodes.segment(s)
+            losses, valid, new_memory = self._segment_losses(seg, memory)
+            total = total + (losses * valid[..., None]).sum()
+            count = count + valid.sum() * self.config.action_dim
+            if new_memory is not None:
+                keep = seg["segment_is_pad"].to(new_memory.device)[:, None, None]  # (B, 1, 1)
+                memory = torch.where(keep, memory if memory is not None else new_memory,
+                                     new_memory)
+        if count == 0:
+            raise ValueError("action_is_pad: every action step of the episodes is padding")
+        loss = total / count
+        return loss, {"loss": loss.item(), "valid_steps": int(count / self.config.action_dim),
+                      "segments": s_total}
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, obs: dict, noise: Tensor | None = None) -> Tensor:
-        """-> unnormalised actions (B, chunk_size, action_dim)."""
+        """-> unnormalised actions (B, chunk_size, action_dim). A memory policy reads its
+        memory and writes the next one (one update per predicted chunk)."""
         images, ids, pad, state = self.encode_observation(obs)
-        x = self.model.sample_actions(images, ids, pad, state, noise)  # (B, A, Da')
+        b = state.shape[0]
+        memory = self._memory
+        if memory is not None and memory.shape[0] != b:
+            raise ValueError(f"observation batch size {b} differs from the {memory.shape[0]} "
+                             "episodes this policy remembers; call reset() first")
+        if memory is None:
+            memory = self.model.initial_memory(b)
+        x, new_memory = self.model.sample_actions(images, ids, pad, state, noise,
+                                                  memory=memory)  # (B, A, Da')
+        self._memory = None if new_memory is None else new_memory.detach()
         x = x[..., : self.config.action_dim]  # (B, A, Da)
         return self.normalizer.unnormalize("action", x)
 
@@ -107,8 +186,9 @@ class FlowVLAPolicy(nn.Module):
         return self._queue.popleft()
 
     def reset(self) -> None:
-        """Forget the episode: clears the action queue."""
+        """Forget the episode: clears the action queue and the memory."""
         self._queue.clear()
+        self._memory = None
 
     # -- persistence ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

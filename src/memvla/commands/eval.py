@@ -1,0 +1,60 @@
+"""``memvla eval``: closed-loop success rate of a checkpoint (or the scripted expert)."""
+
+from __future__ import annotations
+
+HELP = "evaluate a checkpoint (or the scripted expert) in a built-in task"
+
+
+def parse_options(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt delay=30")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", help="a checkpoint directory or a training run")
+    parser.add_argument("--policy", choices=["checkpoint", "expert"], default="checkpoint",
+                        help="'expert' evaluates the task's scripted expert")
+    parser.add_argument("--task", required=True, help="task name (e.g. remember-color)")
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=8, help="environments run in lockstep")
+    parser.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option (repeatable), e.g. --opt delay=30")
+    parser.add_argument("--record", type=int, default=3, help="episodes saved as GIFs")
+    parser.add_argument("--out", required=True, help="output directory (eval.json, GIFs)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..evaluate import evaluate, format_results, resolve_checkpoint, write_results
+
+    if args.episodes <= 0 or args.batch <= 0:
+        raise ValueError(f"--episodes and --batch must be > 0, got {args.episodes}, "
+                         f"{args.batch}")
+    policy = None
+    if args.policy == "checkpoint":
+        if not args.checkpoint:
+            raise ValueError("give --checkpoint RUN (or --policy expert)")
+        from ..policies import load_policy
+
+        ckpt = resolve_checkpoint(args.checkpoint)
+        policy = load_policy(ckpt).eval()
+    results, recs = evaluate(args.task, args.episodes, policy, args.batch, args.seed,
+                             parse_options(args.opt), args.record, not args.no_progress)
+    results["policy"] = args.policy if policy is None else str(ckpt)
+    write_results(Path(args.out), results, recs)
+    print(format_results(results))
+    print(f"wrote {Path(args.out) / 'eval.json'}")
+    return 0

@@ -1,0 +1,69 @@
+"""Recurrent memory tokens (RMT / "SmolVLA Memory").
+
+M memory vectors (B, M, D) are placed in a sequence, and the hidden states at the write
+positions become the next memory. Two layouts:
+
+- ``smolvla``: the same M tokens at the start of the sequence are read and written. They
+  attend to every real token of the sequence (``sees_all``) and every token sees them.
+- ``rmt``: read tokens at the start (seen by every token, in the first attention block) and
+  write tokens, initialised with the same memory, at the end in a block of their own: they
+  see the whole sequence and nothing of the sequence sees them (the RMT decoder layout).
+
+The written memory is the backbone's output after its final RMSNorm, so its scale is fixed
+by that norm's weight whatever the episode length. The initial memory is a learned
+parameter with a distinct small random value per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .tokens import TokenSegment
+
+LAYOUTS = ("smolvla", "rmt")
+
+
+def insert_memory(parts: list[TokenSegment], memory: Tensor, layout: str) -> list[TokenSegment]:
+    """Put memory (B, M, D) into a sequence given as parts."""
+    if layout == "smolvla":
+        return [TokenSegment.full(memory, 0, 0, sees_all=True), *parts]
+    if layout == "rmt":
+        return [TokenSegment.full(memory, 0, 0), *parts, TokenSegment.full(memory, 1, 0)]
+    raise ValueError(f"memory layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def extract_memory(hidden: Tensor, num_tokens: int, layout: str) -> Tensor:
+    """The next memory (B, M, D) from the sequence's hidden states (B, N, D)."""
+    if layout == "smolvla":
+        return hidden[:, :num_tokens]
+    if layout == "rmt":
+        return hidden[:, hidden.shape[1] - num_tokens:]
+    raise ValueError(f"memory layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+class MemoryTokens(nn.Module):
+    def __init__(self, num_tokens: int, dim: int, layout: str = "smolvla",
+                 init_std: float = 0.02):
+        super().__init__()
+        if num_tokens <= 0:
+            raise ValueError(f"memory tokens: num_tokens must be > 0, got {num_tokens}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"memory tokens: layout must be one of {LAYOUTS}, got {layout!r}")
+        self.num_tokens, self.layout = num_tokens, layout
+        self.init = nn.Parameter(torch.randn(num_tokens, dim) * init_std)
+
+    def initial(self, batch: int) -> Tensor:
+        return self.init[None].expand(batch, -1, -1)  # (B, M, D)
+
+    def insert(self, parts: list[TokenSegment], memory: Tensor) -> list[TokenSegment]:
+        if memory.shape[1:] != self.init.shape:
+            raise ValueError(f"memory: expected shape (B, {self.num_tokens}, "
+                             f"{self.init.shape[1]}), got {tuple(memory.shape)}")
+        return insert_memory(parts, memory, self.layout)
+
+    def extract(self, hidden: Tensor) -> Tensor:
+        return extract_memory(hidden, self.num_tokens, self.layout)
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, layout={self.layout!r}"
