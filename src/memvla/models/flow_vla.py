@@ -81,15 +81,25 @@ class VLMWithExpert(nn.Module):
         feats = self.vlm.model.vision_model(images)  # (B, P, Dv)
         return self.vlm.model.connector(feats)  # (B, Ti, D)
 
-    def prefill(self, prefix: TokenSegment, cache: KVCache) -> Tensor:
-        """Run the backbone over the prefix, appending to ``cache`` -> hidden (B, Np, D)."""
+    @staticmethod
+    def prefix_layout(prefix: TokenSegment, cache: KVCache) -> tuple[Tensor, Tensor, Tensor]:
+        """Positions (B, Np), block ids (B, Np) and attention mask (B, Np, L) of a prefix
+        appended after what ``cache`` holds (L = cached + Np)."""
         offset = 0 if cache.is_empty else cache.key_pad.sum(1, keepdim=True)
         last_block = 0 if cache.is_empty else cache.key_block[:, -1:]
         pos = offset + torch.cumsum(prefix.pad.long(), 1) - 1  # (B, Np)
         block = last_block + torch.cumsum(prefix.flags.long(), 1)  # (B, Np)
+        k_block, k_pad = block, prefix.pad
+        if not cache.is_empty:
+            k_block = torch.cat([cache.key_block, block], 1)  # (B, L)
+            k_pad = torch.cat([cache.key_pad, prefix.pad], 1)  # (B, L)
+        mask = block_mask_between(prefix.query_blocks(block), prefix.pad, k_block, k_pad)
+        return pos, block, mask
+
+    def prefill(self, prefix: TokenSegment, cache: KVCache) -> Tensor:
+        """Run the backbone over the prefix, appending to ``cache`` -> hidden (B, Np, D)."""
+        pos, block, mask = self.prefix_layout(prefix, cache)
         cache.append_tokens(prefix.pad, block, pos)
-        mask = block_mask_between(prefix.query_blocks(block), prefix.pad, cache.key_block,
-                                  cache.key_pad)  # (B, Np, L)
         return self.text_model(prefix.embs, pos, mask, cache)  # (B, Np, D)
 
     def expert(self, suffix: TokenSegment, cache: KVCache) -> Tensor:

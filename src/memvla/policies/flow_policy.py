@@ -76,11 +76,14 @@ class FlowVLAPolicy(nn.Module):
         return images, ids.to(dev), pad.to(dev), pad_last(state, cfg.model.max_state_dim)
 
     # -- training -------------------------------------------------------------------------
-    def forward(self, batch: dict, noise: Tensor | None = None,
-                time: Tensor | None = None) -> tuple[Tensor, dict]:
+    def forward(self, batch, noise: Tensor | None = None, time: Tensor | None = None,
+                bptt_depth: int = -1, max_segments: int | None = None) -> tuple[Tensor, dict]:
         """Flow-matching loss of independent samples: mean squared error over the real (not
         padded) action steps and the real action dimensions. A memory policy starts from
-        its initial memory here; :meth:`forward_episode` carries it through episodes."""
+        its initial memory here. Given a ``SegmentBatch`` (whole episodes), this is
+        :meth:`forward_episode` (so that DDP wrappers see one forward call)."""
+        if not isinstance(batch, dict):
+            return self.forward_episode(batch, bptt_depth, max_segments)
         losses, valid, _ = self._segment_losses(batch, None, noise, time)
         loss = self._reduce(losses, valid)
         return loss, {"loss": loss.item(), "valid_steps": int(valid.sum().item())}

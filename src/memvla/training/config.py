@@ -31,6 +31,11 @@ class TrainConfig:
     log_every: int = 10
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     tensorboard: bool = False
+    # Recurrent (memory) policies train on whole episodes cut into chunk-aligned segments,
+    # batch_size episodes at a time, with truncated back-propagation through time:
+    bptt_depth: int = -1  # k: -1 whole episode, 0 detach every segment, k > 0 k updates
+    curriculum_segments: int = 0  # 0: all segments; n > 0: start with n segments ...
+    curriculum_every: int = 200  # ... and allow one more every this many steps
 
     def __post_init__(self):
         _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -43,12 +48,23 @@ class TrainConfig:
                  f"{self.grad_clip_norm}")
         _require(0 <= self.decay_lr_ratio <= 1, f"train.decay_lr_ratio must be in [0, 1], got "
                  f"{self.decay_lr_ratio}")
+        _require(self.bptt_depth >= -1, f"train.bptt_depth must be >= -1 (-1 = whole "
+                 f"episode), got {self.bptt_depth}")
+        _require(self.curriculum_segments >= 0 and self.curriculum_every > 0,
+                 f"train.curriculum_segments must be >= 0 and train.curriculum_every > 0, "
+                 f"got {self.curriculum_segments}, {self.curriculum_every}")
         _require(self.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one "
                  f"of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 
     @property
     def effective_warmup(self) -> int:
         return min(self.warmup_steps, self.steps // 10)
+
+    def max_segments(self, step: int) -> int | None:
+        """Segments of each episode used at ``step`` (None: all)."""
+        if self.curriculum_segments == 0:
+            return None
+        return self.curriculum_segments + step // self.curriculum_every
 
 
 @dataclass

@@ -195,7 +195,10 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True) ->
     # seed first: the model's initial weights come from it (the same on every process)
     torch.manual_seed(tc.seed)
     chunk = rc.policy.model.chunk_size
-    ds = LeRobotV3Dataset(rc.dataset, delta_indices={"action": list(range(chunk))})
+    deltas = None if rc.policy.context.recurrent else {"action": list(range(chunk))}
+    ds = LeRobotV3Dataset(rc.dataset, delta_indices=deltas)
+    if ds.num_frames * _frame_bytes(ds) < 4e9:
+        ds.preload_images()  # decode once; worker processes share the arrays
     fitted = fit_policy_to_dataset(rc.policy, ds.features, str(Path(rc.dataset)))
     if fitted != rc.policy:
         raise ValueError(f"{rc.dataset}: the dataset's cameras/shapes no longer match the run "
@@ -227,10 +230,7 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True) ->
 
     model, opt = acc.prepare(policy, opt)
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    sampler = StepBatchSampler(len(ds), tc.batch_size, tc.steps, tc.seed, start, rank, world)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, num_workers=tc.num_workers,
-        generator=torch.Generator().manual_seed(tc.seed))
+    loader = make_loader(ds, policy, tc, start, rank, world)
     writer = _tensorboard(run) if (tc.tensorboard and main) else None
     warmup = tc.effective_warmup
     losses: list[float] = []
@@ -261,7 +261,11 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True) ->
             for g in opt.param_groups:
                 g["lr"] = lr
             model.train()
-            loss, _ = model(batch)
+            if policy.is_recurrent:
+                loss, _ = model(batch, bptt_depth=tc.bptt_depth,
+                                max_segments=tc.max_segments(step))
+            else:
+                loss, _ = model(batch)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, tc.grad_clip_norm)
             opt.step()
@@ -307,6 +311,49 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True) ->
         atomic_write_json(run / "last_summary.json", summary)
     acc.end_training()
     return summary
+
+
+def _frame_bytes(ds) -> int:
+    return sum(int(np.prod(ds.features[k]["shape"])) for k in ds.image_keys)
+
+
+class _Positions(torch.utils.data.Dataset):
+    """Indexable stand-in whose items are their own indices (episode positions)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class _CollateEpisodes:
+    def __init__(self, segments):
+        self.segments = segments
+
+    def __call__(self, positions: list[int]):
+        return self.segments.collate(np.asarray(positions))
+
+
+def make_loader(ds, policy, tc: TrainConfig, start: int, rank: int, world: int):
+    """Frames with action chunks (plain policies) or whole episodes cut into segments
+    (recurrent policies), batch by batch in the order the step-indexed sampler fixes."""
+    g = torch.Generator().manual_seed(tc.seed)
+    if policy.is_recurrent:
+        from ..data.segments import EpisodeSegmentLoader
+
+        segs = EpisodeSegmentLoader(ds, policy.config.model.chunk_size, tc.batch_size)
+        sampler = StepBatchSampler(ds.num_episodes, tc.batch_size, tc.steps, tc.seed, start,
+                                   rank, world)
+        return torch.utils.data.DataLoader(_Positions(ds.num_episodes), batch_sampler=sampler,
+                                           num_workers=tc.num_workers, generator=g,
+                                           collate_fn=_CollateEpisodes(segs))
+    sampler = StepBatchSampler(len(ds), tc.batch_size, tc.steps, tc.seed, start, rank, world)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=tc.num_workers,
+                                       generator=g)
 
 
 def _tensorboard(run: Path):

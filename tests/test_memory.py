@@ -1,0 +1,165 @@
+"""Recurrent memory tokens on the flow VLA: masks of both layouts, streaming inference ==
+episode training forward, reset, truncated BPTT, bounded memory, bad configs."""
+
+import pytest
+import torch
+from helpers import narrow_config
+
+from memvla.config_utils import apply_overrides
+from memvla.data.segments import SegmentBatch
+from memvla.layers.kv_cache import KVCache
+from memvla.layers.tokens import TokenSegment
+from memvla.models.flow_vla import VLMWithExpert
+from memvla.policies import make_policy
+
+M = 3
+
+
+def memory_config(layout="smolvla", extra=()):
+    return narrow_config("tiny", extra=["context.kind=memory_tokens",
+                                        f"context.num_tokens={M}", f"context.layout={layout}",
+                                        *extra])
+
+
+def episode_batch(cfg, b=2, s=3, seed=0, lengths=None) -> SegmentBatch:
+    g = torch.Generator().manual_seed(seed)
+    a, c, h, w = cfg.model.chunk_size, *cfg.image_shape
+    lengths = torch.tensor(lengths or [s * a] * b)
+    n_seg = (lengths + a - 1) // a
+    seg_pad = torch.arange(s)[None] >= n_seg[:, None]  # (B, S)
+    steps = torch.arange(s)[:, None] * a + torch.arange(a)  # (S, A)
+    return SegmentBatch(
+        observation={"observation.images.top": torch.rand(b, s, c, h, w, generator=g),
+                     "observation.state": torch.randn(b, s, cfg.state_dim, generator=g)},
+        action=torch.randn(b, s, a, cfg.action_dim, generator=g),
+        action_is_pad=steps[None] >= lengths[:, None, None],
+        segment_is_pad=seg_pad,
+        frame_index=torch.where(seg_pad, 0, torch.arange(s)[None] * a),
+        episode_index=torch.arange(b), length=lengths,
+        task=["remember the colour and touch it later"] * b)
+
+
+def prefix_of(policy, batch, memory):
+    images, ids, pad, state = policy.encode_observation(batch)
+    return TokenSegment.cat(policy.model.embed_prefix(images, ids, pad, state, memory))
+
+
+@pytest.mark.parametrize("layout", ["smolvla", "rmt"])
+def test_memory_attention_masks(layout):
+    policy = make_policy(memory_config(layout))
+    batch = episode_batch(policy.config).segment(0)
+    memory = policy.model.initial_memory(2)
+    prefix = prefix_of(policy, batch, memory)
+    _, _, mask = VLMWithExpert.prefix_layout(prefix, KVCache(1))
+    real = prefix.pad[0]
+    n = prefix.length
+    m = mask[0]
+    state = n - 1 if layout == "smolvla" else n - 1 - M  # the state token's index
+    if layout == "smolvla":
+        mem = slice(0, M)
+        assert m[mem][:, real].all(), "memory tokens see every real prefix token"
+        assert m[:, mem][real].all(), "every real prefix token sees the memory"
+        assert not m[M:state, state].any(), "images/language do not see the state"
+    else:
+        read, write = slice(0, M), slice(n - M, n)
+        assert m[:, read][real].all(), "read tokens are seen by every real token"
+        assert not m[read, state].any(), "read tokens do not see the state"
+        assert m[write][:, real].all(), "write tokens see the whole prefix"
+        assert not m[: n - M, write].any(), "no prefix token sees the write tokens"
+    assert not m[:, ~real].any(), "nobody attends padding"
+
+
+@pytest.mark.parametrize("layout", ["smolvla", "rmt"])
+def test_streaming_inference_equals_episode_forward(layout):
+    torch.manual_seed(0)
+    policy = make_policy(memory_config(layout)).eval()
+    ep = episode_batch(policy.config, s=4)
+    model = policy.model
+    # training path: carry the memory through the segments as forward_episode does
+    memories, memory = [], None
+    for s in range(ep.num_segments):
+        _, _, memory = policy._segment_losses(ep.segment(s), memory)
+        memories.append(memory)
+    # inference path: one predict_action_chunk per segment, memory held by the policy
+    policy.reset()
+    for s in range(ep.num_segments):
+        seg = ep.segment(s)
+        obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
+        noise = torch.randn(2, policy.config.model.chunk_size, policy.config.model.max_action_dim)
+        read = model.initial_memory(2) if s == 0 else memories[s - 1]
+        chunk = policy.predict_action_chunk(obs, noise=noise)
+        assert (policy._memory - memories[s]).abs().max().item() <= 1e-5
+        ref, _ = model.sample_actions(*policy.encode_observation(obs), noise=noise, memory=read)
+        want = policy.normalizer.unnormalize("action", ref[..., : policy.config.action_dim])
+        assert (chunk - want).abs().max().item() <= 1e-5
+    policy.reset()
+    assert policy._memory is None
+
+
+def test_reset_clears_memory_and_first_chunk_repeats():
+    policy = make_policy(memory_config()).eval()
+    seg = episode_batch(policy.config).segment(0)
+    obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
+    noise = torch.randn(2, policy.config.model.chunk_size, policy.config.model.max_action_dim)
+    first = policy.predict_action_chunk(obs, noise=noise)
+    second = policy.predict_action_chunk(obs, noise=noise)
+    assert not torch.allclose(first, second), "the memory changed the second chunk"
+    policy.reset()
+    assert torch.equal(policy.predict_action_chunk(obs, noise=noise), first)
+
+
+@pytest.mark.parametrize("k,flows", [(0, False), (1, True), (-1, True)])
+def test_truncated_bptt_gradient_flow(k, flows):
+    policy = make_policy(memory_config())
+    ep = episode_batch(policy.config, s=2)
+    ep.action_is_pad[:, 0] = True  # only segment 1 has a loss
+    images = ep.observation["observation.images.top"].requires_grad_(True)
+    loss, _ = policy(ep, bptt_depth=k)
+    loss.backward()
+    g0 = images.grad[:, 0].abs().sum().item()  # gradient reaching segment 0's input
+    g1 = images.grad[:, 1].abs().sum().item()
+    assert g1 > 0
+    assert (g0 > 0) == flows
+
+
+def test_every_parameter_gets_a_gradient_through_episodes():
+    policy = make_policy(memory_config())
+    loss, info = policy(episode_batch(policy.config, s=3, lengths=[24, 13]))
+    assert info["segments"] == 3
+    loss.backward()
+    unused = policy.model.unused_parameter_names()
+    assert unused == set()  # tiny has no LM head; memory reads the last layer's output
+    for n, p in policy.model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_memory_stays_bounded_over_a_long_episode():
+    policy = make_policy(memory_config(extra=["model.num_steps=1"])).eval()
+    seg = episode_batch(policy.config, b=1).segment(0)
+    obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
+    w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
+    bound = (w.abs().max() * w.numel() ** 0.5).item() * 1.001  # |RMSNorm(x) ⊙ w| <= max|w|·√D
+    norms = []
+    for _ in range(300):
+        policy.predict_action_chunk(obs)
+        norms.append(policy._memory.norm(dim=-1).max().item())
+    assert max(norms) <= bound
+    assert norms[-1] > 0.1 * norms[9]
+
+
+def test_bad_memory_configs_and_batches():
+    with pytest.raises(ValueError, match="context.num_tokens must be > 0"):
+        memory_config(extra=["context.num_tokens=0"])
+    with pytest.raises(ValueError, match=r"context.layout must be one of \('smolvla', 'rmt'\)"):
+        memory_config(layout="middle")
+    policy = make_policy(memory_config())
+    ep = episode_batch(policy.config, s=2)
+    with pytest.raises(ValueError, match=r"bptt_depth \(5\) is larger than the number of "
+                       r"segments \(2\)"):
+        policy(ep, bptt_depth=5)
+    ep.frame_index[0, 1] = 3
+    with pytest.raises(ValueError, match=r"starts at frame 3, not at 8: episodes must be cut "
+                       r"at multiples of chunk_size=8"):
+        policy(ep)
+    cfg = apply_overrides(memory_config(), ["context.kind=none"])
+    assert not make_policy(cfg).is_recurrent
