@@ -29,6 +29,7 @@ touch reach go move push pull pick put grasp grab release drop lift return bring
 take remember recall memorize watch find choose select follow hit press open close
 shown showed seen saw appeared appears order sequence hidden hides shuffled shuffle swap
 where which what was is are were be been had has have you your
+see wait matching marked carry hiding started them
 """
 DEFAULT_WORDS: tuple[str, ...] = tuple(_WORDS_TEXT.split())
 

@@ -1,0 +1,103 @@
+"""Built-in gymnasium tasks that need memory, their memoryless twins and scripted experts.
+
+Usage::
+
+    from memvla import envs
+    env = envs.make("remember-color", delay=20, n_colors=5)   # or gymnasium.make(
+    expert = envs.make_expert(env)                            #   "memvla/RememberColor-v0")
+    obs, info = env.reset(seed=0)
+    expert.reset()
+    while True:
+        obs, reward, terminated, truncated, info = env.step(expert.act(obs))
+        if terminated or truncated:
+            break
+    info["is_success"]
+
+Common to every task
+--------------------
+* Rendered with NumPy only (no OpenGL); deterministic under ``reset(seed=...)``.
+  ``metadata["render_fps"] = 10``; ``render_mode="rgb_array"`` makes ``render()`` return
+  the current frame.
+* Observation (``spaces.Dict``):
+  ``"observation.images.top"`` uint8 (S, S, 3), S = option ``image_size`` (default 64);
+  ``"observation.state"`` float32 (3,) = (x, y, gripper): effector position in [0, 1]
+  (x right, y down, image convention) and the gripper (1.0 closed, 0.0 open);
+  ``"task"`` the instruction (str, from a few fixed templates, chosen by the seed).
+* Action: float32 (3,) in [-1, 1] = (vx, vy, gripper). (vx, vy) times 0.08 arena widths
+  is the effector's move per step; gripper > 0 closes it. Only take-it-back grasps; the
+  other tasks ignore the gripper command (their gripper stays open). Values outside
+  [-1, 1] are clipped; a wrong shape or NaN/inf raises ValueError.
+* ``info["is_success"]`` (bool) and ``info["phase"]`` (str) after reset and every step.
+  Reward 1.0 on success. Episodes terminate on success or failure (touching a wrong
+  object) and truncate at ``max_episode_steps`` (option; per-task default below).
+* Objects are discs of radius 0.085 (about 5 px at 64×64) in nine saturated palette
+  colours (:data:`memvla.envs.render.COLOR_NAMES`); the effector is a small grey square
+  (hollow when open, filled when closed). Touching = the effector centre within 0.085 of an
+  object centre. Choice objects sit on a ring around the centre, placed so that the
+  straight path from the centre to any object passes no other object.
+* ``env.unwrapped.chance_level``: success probability of a guess; ``env.unwrapped.phase``:
+  the current phase; ``env.unwrapped.cue_end``: the first frame index without the cue.
+* Options of every task: ``image_size`` (16..512, default 64), ``max_episode_steps``,
+  ``memoryless`` (bool), ``render_mode`` (None or "rgb_array").
+
+Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registered twin
+``X-memoryless`` = ``make(X, memoryless=True)`` in which the cue stays visible)
+-----------------------------------------------------------------------------------------
+``remember-color`` (``memvla/RememberColor-v0``)
+    A cue disc of one colour at the centre for ``cue_steps`` frames (default 4), an empty
+    scene for ``delay`` frames (default 30), then ``n_colors`` discs (2..9, default 3) on
+    a ring; touch the cue's colour. Chance 1/n_colors. Max steps cue_steps + delay + 25.
+    The choice colours and positions do not depend on the cue, so the frames after the
+    cue are identical whatever it was. ``reset(options={"cue": i})`` forces choice object
+    i as the cue. Twin: the cue colour stays in a top-left corner patch.
+``shell-game`` (``memvla/ShellGame-v0``)
+    Three raised cups with a red ball under one for ``cue_steps`` frames (default 4), the
+    cups come down (2 frames), then ``n_swaps`` swaps (0..100, default 3) of two cups,
+    each animated over ``swap_steps`` frames (default 4; one cup arcs over, one under);
+    then touch the ball's cup. Chance 1/3. Max steps cue_steps + 2 + n_swaps·swap_steps +
+    25. The swaps are drawn independently of the ball, so the frames after the cover are
+    identical whatever cup hid it. ``reset(options={"cue": slot})`` forces the ball's cup.
+    Twin: the ball stays visible over its cup.
+``seq-of-colors`` (``memvla/SeqOfColors-v0``)
+    ``n_items`` colours (1..9, default 3) shown one after another at the centre,
+    ``item_steps`` frames each (default 3), ``delay`` empty frames (default 10), then discs
+    of those colours on a ring: touch them in the order shown (a touched disc vanishes, a
+    wrong one fails). Chance 1/n_items!. Max steps n_items·item_steps + delay +
+    12·n_items + 6. ``reset(options={"cue": [order]})`` forces the order. Twin: the
+    sequence stays visible as small squares (three per row) in the top-left corner.
+``take-it-back`` (``memvla/TakeItBack-v0``)
+    A disc at a random start and a square zone outline elsewhere: grasp the disc (gripper
+    closed on it), carry it into the zone; the zone turns solid and the scene pauses for
+    ``delay`` steps (default 4, actions ignored), then the zone vanishes: bring the disc
+    back to its start (within 0.05). Nothing marks the start once the disc has left it.
+    Chance = the area of the tolerance disc over the start area (about 0.02). Max steps
+    40 + delay. Twin: a grey ring marks the start throughout.
+``reach-color`` (``memvla/ReachColor-v0``)
+    ``n_colors`` discs (2..9, default 3) on a ring, visible throughout; the instruction
+    names the target colour ("touch the red ball"). No memory demand (the language
+    grounding control); no twin (``memoryless=True`` is accepted and changes nothing).
+    Chance 1/n_colors. Max steps 25. ``reset(options={"cue": i})`` forces the target.
+
+Experts (:func:`make_expert`) read privileged state from ``env.unwrapped`` and move with a
+saturating proportional controller (smooth, imitable); during cue and delay they park at a
+fixed point that does not depend on the cue.
+"""
+
+from memvla.envs.base import ACTION_DIM, STATE_DIM, TaskEnv
+from memvla.envs.experts import Expert
+from memvla.envs.registry import TASKS, TaskSpec, make, make_expert, register_gym_envs, task_names
+
+register_gym_envs()
+
+__all__ = [
+    "ACTION_DIM",
+    "STATE_DIM",
+    "TASKS",
+    "Expert",
+    "TaskEnv",
+    "TaskSpec",
+    "make",
+    "make_expert",
+    "register_gym_envs",
+    "task_names",
+]

@@ -1,0 +1,77 @@
+"""``reach-color``: the instruction names a colour; touch the object of that colour."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memvla.envs import render
+from memvla.envs.base import CENTER, TaskEnv, check_int, ring_positions
+from memvla.envs.experts import Expert, goto_avoiding
+
+INSTRUCTIONS = (
+    "touch the {color} ball",
+    "move to the {color} object",
+    "reach the {color} one",
+    "go to the {color} ball and touch it",
+)
+
+
+class ReachColorEnv(TaskEnv):
+    """``n_colors`` discs on a ring, visible from the first frame; the instruction names
+    the target colour (language grounding, no memory demand). Touching another fails.
+
+    ``reset(options={"cue": i})`` forces the target to object i. There is no memoryless
+    twin: the task needs no memory, so ``memoryless=True`` is accepted and changes nothing.
+    """
+
+    option_keys = ("cue",)
+
+    def __init__(self, *, n_colors: int = 3, **kwargs):
+        self.n_colors = check_int("n_colors", n_colors, 2, len(render.PALETTE), render.PALETTE_NOTE)
+        super().__init__(**kwargs)
+        self.positions = np.zeros((self.n_colors, 2))  # (n, 2)
+        self.color_ids = np.zeros(self.n_colors, dtype=np.int64)  # (n,) palette indices
+        self.target = 0
+
+    def default_max_steps(self) -> int:
+        return 25
+
+    @property
+    def chance_level(self) -> float:
+        return 1.0 / self.n_colors
+
+    @property
+    def phase(self) -> str:
+        return "choice"
+
+    def _reset_task(self, rng, options) -> None:
+        self.color_ids = rng.choice(len(render.PALETTE), size=self.n_colors, replace=False)
+        self.positions = ring_positions(rng, self.n_colors)  # (n, 2)
+        self.target = int(rng.integers(self.n_colors))
+        if "cue" in options:
+            self.target = check_int("cue", options["cue"], 0, self.n_colors - 1)
+
+    def _instruction(self, rng) -> str:
+        template = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
+        return template.format(color=render.COLOR_NAMES[self.color_ids[self.target]])
+
+    def _update(self, phase_before: str) -> None:
+        i = self._touched(self.positions)
+        if i >= 0:
+            self.success = i == self.target
+            self.failed = not self.success
+
+    def _draw(self, img: np.ndarray) -> None:
+        self._draw_objects(img, self.positions, render.COLORS[self.color_ids])
+
+    def make_expert(self) -> Expert:
+        return ReachColorExpert(self)
+
+
+class ReachColorExpert(Expert):
+    """Goes straight to the named colour (via the centre if another object is in the way)."""
+
+    def act(self, obs=None) -> np.ndarray:
+        env = self.env
+        others = np.delete(env.positions, env.target, axis=0)  # (n-1, 2)
+        return goto_avoiding(env.eff, env.positions[env.target], others, CENTER)

@@ -1,0 +1,95 @@
+"""``remember-color``: see a coloured cue, wait through an empty delay, touch that colour."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memvla.envs import render
+from memvla.envs.base import CENTER, TaskEnv, check_int, ring_positions
+from memvla.envs.experts import Expert, goto_avoiding, move_to
+
+INSTRUCTIONS = (
+    "remember the color and touch it later",
+    "memorize the color you see, then touch the object of that color",
+    "touch the object that has the color shown at the start",
+    "watch the color, wait, then touch the matching object",
+)
+CORNER = 0.12  # side of the memoryless twin's cue patch (top-left corner, outside the ring)
+
+
+class RememberColorEnv(TaskEnv):
+    """Cue disc at the centre for ``cue_steps`` frames, ``delay`` empty frames, then
+    ``n_colors`` discs on a ring; touching the cue's colour succeeds, another fails.
+
+    The choice colours and their placement are drawn before (and independently of) the
+    cue, which is then one of them, so every frame after the cue phase is the same
+    whatever the cue was. ``reset(options={"cue": i})`` forces the cue to choice object i.
+    Memoryless twin: the cue colour stays visible in a top-left corner patch.
+    """
+
+    option_keys = ("cue",)
+
+    def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30, **kwargs):
+        self.n_colors = check_int("n_colors", n_colors, 2, len(render.PALETTE), render.PALETTE_NOTE)
+        self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
+        self.delay = check_int("delay", delay, 0, 10_000)
+        self.cue_end = self.cue_steps
+        super().__init__(**kwargs)
+        self.positions = np.zeros((self.n_colors, 2))  # (n, 2)
+        self.color_ids = np.zeros(self.n_colors, dtype=np.int64)  # (n,) palette indices
+        self.target = 0
+
+    def default_max_steps(self) -> int:
+        return self.cue_steps + self.delay + 25
+
+    @property
+    def chance_level(self) -> float:
+        return 1.0 / self.n_colors
+
+    @property
+    def phase(self) -> str:
+        if self.t < self.cue_steps:
+            return "cue"
+        return "delay" if self.t < self.cue_steps + self.delay else "choice"
+
+    def _reset_task(self, rng, options) -> None:
+        self.color_ids = rng.choice(len(render.PALETTE), size=self.n_colors, replace=False)
+        self.positions = ring_positions(rng, self.n_colors)  # (n, 2)
+        self.target = int(rng.integers(self.n_colors))
+        if "cue" in options:
+            self.target = check_int("cue", options["cue"], 0, self.n_colors - 1)
+
+    def _instruction(self, rng) -> str:
+        return INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
+
+    def _update(self, phase_before: str) -> None:
+        if phase_before != "choice":
+            return
+        i = self._touched(self.positions)
+        if i >= 0:
+            self.success = i == self.target
+            self.failed = not self.success
+
+    def _draw(self, img: np.ndarray) -> None:
+        cue = render.COLORS[self.color_ids[self.target]]
+        if self.memoryless:
+            render.fill_rect(img, 0.0, 0.0, CORNER, CORNER, cue)
+        phase = self.phase
+        if phase == "cue":
+            render.stamp(img, self._disc, CENTER[0], CENTER[1], cue)
+        elif phase == "choice":
+            self._draw_objects(img, self.positions, render.COLORS[self.color_ids])
+
+    def make_expert(self) -> Expert:
+        return RememberColorExpert(self)
+
+
+class RememberColorExpert(Expert):
+    """Parks at the centre during cue and delay, then goes straight to the cued colour."""
+
+    def act(self, obs=None) -> np.ndarray:
+        env = self.env
+        if env.phase != "choice":
+            return move_to(env.eff, CENTER)
+        others = np.delete(env.positions, env.target, axis=0)  # (n-1, 2)
+        return goto_avoiding(env.eff, env.positions[env.target], others, CENTER)

@@ -1,0 +1,216 @@
+"""memvla.envs: experts succeed, guessing stays near chance, the tasks really need memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memvla import envs
+from memvla.envs.experts import goto_avoiding, move_to
+from memvla.envs.shell_game import SLOTS_X
+
+MEMORY_TASKS = ["remember-color", "shell-game", "seq-of-colors", "take-it-back"]
+
+
+def run_expert(env, seed, options=None):
+    """One expert episode. Returns (success, frames (T+1, H, W, 3), actions (T, 3))."""
+    expert = envs.make_expert(env)
+    obs, info = env.reset(seed=seed, options=options)
+    expert.reset()
+    frames, actions = [obs["observation.images.top"]], []
+    while True:
+        a = expert.act(obs)
+        assert a.shape == (envs.ACTION_DIM,) and a.dtype == np.float32
+        assert np.all(np.abs(a) <= 1.0)
+        obs, _, terminated, truncated, info = env.step(a)
+        frames.append(obs["observation.images.top"])
+        actions.append(a)
+        if terminated or truncated:
+            return info["is_success"], np.stack(frames), np.stack(actions)
+
+
+def success_rate(name, episodes, **options):
+    env = envs.make(name, **options)
+    return np.mean([run_expert(env, seed)[0] for seed in range(episodes)])
+
+
+@pytest.mark.parametrize("name", envs.task_names())
+def test_expert_success_default_options(name):
+    assert success_rate(name, 50) >= 0.98
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("remember-color", {"n_colors": 9, "delay": 0, "cue_steps": 1}),
+        ("remember-color", {"n_colors": 5, "image_size": 32}),
+        ("reach-color", {"n_colors": 9}),
+        ("seq-of-colors", {"n_items": 9}),
+        ("seq-of-colors", {"n_items": 5, "delay": 0, "memoryless": True}),
+        ("shell-game", {"n_swaps": 10, "swap_steps": 2}),
+        ("take-it-back", {"delay": 0}),
+        ("take-it-back", {"delay": 12}),
+    ],
+)
+def test_expert_success_other_options(name, options):
+    assert success_rate(name, 20, **options) >= 0.95
+
+
+@pytest.mark.parametrize("name", MEMORY_TASKS)
+def test_random_policy_stays_near_chance(name):
+    env = envs.make(name)
+    rng = np.random.default_rng(0)
+    wins = 0
+    episodes = 120
+    for seed in range(episodes):
+        env.reset(seed=seed)
+        while True:
+            a = rng.uniform(-1, 1, size=3).astype(np.float32)
+            _, _, terminated, truncated, info = env.step(a)
+            if terminated or truncated:
+                wins += info["is_success"]
+                break
+    assert wins / episodes <= env.unwrapped.chance_level + 0.1
+    assert wins / episodes < 0.5
+
+
+@pytest.mark.parametrize("name", ["remember-color", "shell-game"])
+def test_guessing_gets_chance(name):
+    """A policy that knows the rules but not the cue (it picks a candidate at random when
+    the choice phase starts) succeeds about 1/3 of the time: the choice is a real one."""
+    env = envs.make(name)
+    u = env.unwrapped
+    rng = np.random.default_rng(1)
+    wins, episodes = 0, 150
+    home = np.array([0.5, 0.5]) if name == "remember-color" else np.array([0.5, 0.85])
+    for seed in range(episodes):
+        env.reset(seed=seed)
+        guess = int(rng.integers(3))
+        while True:
+            if u.phase != "choice":
+                a = np.zeros(3, np.float32)
+            else:
+                objects = u.positions if name == "remember-color" else u.cups  # (3, 2)
+                others = np.delete(objects, guess, axis=0)
+                a = goto_avoiding(u.eff, objects[guess], others, home)
+            _, _, terminated, truncated, info = env.step(a)
+            if terminated or truncated:
+                wins += info["is_success"]
+                break
+    assert abs(wins / episodes - u.chance_level) < 0.12
+
+
+def frames_per_cue(name, cues, seed, **options):
+    """Frames of episodes that differ only in the forced cue, driven by the same actions."""
+    actions = np.random.default_rng(seed).uniform(-0.4, 0.4, size=(200, 3)).astype(np.float32)
+    out = []
+    for cue in cues:
+        env = envs.make(name, **options)
+        obs, _ = env.reset(seed=seed, options={"cue": cue})
+        frames = [obs["observation.images.top"]]
+        for a in actions:
+            obs, _, terminated, truncated, _ = env.step(a)
+            frames.append(obs["observation.images.top"])
+            if terminated or truncated:
+                break
+        out.append(np.stack(frames))
+    return out, env.unwrapped.cue_end
+
+
+@pytest.mark.parametrize(("name", "options"), [("remember-color", {}), ("shell-game", {})])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_frames_after_cue_do_not_depend_on_cue(name, options, seed):
+    episodes, cue_end = frames_per_cue(name, [0, 1, 2], seed, **options)
+    assert cue_end > 0
+    lengths = {len(f) for f in episodes}
+    assert len(lengths) == 1  # same actions, same scene: the episodes end together
+    first = episodes[0]
+    assert len(first) > cue_end + 5
+    for other in episodes[1:]:
+        assert not np.array_equal(first[:cue_end], other[:cue_end])  # the cue is shown...
+        assert np.array_equal(first[cue_end:], other[cue_end:])  # ...and then never again
+
+
+@pytest.mark.parametrize("name", ["remember-color", "shell-game"])
+def test_memoryless_twin_keeps_the_cue_visible(name):
+    episodes, cue_end = frames_per_cue(name, [0, 1, 2], 0, memoryless=True)
+    n = min(len(f) for f in episodes)
+    for other in episodes[1:]:
+        for t in range(cue_end, n):
+            assert not np.array_equal(episodes[0][t], other[t])
+
+
+def test_expert_does_not_reveal_the_cue_before_the_choice():
+    """Expert actions before the choice objects appear are the same whatever the cue."""
+    env = envs.make("remember-color", delay=10)
+    start = env.unwrapped.cue_steps + env.unwrapped.delay
+    runs = [run_expert(env, seed=5, options={"cue": c}) for c in range(3)]
+    assert all(r[0] for r in runs)
+    for _, _, actions in runs[1:]:
+        assert np.array_equal(actions[:start], runs[0][2][:start])
+        assert not np.array_equal(actions[start:], runs[0][2][start:])
+
+
+def test_shell_game_swaps_are_continuous_and_track_the_ball():
+    env = envs.make("shell-game", n_swaps=8)
+    u = env.unwrapped
+    for seed in range(10):
+        env.reset(seed=seed)
+        steps = np.hypot(*np.diff(u.traj, axis=0).transpose(2, 0, 1))  # (T-1, 3)
+        assert steps.max() < 0.25  # cups glide: each cup is trackable frame to frame
+        slot = int(np.argmin(np.abs(SLOTS_X - u.traj[0, u.ball_cup, 0])))
+        for i, j in u.swaps:  # follow the ball by the swap list alone
+            slot = j if slot == i else i if slot == j else slot
+        assert np.isclose(u.traj[-1, u.ball_cup, 0], SLOTS_X[slot])
+
+
+def test_touching_a_wrong_object_fails():
+    env = envs.make("remember-color", delay=0, cue_steps=1)
+    u = env.unwrapped
+    env.reset(seed=0, options={"cue": 0})
+    while True:
+        a = np.zeros(3, np.float32) if u.phase != "choice" else None
+        if a is None:
+            a = goto_avoiding(u.eff, u.positions[1], u.positions[[0, 2]], np.array([0.5, 0.5]))
+        _, _, terminated, truncated, info = env.step(a)
+        if terminated or truncated:
+            break
+    assert terminated and not info["is_success"]
+
+
+def test_seq_of_colors_wrong_order_fails():
+    env = envs.make("seq-of-colors", n_items=3, delay=0)
+    u = env.unwrapped
+    env.reset(seed=0, options={"cue": [2, 0, 1]})
+    while u.phase != "choice":
+        env.step(np.zeros(3, np.float32))
+    while True:
+        a = goto_avoiding(u.eff, u.positions[0], u.positions[[1, 2]], np.array([0.5, 0.5]))
+        _, _, terminated, truncated, info = env.step(a)
+        if terminated or truncated:
+            break
+    assert terminated and not info["is_success"] and u.n_done == 0
+
+
+def test_take_it_back_needs_a_grasp():
+    env = envs.make("take-it-back")
+    u = env.unwrapped
+    env.reset(seed=0)
+    start = u.obj.copy()
+    away = np.array([0.0, 1.0, -1.0], np.float32)  # move down, gripper open
+    if start[1] > 0.5:
+        away[1] = -1.0
+    for _ in range(12):  # reach the object with the gripper open
+        env.step(move_to(u.eff, u.obj, gripper=-1.0))
+    for _ in range(3):  # leave with the gripper open: the object stays
+        env.step(away)
+    assert np.array_equal(u.obj, start) and not u.attached
+    for _ in range(12):  # reach it again, close the gripper on it, leave: it comes along
+        env.step(move_to(u.eff, u.obj, gripper=-1.0))
+    env.step(np.array([0.0, 0.0, 1.0], np.float32))
+    assert u.attached and env.unwrapped.gripper_closed
+    away[2] = 1.0
+    obs, *_ = env.step(away)
+    assert np.allclose(u.obj, u.eff)  # grasped at its centre, carried along
+    assert abs(u.obj[1] - start[1]) > 0.05
+    assert obs["observation.state"][2] == 1.0
