@@ -14,6 +14,10 @@ import sys
 COMMANDS = {
     "presets": "presets",
     "bench": "bench",
+    "datagen": "datagen",
+    "train": "train",
+    "eval": "eval",
+    "demo": "demo",
 }
 
 

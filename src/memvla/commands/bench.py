@@ -12,8 +12,10 @@ HELP = "run a benchmark and print its figures (see 'memvla bench --help')"
 
 # benchmark name -> module under memvla.bench; each defines HELP, add_arguments, run
 BENCHES = {
+    "memory": "memory",
     "core": "core",
     "envs": "envs",
+    "lm-copy": "lm_copy",
 }
 
 

@@ -1,0 +1,174 @@
+"""``memvla bench memory``: what recurrent memory tokens buy and cost.
+
+Cost (no training): the median latency of ``predict_action_chunk`` with and without memory
+tokens, measured alternately in one run (the ratio is the figure), for ``tiny`` and for
+``smolvla-450m`` at reduced depth; and, over one long episode of a memory policy, the
+latency and the memory's norm near step 10 and near step 10,000.
+
+Success (``--success``): for each task, the sweep of :mod:`memvla.demo` (expert data;
+plain VLA, memory tokens with k = 0, memory tokens with BPTT through the episode, and the
+plain VLA on the memoryless twin as the ceiling; chance as the floor), each evaluated on
+the same seeds, and again with a 3× longer delay (remember-color) or 3× more swaps
+(shell-game) than trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "memory tokens: latency cost, long-episode stability, success vs the baselines"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant")
+    parser.add_argument("--long-steps", type=int, default=10_000,
+                        help="environment steps of the long episode")
+    parser.add_argument("--success", action="store_true",
+                        help="also train and evaluate the variants (long: tens of minutes)")
+    parser.add_argument("--tasks", default="remember-color,shell-game")
+    parser.add_argument("--episodes", type=int, default=4000, help="expert episodes per task")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per variant")
+    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--delay", type=int, default=30, help="remember-color delay")
+    parser.add_argument("--out", default="outputs/bench_memory", help="sweep directory")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _policies(preset: str, overrides: list[str]):
+    from ..policies import make_policy
+    from ..presets import get_preset
+
+    plain = make_policy(get_preset(preset, overrides)).eval()
+    mem_cfg = get_preset(preset, [*overrides, "context.kind=memory_tokens"])
+    memory = make_policy(mem_cfg).eval()
+    return plain, memory
+
+
+def _observation(cfg, b: int = 1):
+    import torch
+
+    c, h, w = cfg.image_shape
+    g = torch.Generator().manual_seed(0)
+    obs = {k: torch.randint(0, 256, (b, h, w, c), dtype=torch.uint8, generator=g)
+           for k in cfg.image_keys}
+    obs["observation.state"] = torch.randn(b, cfg.state_dim, generator=g)
+    obs["task"] = ["remember the color and touch it later"] * b
+    return obs
+
+
+def latency_cost(preset: str, overrides: list[str], repeats: int) -> dict:
+    """Median predict_action_chunk latency with / without memory, timed alternately."""
+    import statistics
+    import time
+
+    import torch
+
+    plain, memory = _policies(preset, overrides)
+    memory.model.load_state_dict(plain.model.state_dict(), strict=False)
+    obs = _observation(plain.config)
+    times = {"plain": [], "memory": []}
+    with torch.inference_mode():
+        for p in (plain, memory):  # warmup
+            for _ in range(2):
+                p.predict_action_chunk(obs)
+        for _ in range(repeats):
+            for name, p in (("plain", plain), ("memory", memory)):
+                t = time.perf_counter()
+                p.predict_action_chunk(obs)
+                times[name].append(time.perf_counter() - t)
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    m = memory.config.context.num_tokens
+    return {"preset": preset, "overrides": overrides, "memory_tokens": m,
+            "plain_ms": med["plain"], "memory_ms": med["memory"],
+            "ratio": med["memory"] / med["plain"], "repeats": repeats}
+
+
+def long_episode(steps: int) -> dict:
+    """Latency and memory norm of a memory policy over one long episode (select_action)."""
+    import time
+
+    import torch
+
+    _, policy = _policies("tiny", [])
+    obs = _observation(policy.config)
+    n = policy.config.n_action_steps
+    rec: dict[int, tuple[float, float]] = {}
+    with torch.inference_mode():
+        for _ in range(3):  # warmup
+            policy.predict_action_chunk(obs)
+        policy.reset()
+        for step in range(1, steps + 1):
+            t = time.perf_counter()
+            policy.select_action(obs)
+            ms = 1e3 * (time.perf_counter() - t)
+            if (step - 1) % n == 0:  # a chunk was predicted at this step
+                rec[step] = (ms, float(policy._memory.norm(dim=-1).max()))
+    chunk_steps = sorted(rec)
+
+    def around(target: int, k: int = 5) -> dict:
+        near = sorted(chunk_steps, key=lambda s: abs(s - target))[:k]
+        lat = sorted(rec[s][0] for s in near)
+        return {"steps": sorted(near), "latency_ms": lat[len(lat) // 2],
+                "memory_norm": rec[min(near, key=lambda s: abs(s - target))][1]}
+
+    early, late = around(10), around(steps)
+    return {"steps": steps, "chunk_every": n, "early": early, "late": late,
+            "latency_ratio": late["latency_ms"] / early["latency_ms"],
+            "norm_ratio": late["memory_norm"] / early["memory_norm"],
+            "max_norm": max(v[1] for v in rec.values())}
+
+
+def success_sweeps(args) -> list[dict]:
+    from ..demo import DemoSettings, run_sweep
+
+    results = []
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        s = DemoSettings(task=task, episodes=args.episodes, steps=args.steps,
+                         eval_episodes=args.eval_episodes, delay=args.delay, image_size=64)
+        if task == "remember-color":
+            s.longer = {"delay": 3 * args.delay}
+        elif task == "shell-game":
+            s.options = {"n_swaps": 3}
+            s.longer = {"n_swaps": 9}
+        results.append(run_sweep(Path(args.out) / task, s, progress=not args.no_progress,
+                                 overwrite=True, report=False))
+    return results
+
+
+def run(args) -> int:
+    from ..utils import atomic_write_json
+    from .timing import format_table, torch_info
+
+    cost = [latency_cost("tiny", [], args.repeats),
+            latency_cost("smolvla-450m", ["model.text.depth=2", "model.expert.depth=2",
+                                          "model.vision.depth=2"], max(5, args.repeats // 5))]
+    print(format_table(["preset", "M", "plain ms", "memory ms", "memory / plain"],
+                       [[c["preset"], c["memory_tokens"], f"{c['plain_ms']:.2f}",
+                         f"{c['memory_ms']:.2f}", f"{c['ratio']:.3f}"] for c in cost]))
+    long = long_episode(args.long_steps)
+    print(f"\nlong episode ({long['steps']} steps, a chunk every {long['chunk_every']}): "
+          f"latency {long['early']['latency_ms']:.2f} ms near step 10 vs "
+          f"{long['late']['latency_ms']:.2f} ms near step {long['steps']} "
+          f"(ratio {long['latency_ratio']:.3f}); memory norm {long['early']['memory_norm']:.3f}"
+          f" vs {long['late']['memory_norm']:.3f} (ratio {long['norm_ratio']:.3f}, max "
+          f"{long['max_norm']:.3f})")
+    out = {"cost": cost, "long_episode": long, "torch": torch_info()}
+    if args.success:
+        sweeps = success_sweeps(args)
+        rows = []
+        for sw in sweeps:
+            for r in sw["variants"]:
+                e, lg = r["eval"], r.get("eval_longer") or {}
+                rows.append([sw["task"], r["variant"], f"{e['success_rate']:.1%}",
+                             f"{e['ci95'][0]:.0%}-{e['ci95'][1]:.0%}",
+                             f"{lg.get('success_rate', float('nan')):.1%}",
+                             f"{sw['chance_level']:.1%}"])
+        print()
+        print(format_table(["task", "variant", "success", "95% CI", "3x longer", "chance"],
+                           rows))
+        out["success"] = sweeps
+    if args.json:
+        atomic_write_json(Path(args.json), json.loads(json.dumps(out, default=str)))
+        print(f"wrote {args.json}")
+    return 0

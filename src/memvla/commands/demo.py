@@ -1,0 +1,32 @@
+"""``memvla demo``: data, training, evaluation and a report of what memory buys."""
+
+from __future__ import annotations
+
+HELP = "the main job: train the plain and memory VLAs on remember-color and compare them"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="outputs/demo", help="output directory")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny budget that runs in seconds (for tests; no conclusions)")
+    parser.add_argument("--steps", type=int, help="training steps per variant")
+    parser.add_argument("--episodes", type=int, help="expert episodes per dataset")
+    parser.add_argument("--eval-episodes", type=int, help="evaluation episodes per variant")
+    parser.add_argument("--delay", type=int, help="empty steps between cue and choice")
+    parser.add_argument("--variants", help="comma-separated subset of the variants")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from ..demo import DemoSettings, run_demo
+
+    s = DemoSettings.quick() if args.quick else DemoSettings()
+    for key in ("steps", "episodes", "eval_episodes", "delay", "seed"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
+    if args.variants:
+        s.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    run_demo(args.out, s, progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
