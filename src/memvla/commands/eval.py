@@ -5,21 +5,6 @@ from __future__ import annotations
 HELP = "evaluate a checkpoint (or the scripted expert) in a built-in task"
 
 
-def parse_options(items: list[str]) -> dict:
-    import json
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt delay=30")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", help="a checkpoint directory or a training run")
     parser.add_argument("--policy", choices=["checkpoint", "expert"], default="checkpoint",
@@ -39,6 +24,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..evaluate import evaluate, format_results, resolve_checkpoint, write_results
+    from .datagen import parse_options
 
     if args.episodes <= 0 or args.batch <= 0:
         raise ValueError(f"--episodes and --batch must be > 0, got {args.episodes}, "

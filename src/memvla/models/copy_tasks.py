@@ -14,6 +14,7 @@ so only a memory carried across segments can solve the task; chance = 1 / alphab
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ def train_copy(cfg: TextLMConfig, task: CopyTaskConfig, steps: int, batch: int =
                ) -> tuple[dict, SegmentRecurrentLM]:
     """Train a fresh model on freshly drawn sequences for ``steps`` AdamW steps (linear
     warm-up over 10%, cosine decay, gradient clipping at 1), then evaluate it on
-    ``eval_size`` held-out sequences (another random stream). -> (figures, model)."""
+    ``eval_size`` held-out sequences (another random stream). Seeds torch's global
+    generator with ``seed`` (the initial weights). -> (figures, model)."""
     _require(cfg.decoder.vocab_size >= task.vocab_size, f"decoder.vocab_size "
              f"({cfg.decoder.vocab_size}) must be >= the task's {task.vocab_size}")
     _require(cfg.segment_len == task.segment_len, f"model segment_len ({cfg.segment_len}) "
@@ -134,8 +136,11 @@ def train_copy(cfg: TextLMConfig, task: CopyTaskConfig, steps: int, batch: int =
     model = SegmentRecurrentLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (
-        1 + torch.cos(torch.tensor(torch.pi * min(i, steps) / steps)).item()))
+
+    def lr_factor(i: int) -> float:
+        return min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))

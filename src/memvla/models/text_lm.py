@@ -150,7 +150,7 @@ class SegmentRecurrentLM(nn.Module):
         memory = state.memory
         k = cfg.mem_backprop_depth
         if memory is not None and k >= 0 and state.segment > 0 and state.segment % (k + 1) == 0:
-            memory = memory.detach()
+            memory = memory.detach()  # (B, M, D)
         if memory is not None and memory.shape[0] != tokens.shape[0]:
             raise ValueError(f"step_segment: state is for batch {memory.shape[0]}, tokens have "
                              f"batch {tokens.shape[0]}; call init_state({tokens.shape[0]})")
@@ -168,7 +168,8 @@ class SegmentRecurrentLM(nn.Module):
                                   work.key_block, work.key_pad)  # (B, N, L)
         hidden = self.decoder(seq.embs, positions, mask, work)  # (B, N, D)
         logits = self.lm_head(hidden[:, first:first + t])  # (B, T, V)
-        new_memory = self.memory.extract(hidden) if self.memory is not None else None
+        new_memory = (self.memory.extract(hidden)  # (B, M, D)
+                      if self.memory is not None else None)
         cache = self._next_cache(work, 0 if past is None else len(past), first, t,
                                  seq.length) if cfg.mem_len > 0 else None
         return logits, LMState(new_memory, cache, state.segment + 1)
@@ -181,7 +182,7 @@ class SegmentRecurrentLM(nn.Module):
         nxt = KVCache(work.num_layers)
 
         def pick(x: Tensor, dim: int) -> Tensor:
-            old = x.narrow(dim, 0, past_len)
+            old = x.narrow(dim, 0, past_len)  # the cached part of the key axis
             return torch.cat([old, x[(slice(None),) * dim + (text,)]], dim)
 
         nxt.keys = [pick(k, 2).detach() for k in work.keys]  # (B, Hkv, L', Dh)
