@@ -163,3 +163,14 @@ def test_bad_memory_configs_and_batches():
         policy(ep)
     cfg = apply_overrides(memory_config(), ["context.kind=none"])
     assert not make_policy(cfg).is_recurrent
+
+
+def test_segment_curriculum():
+    from memvla.training.config import TrainConfig
+
+    tc = TrainConfig(curriculum_segments=2, curriculum_every=10)
+    assert [tc.max_segments(s) for s in (0, 9, 10, 25)] == [2, 2, 3, 4]
+    assert TrainConfig().max_segments(100) is None
+    policy = make_policy(memory_config())
+    _, info = policy(episode_batch(policy.config, s=3), max_segments=2)
+    assert info["segments"] == 2 and info["valid_steps"] == 2 * 2 * 8
