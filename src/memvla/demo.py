@@ -65,12 +65,13 @@ class DemoSettings:
     preset: str = "tiny"
     variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS])
     overrides: list[str] = field(default_factory=list)  # extra dotted overrides, every run
+    lanes: int = 2  # variants trained at the same time, one process (and thread) each
 
     @staticmethod
     def quick() -> DemoSettings:
         """A few seconds end to end: for tests, not for conclusions."""
         return DemoSettings(episodes=12, delay=3, steps=3, frame_batch=8, episode_batch=4,
-                            eval_episodes=4, overrides=["policy.model.num_steps=2"])
+                            eval_episodes=4, overrides=["policy.model.num_steps=2"], lanes=1)
 
     def task_options(self, twin: bool, longer: bool = False) -> dict:
         opts = {"image_size": self.image_size, "memoryless": twin}
@@ -99,10 +100,7 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
               overwrite: bool = False, report: bool = True) -> dict:
     """Data, training and evaluation of every variant of ``settings`` in ``out``."""
     from .commands.datagen import generate_dataset
-    from .evaluate import evaluate, format_results, resolve_checkpoint, save_recordings
-    from .policies import load_policy
-    from .presets import count_parameters
-    from .training.loop import create_run, make_run_config, read_run_config, train
+    from .evaluate import evaluate, format_results
 
     s = settings or DemoSettings()
     out = Path(out)
@@ -124,46 +122,22 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
                                    progress=progress)
         datasets[twin], data_summaries[name] = out / "data" / name, summary
 
-    # 2. training, 3. evaluation
-    rows = []
-    for v in variants:
-        say(f"[demo] training {v.name}: {v.label}")
-        run = out / "runs" / v.name
-        recurrent = any("memory_tokens" in o for o in v.overrides)
-        batch = s.episode_batch if recurrent else s.frame_batch
-        overrides = [*s.policy_overrides(), f"train.batch_size={batch}", f"train.lr={s.lr}",
-                     f"train.seed={s.seed}", "train.num_workers=0",
-                     f"train.save_every={s.steps}", *s.overrides, *v.overrides]
-        rc = make_run_config(s.preset, str(datasets[v.twin]), s.steps, overrides)
-        create_run(run, rc, overwrite=True)
-        t_train = time.perf_counter()
-        summary = train(run, progress=progress)
-        train_s = time.perf_counter() - t_train
-        samples = s.steps * batch
-        policy = load_policy(resolve_checkpoint(run)).eval()
-        say(f"[demo] evaluating {v.name} on {s.eval_episodes} episodes")
-        res, recs = evaluate(s.task, s.eval_episodes, policy, batch=min(25, s.eval_episodes),
-                             seed=10_000 + s.seed, task_options=s.task_options(v.twin),
-                             record=2, progress=progress)
-        vid_dir = out / "rollouts" / v.name
-        vid_dir.mkdir(parents=True, exist_ok=True)
-        res["videos"] = [str(Path("rollouts") / v.name / p)
-                         for p in save_recordings(recs, vid_dir)]
-        say("       " + format_results(res))
-        longer = None
-        if s.longer:
-            say(f"[demo] evaluating {v.name} with {s.longer}")
-            longer, _ = evaluate(s.task, s.eval_episodes, policy, min(25, s.eval_episodes),
-                                 10_000 + s.seed, s.task_options(v.twin, longer=True),
-                                 progress=progress)
-            say("       " + format_results(longer))
-        rows.append({"eval_longer": longer, "variant": v.name, "label": v.label, "twin": v.twin,
-                     "parameters": count_parameters(read_run_config(run).policy),
-                     "train_seconds": train_s, "train_steps": s.steps,
-                     "samples_per_s": samples / train_s,
-                     "sample": "episode" if recurrent else "frame",
-                     "final_loss": summary["losses"][-1],
-                     "eval": res, "run": str(run.relative_to(out))})
+    # 2. training, 3. evaluation: each variant in its own process, `lanes` at a time
+    # (one thread each: on a small CPU this beats one process using every core)
+    jobs = [(str(out), asdict(s), v.name, str(datasets[v.twin]), i % max(1, s.lanes), progress)
+            for i, v in enumerate(variants)]
+    if s.lanes > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        say(f"[demo] training and evaluating {len(jobs)} variants, {s.lanes} at a time")
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=s.lanes, mp_context=ctx) as pool:
+            rows = list(pool.map(train_and_evaluate, *zip(*jobs, strict=True)))
+    else:
+        rows = [train_and_evaluate(*job) for job in jobs]
+    for r in rows:
+        say(f"[demo] {r['variant']}: " + format_results(r["eval"]))
     say("[demo] evaluating the scripted expert")
     expert, _ = evaluate(s.task, s.eval_episodes, None, batch=25, seed=10_000 + s.seed,
                          task_options=s.task_options(False), progress=progress)
@@ -183,6 +157,51 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
              overwrite: bool = False) -> dict:
     """The main job: the remember-color sweep with its report."""
     return run_sweep(out, settings or DemoSettings(), progress, overwrite, report=True)
+
+
+def train_and_evaluate(out: str, settings: dict, name: str, dataset: str, lane: int,
+                       progress: bool) -> dict:
+    """Train one variant on ``dataset`` and evaluate it (runs in a worker process)."""
+    import torch
+
+    from .evaluate import evaluate, resolve_checkpoint, save_recordings
+    from .policies import load_policy
+    from .presets import count_parameters
+    from .training.loop import create_run, make_run_config, read_run_config, train
+
+    if settings["lanes"] > 1:
+        torch.set_num_threads(1)
+    s, v, out = DemoSettings(**settings), _variant(name), Path(out)
+    run = out / "runs" / v.name
+    recurrent = any("memory_tokens" in o for o in v.overrides)
+    batch = s.episode_batch if recurrent else s.frame_batch
+    overrides = [*s.policy_overrides(), f"train.batch_size={batch}", f"train.lr={s.lr}",
+                 f"train.seed={s.seed}", "train.num_workers=0", f"train.save_every={s.steps}",
+                 *s.overrides, *v.overrides]
+    rc = make_run_config(s.preset, dataset, s.steps, overrides)
+    create_run(run, rc, overwrite=True)
+    t_train = time.perf_counter()
+    summary = train(run, progress=progress, desc=f"train {v.name}", position=lane)
+    train_s = time.perf_counter() - t_train
+    policy = load_policy(resolve_checkpoint(run)).eval()
+    res, recs = evaluate(s.task, s.eval_episodes, policy, batch=min(25, s.eval_episodes),
+                         seed=10_000 + s.seed, task_options=s.task_options(v.twin),
+                         record=2, progress=False)
+    vid_dir = out / "rollouts" / v.name
+    vid_dir.mkdir(parents=True, exist_ok=True)
+    res["videos"] = [str(Path("rollouts") / v.name / p) for p in save_recordings(recs, vid_dir)]
+    longer = None
+    if s.longer:
+        longer, _ = evaluate(s.task, s.eval_episodes, policy, min(25, s.eval_episodes),
+                             10_000 + s.seed, s.task_options(v.twin, longer=True),
+                             progress=False)
+    return {"variant": v.name, "label": v.label, "twin": v.twin,
+            "parameters": count_parameters(read_run_config(run).policy),
+            "train_seconds": train_s, "train_steps": s.steps,
+            "samples_per_s": s.steps * batch / train_s,
+            "sample": "episode" if recurrent else "frame",
+            "final_loss": summary["losses"][-1], "eval": res, "eval_longer": longer,
+            "run": str(run.relative_to(out))}
 
 
 def format_table(results: dict) -> str:

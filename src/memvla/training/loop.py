@@ -176,9 +176,11 @@ def _mixed_precision(choice: str) -> str:
 
 
 # -- the loop -------------------------------------------------------------------------------
-def train(run: str | Path, stop_at: int | None = None, progress: bool = True) -> dict:
+def train(run: str | Path, stop_at: int | None = None, progress: bool = True,
+          desc: str = "train", position: int | None = None) -> dict:
     """Train (or resume) the run in directory ``run`` (made by :func:`create_run`) up to
-    ``train.steps``, or only up to step ``stop_at``. Returns a summary dict."""
+    ``train.steps``, or only up to step ``stop_at``. Returns a summary dict. ``desc`` and
+    ``position`` label and place the progress bar (several runs side by side)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -252,7 +254,7 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True) ->
         acc.wait_for_everyone()
         return final
 
-    bar = tqdm(total=end - start, desc="train", disable=not (progress and main),
+    bar = tqdm(total=end - start, desc=desc, position=position, disable=not (progress and main),
                dynamic_ncols=True)
     t_last, done = time.perf_counter(), start
     with stop_signals() as caught, open(run / METRICS_FILE, "a") as metrics:
