@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant")
     parser.add_argument("--long-steps", type=int, default=10_000,
                         help="environment steps of the long episode")
+    parser.add_argument("--checkpoint", help="a trained memory policy (checkpoint or run) for "
+                        "the long episode (default: an untrained tiny memory policy)")
     parser.add_argument("--success", action="store_true",
                         help="also train and evaluate the variants (long: tens of minutes)")
     parser.add_argument("--tasks", default="remember-color,shell-game")
@@ -84,13 +86,21 @@ def latency_cost(preset: str, overrides: list[str], repeats: int) -> dict:
             "ratio": med["memory"] / med["plain"], "repeats": repeats}
 
 
-def long_episode(steps: int) -> dict:
+def long_episode(steps: int, checkpoint: str | None = None) -> dict:
     """Latency and memory norm of a memory policy over one long episode (select_action)."""
     import time
 
     import torch
 
-    _, policy = _policies("tiny", [])
+    if checkpoint:
+        from ..evaluate import resolve_checkpoint
+        from ..policies import load_policy
+
+        policy = load_policy(resolve_checkpoint(checkpoint)).eval()
+        if not policy.is_recurrent:
+            raise ValueError(f"{checkpoint}: not a memory policy (context.kind is none)")
+    else:
+        _, policy = _policies("tiny", [])
     obs = _observation(policy.config)
     n = policy.config.n_action_steps
     rec: dict[int, tuple[float, float]] = {}
@@ -125,7 +135,7 @@ def success_sweeps(args) -> list[dict]:
     results = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         s = DemoSettings(task=task, episodes=args.episodes, steps=args.steps,
-                         eval_episodes=args.eval_episodes, delay=args.delay, image_size=64)
+                         eval_episodes=args.eval_episodes, delay=args.delay, image_size=32)
         if task == "remember-color":
             s.longer = {"delay": 3 * args.delay}
         elif task == "shell-game":
@@ -146,7 +156,7 @@ def run(args) -> int:
     print(format_table(["preset", "M", "plain ms", "memory ms", "memory / plain"],
                        [[c["preset"], c["memory_tokens"], f"{c['plain_ms']:.2f}",
                          f"{c['memory_ms']:.2f}", f"{c['ratio']:.3f}"] for c in cost]))
-    long = long_episode(args.long_steps)
+    long = long_episode(args.long_steps, args.checkpoint)
     print(f"\nlong episode ({long['steps']} steps, a chunk every {long['chunk_every']}): "
           f"latency {long['early']['latency_ms']:.2f} ms near step 10 vs "
           f"{long['late']['latency_ms']:.2f} ms near step {long['steps']} "
