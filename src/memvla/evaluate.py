@@ -135,7 +135,7 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
                 if policy is None:
                     actions = actor.act(obs)
                 else:
-                    queued = len(getattr(policy, "_queue", ())) > 0
+                    queued = policy.queued_actions > 0
                     actions = policy.select_action(_stack(obs)).cpu().numpy()
                 ms = (time.perf_counter() - t0) * 1000
                 step_ms.append(ms)

@@ -113,7 +113,7 @@ def long_episode(steps: int, checkpoint: str | None = None) -> dict:
             policy.select_action(obs)
             ms = 1e3 * (time.perf_counter() - t)
             if (step - 1) % n == 0:  # a chunk was predicted at this step
-                rec[step] = (ms, float(policy._memory.norm(dim=-1).max()))
+                rec[step] = (ms, float(policy.memory.norm(dim=-1).max()))
     chunk_steps = sorted(rec)
 
     def around(target: int, k: int = 5) -> dict:

@@ -54,6 +54,16 @@ class FlowVLAPolicy(nn.Module):
         self._memory: Tensor | None = None  # (B, M, D) carried between chunks
 
     @property
+    def queued_actions(self) -> int:
+        """Actions left in the queue: the next ``select_action`` predicts a chunk iff 0."""
+        return len(self._queue)
+
+    @property
+    def memory(self) -> Tensor | None:
+        """The memory carried to the next chunk (B, M, D), or None (fresh episode / none)."""
+        return self._memory
+
+    @property
     def is_recurrent(self) -> bool:
         """True when the policy carries memory from chunk to chunk (trained on episodes)."""
         return self.config.context.recurrent
