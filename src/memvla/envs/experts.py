@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memvla.envs.base import ACTION_DIM, MAX_SPEED, OBJECT_RADIUS
+from memvla.envs.base import ACTION_DIM, CENTER, MAX_SPEED, OBJECT_RADIUS
 
 
 class Expert:
@@ -71,3 +71,10 @@ def goto_avoiding(
     if segment_clear(pos, target, obstacles, clearance):
         return move_to(pos, target)
     return move_to(pos, home)
+
+
+def reach_choice(env) -> np.ndarray:
+    """Action towards ``env.positions[env.target]`` that steers around the other objects
+    (via the centre), for tasks whose choice objects lie on a ring."""
+    others = np.delete(env.positions, env.target, axis=0)  # (n-1, 2)
+    return goto_avoiding(env.eff, env.positions[env.target], others, CENTER)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import CENTER, TaskEnv, check_int, ring_positions
-from memvla.envs.experts import Expert, goto_avoiding
+from memvla.envs.base import TaskEnv, check_int, ring_positions
+from memvla.envs.experts import Expert, reach_choice
 
 INSTRUCTIONS = (
     "touch the {color} ball",
@@ -73,5 +73,4 @@ class ReachColorExpert(Expert):
 
     def act(self, obs=None) -> np.ndarray:
         env = self.env
-        others = np.delete(env.positions, env.target, axis=0)  # (n-1, 2)
-        return goto_avoiding(env.eff, env.positions[env.target], others, CENTER)
+        return reach_choice(env)

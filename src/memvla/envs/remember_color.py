@@ -6,7 +6,7 @@ import numpy as np
 
 from memvla.envs import render
 from memvla.envs.base import CENTER, TaskEnv, check_int, ring_positions
-from memvla.envs.experts import Expert, goto_avoiding, move_to
+from memvla.envs.experts import Expert, move_to, reach_choice
 
 INSTRUCTIONS = (
     "remember the color and touch it later",
@@ -91,5 +91,4 @@ class RememberColorExpert(Expert):
         env = self.env
         if env.phase != "choice":
             return move_to(env.eff, CENTER)
-        others = np.delete(env.positions, env.target, axis=0)  # (n-1, 2)
-        return goto_avoiding(env.eff, env.positions[env.target], others, CENTER)
+        return reach_choice(env)
