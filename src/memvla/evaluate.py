@@ -9,7 +9,6 @@ checkpoint agree. Environments that finish early keep feeding their last observa
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -32,10 +31,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
+    from .bench.timing import percentile
+
     if not values:
         return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-    a = np.asarray(values)
-    return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
+    return {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -216,7 +216,3 @@ def format_results(r: dict) -> str:
     text += (f"; mean length {r['mean_episode_length']:.1f}; policy latency per step "
              f"p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms")
     return text
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
