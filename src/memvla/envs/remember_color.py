@@ -21,6 +21,11 @@ class RememberColorEnv(TaskEnv):
     """Cue disc at the centre for ``cue_steps`` frames, ``delay`` empty frames, then
     ``n_colors`` discs on a ring; touching the cue's colour succeeds, another fails.
 
+    The choice phase opens with ``ready_steps`` frames in which the discs are shown but the
+    effector is held (actions are ignored), like the go signal of a delayed-response task:
+    a policy executes its action chunks open loop, so without it the chunk planned just
+    before the discs appear would move blindly for up to a chunk's length.
+
     The choice colours and their placement are drawn before (and independently of) the
     cue, which is then one of them, so every frame after the cue phase is the same
     whatever the cue was. ``reset(options={"cue": i})`` forces the cue to choice object i.
@@ -29,18 +34,21 @@ class RememberColorEnv(TaskEnv):
 
     option_keys = ("cue",)
 
-    def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30, **kwargs):
+    def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30,
+                 ready_steps: int = 8, **kwargs):
         self.n_colors = check_int("n_colors", n_colors, 2, len(render.PALETTE), render.PALETTE_NOTE)
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
+        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.cue_end = self.cue_steps
+        self.choice_start = self.cue_steps + self.delay
         super().__init__(**kwargs)
         self.positions = np.zeros((self.n_colors, 2))  # (n, 2)
         self.color_ids = np.zeros(self.n_colors, dtype=np.int64)  # (n,) palette indices
         self.target = 0
 
     def default_max_steps(self) -> int:
-        return self.cue_steps + self.delay + 25
+        return self.choice_start + self.ready_steps + 25
 
     @property
     def chance_level(self) -> float:
@@ -50,7 +58,10 @@ class RememberColorEnv(TaskEnv):
     def phase(self) -> str:
         if self.t < self.cue_steps:
             return "cue"
-        return "delay" if self.t < self.cue_steps + self.delay else "choice"
+        return "delay" if self.t < self.choice_start else "choice"
+
+    def _frozen(self) -> bool:
+        return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     def _reset_task(self, rng, options) -> None:
         self.color_ids = rng.choice(len(render.PALETTE), size=self.n_colors, replace=False)
@@ -85,7 +96,9 @@ class RememberColorEnv(TaskEnv):
 
 
 class RememberColorExpert(Expert):
-    """Parks at the centre during cue and delay, then goes straight to the cued colour."""
+    """Parks at the centre during cue and delay, then goes straight to the cued colour
+    (already while the effector is held at the start of the choice phase: those commands
+    are ignored, and they make every choice frame's action chunk point at the target)."""
 
     def act(self, obs=None) -> np.ndarray:
         env = self.env

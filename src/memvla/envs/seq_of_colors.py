@@ -21,7 +21,9 @@ CELL = 0.05  # memoryless twin: sequence drawn as a grid of 3 cells per row, top
 class SeqOfColorsEnv(TaskEnv):
     """``n_items`` colours shown at the centre one after another (``item_steps`` frames
     each), ``delay`` empty frames, then discs of those colours on a ring: touch them in
-    the order shown. A touched disc disappears; touching one out of order fails.
+    the order shown. A touched disc disappears; touching one out of order fails. As in
+    ``remember-color``, the choice phase opens with ``ready_steps`` frames in which the
+    discs are shown and the effector is held (actions ignored).
 
     The colours and positions are drawn independently of the order, so the choice frames
     do not reveal it. ``reset(options={"cue": [i0, i1, ...]})`` forces the order (a
@@ -31,11 +33,14 @@ class SeqOfColorsEnv(TaskEnv):
 
     option_keys = ("cue",)
 
-    def __init__(self, *, n_items: int = 3, item_steps: int = 3, delay: int = 10, **kwargs):
+    def __init__(self, *, n_items: int = 3, item_steps: int = 3, delay: int = 10,
+                 ready_steps: int = 8, **kwargs):
         self.n_items = check_int("n_items", n_items, 1, len(render.PALETTE), render.PALETTE_NOTE)
         self.item_steps = check_int("item_steps", item_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
+        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.cue_end = self.n_items * self.item_steps
+        self.choice_start = self.cue_end + self.delay
         super().__init__(**kwargs)
         self.positions = np.zeros((self.n_items, 2))  # (n, 2)
         self.color_ids = np.zeros(self.n_items, dtype=np.int64)  # (n,) palette indices
@@ -43,7 +48,7 @@ class SeqOfColorsEnv(TaskEnv):
         self.n_done = 0  # objects touched so far (in order)
 
     def default_max_steps(self) -> int:
-        return self.cue_end + self.delay + 12 * self.n_items + 6
+        return self.choice_start + self.ready_steps + 12 * self.n_items + 6
 
     @property
     def chance_level(self) -> float:
@@ -53,7 +58,10 @@ class SeqOfColorsEnv(TaskEnv):
     def phase(self) -> str:
         if self.t < self.cue_end:
             return "cue"
-        return "delay" if self.t < self.cue_end + self.delay else "choice"
+        return "delay" if self.t < self.choice_start else "choice"
+
+    def _frozen(self) -> bool:
+        return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     @property
     def remaining(self) -> np.ndarray:
