@@ -10,10 +10,25 @@ from memvla.presets import WORD_VOCAB, get_preset
 
 def small_config(name: str, extra: list[str] | None = None):
     """The preset at its real widths with as few layers as show every kind of layer (one
-    joint + one cross-attention layer where it has both), one vision layer, one camera,
-    two Euler steps and a small vocabulary: what every preset is tested at on the CPU."""
+    joint + one cross-attention layer where it has both), one vision layer per tower, one
+    camera, two Euler steps and a small vocabulary: what every preset is tested at on the
+    CPU. The parallel family keeps two decoder layers (with one, the zeroed placeholders'
+    queries are zero and q/k get no gradient) and sees 8×8 patches and 16 prompt tokens;
+    its 7B decoder is narrowed to 4 heads of the real head size (a 4096-wide pair of
+    layers plus head is 0.6B parameters, too slow to save and reload in every test run).
+    ``tiny*`` presets are used as they are."""
     cfg = get_preset(name)
-    if name != "tiny":
+    if cfg.family == "parallel" and not name.startswith("tiny"):
+        size = cfg.model.vision.patch_size * 8
+        overrides = ["model.text.depth=2", "model.vision.depth=1",
+                     f"model.vision.image_size={size}", "tokenizer.max_length=16",
+                     f"model.text.vocab_size={WORD_VOCAB}", f'cameras=["{cfg.cameras[0]}"]',
+                     "model.text.width=512", "model.text.heads=4", "model.text.kv_heads=4",
+                     "model.text.mlp_dim=1024", "model.head_hidden=512"]
+        if cfg.model.vision_fused is not None:
+            overrides += ["model.vision_fused.depth=1", f"model.vision_fused.image_size={size}"]
+        cfg = apply_overrides(cfg, overrides)
+    elif not name.startswith("tiny"):
         depth = cfg.model.self_attn_every_n_layers
         cfg = apply_overrides(cfg, [
             f"model.text.depth={depth}", f"model.expert.depth={depth}", "model.vision.depth=1",
@@ -37,9 +52,19 @@ _NARROW = {
 
 def narrow_config(name: str, depth: int = 3, extra: list[str] | None = None):
     cfg = get_preset(name)
-    if name == "tiny":
+    if name.startswith("tiny"):
         return apply_overrides(cfg, extra) if extra else cfg
     kv = cfg.model.text.kv_heads if cfg.model.text.kv_heads in (1, 2, 4) else 2
+    if cfg.family == "parallel":
+        size = cfg.model.vision.patch_size * 8
+        overrides = _NARROW["text"] + _NARROW["vision"] + [
+            f"model.text.kv_heads={kv}", f"model.text.depth={depth}",
+            f"model.vision.image_size={size}", "model.chunk_size=6", "n_action_steps=6",
+            "model.head_hidden=64", f'cameras=["{cfg.cameras[0]}"]']
+        if cfg.model.vision_fused is not None:
+            overrides += [o.replace("model.vision.", "model.vision_fused.")
+                          for o in _NARROW["vision"]] + [f"model.vision_fused.image_size={size}"]
+        return apply_overrides(cfg, overrides + (extra or []))
     overrides = _NARROW["text"] + _NARROW["expert"] + _NARROW["vision"] + [
         f"model.text.kv_heads={kv}", f"model.expert.kv_heads={kv}",
         f"model.text.depth={depth}", f"model.expert.depth={depth}",
@@ -64,3 +89,20 @@ def fake_batch(cfg, b: int = 2, with_actions: bool = True, seed: int = 0) -> dic
         pad[0, -2:] = True
         batch["action_is_pad"] = pad
     return batch
+
+
+def model_inputs(cfg, b: int = 2, seed: int = 0, pad_from: int | None = None):
+    """Random model inputs of a flow config: images per camera in [-1, 1], language ids
+    with sample 0 padded from ``pad_from`` (default: half way), state, and a previous
+    action chunk -> (images, ids, pad, state, prev)."""
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    s = m.vision.image_size
+    images = [torch.rand(b, 3, s, s, generator=g) * 2 - 1 for _ in cfg.cameras]
+    n = cfg.tokenizer.max_length
+    ids = torch.randint(4, 200, (b, n), generator=g)
+    pad = torch.ones(b, n, dtype=torch.bool)
+    pad[0, n // 2 if pad_from is None else pad_from:] = False
+    state = torch.randn(b, m.max_state_dim, generator=g)
+    prev = torch.randn(b, m.chunk_size, m.max_action_dim, generator=g)
+    return images, ids, pad, state, prev

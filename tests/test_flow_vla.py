@@ -3,6 +3,7 @@ step; the two-pass training forward equals SmolVLA / π0 joint attention layer b
 
 import pytest
 import torch
+from helpers import model_inputs as shared_inputs
 from helpers import narrow_config
 
 from memvla.layers.attention import merge_heads, scaled_attention, split_heads
@@ -13,16 +14,7 @@ from memvla.models.flow_vla import FlowMatchingVLA
 
 
 def model_inputs(cfg, b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = cfg.model
-    s = m.vision.image_size
-    images = [torch.rand(b, 3, s, s, generator=g) * 2 - 1 for _ in cfg.cameras]
-    n = cfg.tokenizer.max_length
-    ids = torch.randint(4, 200, (b, n), generator=g)
-    pad = torch.ones(b, n, dtype=torch.bool)
-    pad[0, n // 2:] = False  # a padded task in the middle of the prefix
-    state = torch.randn(b, m.max_state_dim, generator=g)
-    return images, ids, pad, state
+    return shared_inputs(cfg, b, seed)[:4]  # a padded task in the middle of the prefix
 
 
 @pytest.mark.parametrize("name", ["tiny", "smolvla-450m", "pi0-3b"])

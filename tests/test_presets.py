@@ -5,11 +5,13 @@ import pytest
 import torch
 from helpers import fake_batch, small_config
 
-from memvla.policies import FlowVLAPolicy, load_policy, make_policy
+from memvla.policies import load_policy, make_policy
 from memvla.presets import PRESETS, count_parameters, get_preset
 
-# published sizes (SmolVLA paper / blog: 450M; pi0: PaliGemma 3B + 300M expert, ~3.3B)
-PUBLISHED = {"smolvla-450m": (450e6, 0.03), "pi0-3b": (3.3e9, 0.03)}
+# published sizes (SmolVLA paper / blog: 450M; pi0: PaliGemma 3B + 300M expert, ~3.3B;
+# OpenVLA 7.5B (7.54B), to which OFT adds its proprio projector and action head, ~0.17B)
+PUBLISHED = {"smolvla-450m": (450e6, 0.03), "pi0-3b": (3.3e9, 0.03),
+             "openvla-oft-7b": (7.5e9, 0.03)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -23,6 +25,7 @@ def test_preset_parameter_count(name):
 
 def test_tiny_is_tiny():
     assert count_parameters(get_preset("tiny")) < 1_000_000
+    assert count_parameters(get_preset("tiny-oft")) < 1_000_000
 
 
 def test_published_shapes():
@@ -35,6 +38,11 @@ def test_published_shapes():
             p.text.head_dim) == (2048, 18, 16384, 8, 1, 256)
     assert (p.expert.width, p.expert.depth, p.expert.mlp_dim) == (1024, 18, 4096)
     assert p.tokens_per_image == 256 and p.vision.width == 1152 and p.vision.depth == 27
+    o = get_preset("openvla-oft-7b").model
+    assert (o.text.width, o.text.depth, o.text.heads, o.text.mlp_dim, o.text.vocab_size) == (
+        4096, 32, 32, 11008, 32000)
+    assert o.tokens_per_image == 256 and (o.chunk_size, o.max_action_dim) == (8, 7)
+    assert o.num_action_tokens == 56 and o.vision_width == 1152 + 1024
 
 
 def test_unknown_preset_did_you_mean():
@@ -70,7 +78,7 @@ def test_preset_forward_backward_and_round_trip(name, tmp_path):
 
     policy.save_pretrained(tmp_path / "ckpt")
     loaded = load_policy(tmp_path / "ckpt")
-    assert isinstance(loaded, FlowVLAPolicy)
+    assert type(loaded) is type(policy)
     torch.manual_seed(7)
     again = loaded.predict_action_chunk(obs)
     assert torch.equal(chunk, again)

@@ -18,8 +18,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _field_types(cls: type, data: dict | None = None) -> dict[str, Any]:
+    """Annotated field types; a class with ``field_types_for(data)`` narrows some of them
+    from the data (``PolicyConfig`` picks its model config by ``family``)."""
+    types_ = typing.get_type_hints(cls)
+    if data is not None and hasattr(cls, "field_types_for"):
+        types_.update(cls.field_types_for(data))
+    return types_
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -64,7 +69,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from a dict; unknown keys get a did-you-mean error."""
-    types_ = _field_types(cls)
+    types_ = _field_types(cls, data)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in data.items():
@@ -102,7 +107,8 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             if i == len(parts) - 1:
                 node[part] = _parse_value(text)
             else:
-                sub_t = _field_types(cls)[part] if dataclasses.is_dataclass(cls) else None
+                sub_t = _field_types(cls, node)[part] if dataclasses.is_dataclass(
+                    cls) else None
                 node, cls = node[part], sub_t
                 if not isinstance(node, dict):
                     raise ValueError(f"override {key!r}: {'.'.join(parts[:i + 1])} is not a "

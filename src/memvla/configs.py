@@ -83,13 +83,70 @@ class DecoderConfig:
                  "decoder.lm_head needs vocab_size > 0")
 
 
+PRUNER_NOISES = ("uniform", "gumbel")
+PRUNER_QUERIES = ("lightvla", "residual")
+PRUNER_ACTION_CONTEXTS = ("none", "placeholders", "keys", "prev_chunk", "state")
+
+
+@dataclass
+class PrunerConfig:
+    """LightVLA's adaptive visual-token pruner (:mod:`memvla.layers.token_pruner`).
+
+    ``num_patches``: visual tokens per sample the pruner expects (all cameras together);
+    0 with ``enabled`` = derived from the model (cameras × tokens per image).
+    ``noise``: training noise added to the scores, ``rand · scale`` ("uniform", the
+    released code) or Gumbel ("gumbel", the paper's wording); the scale decays linearly
+    from ``noise_scale`` to 0 over training (the trainer drives it).
+    ``query``: "lightvla" = attention of the patches over the task tokens (collapses with a
+    short prompt); "residual" = ``residual_scale`` × the patch itself plus that (keeps each
+    patch's identity; a smaller scale lets the task pull more patches to shared winners).
+    ``temperature`` divides the scores; ``min_keep`` / ``max_keep`` keep at least / at
+    most that many patches at inference (most-voted first; 0 = no bound; both equal = a
+    fixed count, e.g. for timing). They do not act in training, which keeps the length.
+    ``action_context`` (flow-matching family only): what
+    the pruner sees of the action: nothing, the noisy-action placeholders in the prefix
+    (option A), action features as extra keys only (option B), the previously executed
+    chunk, or the state.
+    """
+
+    enabled: bool = False
+    num_patches: int = 0
+    noise: str = "uniform"
+    noise_scale: float = 1.0
+    query: str = "lightvla"
+    residual_scale: float = 1.0
+    temperature: float = 1.0
+    min_keep: int = 0
+    max_keep: int = 0
+    action_context: str = "none"
+
+    def __post_init__(self):
+        _require(self.num_patches >= 0, f"pruner.num_patches must be >= 0, got "
+                 f"{self.num_patches}")
+        _require(self.noise in PRUNER_NOISES, f"pruner.noise must be one of {PRUNER_NOISES}, "
+                 f"got {self.noise!r}")
+        _require(self.noise_scale >= 0, f"pruner.noise_scale must be >= 0, got "
+                 f"{self.noise_scale}")
+        _require(self.query in PRUNER_QUERIES, f"pruner.query must be one of {PRUNER_QUERIES}, "
+                 f"got {self.query!r}")
+        _positive("pruner", temperature=self.temperature, residual_scale=self.residual_scale)
+        _require(self.min_keep >= 0, f"pruner.min_keep must be >= 0, got {self.min_keep}")
+        _require(self.max_keep == 0 or self.max_keep >= max(self.min_keep, 1),
+                 f"pruner.max_keep must be 0 (no cap) or >= max(pruner.min_keep, 1) = "
+                 f"{max(self.min_keep, 1)}, got {self.max_keep}")
+        _require(self.action_context in PRUNER_ACTION_CONTEXTS, f"pruner.action_context must "
+                 f"be one of {PRUNER_ACTION_CONTEXTS}, got {self.action_context!r}")
+
+
 STATE_TOKEN_PLACES = ("prefix", "suffix")
 
 
 @dataclass
 class FlowVLAConfig:
     """The flow-matching VLA (SmolVLA / π0 family): a VLM over the prefix (images,
-    language, state) and a narrower action expert over the suffix (the action chunk)."""
+    language, state) and a narrower action expert over the suffix (the action chunk).
+    ``pruner``: LightVLA's token pruner over the image tokens of every camera, with the
+    language tokens (and ``pruner.action_context``) as its task keys."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: DecoderConfig = field(default_factory=DecoderConfig)  # the kept backbone layers
@@ -113,6 +170,7 @@ class FlowVLAConfig:
     time_min: float = 0.001
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
     def __post_init__(self):
         _positive("model", connector_scale=self.connector_scale,
@@ -141,6 +199,10 @@ class FlowVLAConfig:
                  f"side ({self.vision.grid} = image_size / patch_size)")
         _require(0.0 <= self.time_min < 1.0, f"model.time_min must be in [0, 1), got "
                  f"{self.time_min}")
+        ti = self.tokens_per_image
+        _require(not self.pruner.enabled or self.pruner.num_patches % ti == 0,
+                 f"model.pruner.num_patches ({self.pruner.num_patches}) must be cameras × "
+                 f"{ti} tokens per image; set it to that, or 0 to derive it")
 
     @property
     def tokens_per_image(self) -> int:
@@ -148,6 +210,81 @@ class FlowVLAConfig:
 
     def is_joint_layer(self, i: int) -> bool:
         return i % self.self_attn_every_n_layers == 0
+
+
+@dataclass
+class ParallelVLAConfig:
+    """The parallel-decoding VLA (OpenVLA-OFT family, :mod:`memvla.models.parallel_vla`):
+    ``[BOS][patches of every camera][proprio][prompt][placeholders × chunk·action_dim][STOP]``
+    through one bidirectional decoder; the hidden states at the placeholders go through an
+    MLP-ResNet head that regresses the action chunk (L1).
+
+    ``vision`` is a ViT; ``vision_fused`` an optional second tower over the same image whose
+    patch features are concatenated channel-wise (OpenVLA's DINOv2 + SigLIP; it must have
+    the same patch grid). ``projector_layers``: 2 = Linear-GELU-Linear (OpenVLA, one
+    tower), 3 = the fused projector (hidden 4 × the vision width, GELUs between).
+    ``max_action_dim``: the action dimensions the model predicts (OFT's ACTION_DIM);
+    there are ``chunk_size × max_action_dim`` placeholders; a policy's action_dim may be
+    smaller (the rest is zero-padded and not in the loss). ``head_hidden`` 0 = the decoder
+    width. ``stop_token_id``: the id whose embedding closes the sequence (Llama's and the
+    built-in tokenizer's EOS is 2). ``pruner``: LightVLA's token pruner after the projector.
+    """
+
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        width=1152, depth=27, heads=16, mlp_dim=4304, image_size=224, patch_size=14))
+    vision_fused: VisionConfig | None = None
+    text: DecoderConfig = field(default_factory=lambda: DecoderConfig(
+        width=4096, depth=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008,
+        vocab_size=32000, rms_eps=1e-5, lm_head=True))
+    projector_layers: int = 2
+    chunk_size: int = 8
+    max_state_dim: int = 8
+    max_action_dim: int = 7
+    head_hidden: int = 0
+    head_blocks: int = 2
+    use_proprio: bool = True
+    stop_token_id: int = 2
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+
+    def __post_init__(self):
+        _positive("model", chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
+                  max_action_dim=self.max_action_dim)
+        _require(self.projector_layers in (2, 3), f"model.projector_layers must be 2 (one "
+                 f"tower) or 3 (fused towers), got {self.projector_layers}")
+        _require(self.head_hidden >= 0 and self.head_blocks >= 0,
+                 f"model.head_hidden and model.head_blocks must be >= 0, got "
+                 f"{self.head_hidden}, {self.head_blocks}")
+        _require(self.text.vocab_size > 0, "model.text.vocab_size must be > 0 (the decoder "
+                 "embeds the prompt)")
+        _require(0 <= self.stop_token_id < self.text.vocab_size,
+                 f"model.stop_token_id ({self.stop_token_id}) must be a token id below "
+                 f"model.text.vocab_size ({self.text.vocab_size})")
+        f = self.vision_fused
+        if f is not None:
+            _require((f.image_size, f.grid, f.channels) == (self.vision.image_size,
+                                                             self.vision.grid,
+                                                             self.vision.channels),
+                     f"model.vision_fused must see the image as model.vision does: "
+                     f"image_size {self.vision.image_size}, a {self.vision.grid}×"
+                     f"{self.vision.grid} patch grid and {self.vision.channels} channels; got "
+                     f"image_size {f.image_size}, grid {f.grid}, channels {f.channels}")
+        _require(self.pruner.action_context == "none",
+                 f"model.pruner.action_context={self.pruner.action_context!r} is for the "
+                 "flow-matching family; the parallel VLA's pruner reads the prompt only "
+                 "(set it to 'none')")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.grid ** 2
+
+    @property
+    def vision_width(self) -> int:
+        """Width of the patch features the projector reads (both towers together)."""
+        return self.vision.width + (self.vision_fused.width if self.vision_fused else 0)
+
+    @property
+    def num_action_tokens(self) -> int:
+        return self.chunk_size * self.max_action_dim
 
 
 TOKENIZER_KINDS = ("words", "hf")
@@ -209,9 +346,14 @@ IMAGE_PADS = ("top_left", "center")
 
 @dataclass
 class PolicyConfig:
-    """Everything needed to rebuild a policy: model, inputs, processors, context."""
+    """Everything needed to rebuild a policy: model, inputs, processors, context.
 
-    model: FlowVLAConfig = field(default_factory=FlowVLAConfig)
+    ``family`` picks the model: "flow" (:class:`FlowVLAConfig`, the default, so configs
+    saved before families existed still load) or "parallel" (:class:`ParallelVLAConfig`).
+    """
+
+    family: str = "flow"
+    model: FlowVLAConfig | ParallelVLAConfig = field(default_factory=FlowVLAConfig)
     cameras: list[str] = field(default_factory=lambda: ["top"])
     image_shape: tuple[int, int, int] = (3, 512, 512)  # (C, H, W) of the input images
     # Input images of another size than the vision tower's are resized keeping the aspect
@@ -225,7 +367,24 @@ class PolicyConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
 
+    @staticmethod
+    def field_types_for(data: dict) -> dict[str, type]:
+        """The model config class of the family named in ``data`` (for ``from_dict``)."""
+        family = data.get("family", "flow")
+        _require(family in MODEL_FAMILIES, f"policy.family must be one of "
+                 f"{sorted(MODEL_FAMILIES)}, got {family!r}")
+        return {"model": MODEL_FAMILIES[family]}
+
     def __post_init__(self):
+        _require(self.family in MODEL_FAMILIES, f"policy.family must be one of "
+                 f"{sorted(MODEL_FAMILIES)}, got {self.family!r}")
+        want = MODEL_FAMILIES[self.family]
+        _require(isinstance(self.model, want), f"policy.family={self.family!r} needs a "
+                 f"{want.__name__} model config, got {type(self.model).__name__}; set the "
+                 "family that matches the model (or start from a preset of that family)")
+        _require(self.family == "flow" or not self.context.recurrent,
+                 f"context.kind={self.context.kind!r} (recurrent memory) is implemented for "
+                 f"the flow family only; use context.kind=none with family={self.family!r}")
         _require(len(self.cameras) > 0, "policy.cameras must name at least one camera")
         _require(len(set(self.cameras)) == len(self.cameras),
                  f"policy.cameras has duplicates: {self.cameras}")
@@ -248,7 +407,18 @@ class PolicyConfig:
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")
+        pruner = getattr(self.model, "pruner", None)
+        if pruner is not None and pruner.enabled and pruner.num_patches:
+            have = len(self.cameras) * self.model.tokens_per_image
+            _require(pruner.num_patches == have,
+                     f"model.pruner.num_patches is {pruner.num_patches} but the policy feeds "
+                     f"{len(self.cameras)} camera(s) × {self.model.tokens_per_image} tokens = "
+                     f"{have} visual tokens; set model.pruner.num_patches={have} (or 0 to "
+                     "derive it from the cameras)")
 
     @property
     def image_keys(self) -> list[str]:
         return [f"observation.images.{c}" for c in self.cameras]
+
+
+MODEL_FAMILIES: dict[str, type] = {"flow": FlowVLAConfig, "parallel": ParallelVLAConfig}

@@ -6,10 +6,16 @@
   at 512 px with 64 tokens per image after pixel shuffle, expert at 0.75 width).
 - ``pi0-3b``: π0's shapes (PaliGemma: SigLIP So400m/14 at 224 px, Gemma 2B; Gemma 300M
   action expert; joint attention in every layer, the state token in the suffix).
+- ``tiny-oft``: the parallel-decoding VLA (OpenVLA-OFT family) at the size of ``tiny``;
+  64 patch tokens per 64×64 image (patch 8, no pixel shuffle: room for the pruner).
+- ``openvla-oft-7b``: OpenVLA-OFT's shapes (Llama-2 7B; the fused DINOv2 ViT-L/14 +
+  SigLIP So400m/14 tower at 224 px, 256 patches per image; a 3-layer GELU projector;
+  two cameras as on LIBERO, proprio 8 → one token, chunk 8 × 7-dim actions, an MLP-ResNet
+  head of width 4096 with 2 blocks).
 
 Big presets build on the meta device for parameter counts (``build_policy(name,
 device="meta")``) and at reduced depth (an override ``model.text.depth=2`` and
-``model.expert.depth=2``) for CPU benchmarks.
+``model.expert.depth=2``; the parallel family has no expert) for CPU benchmarks.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .config_utils import apply_overrides
-from .configs import DecoderConfig, FlowVLAConfig, PolicyConfig, TokenizerConfig, VisionConfig
+from .configs import (
+    DecoderConfig,
+    FlowVLAConfig,
+    ParallelVLAConfig,
+    PolicyConfig,
+    TokenizerConfig,
+    VisionConfig,
+)
 from .data.tokenizers import WordTokenizer
 from .utils import did_you_mean
 
@@ -100,12 +113,52 @@ def pi0_3b() -> PolicyConfig:
                         tokenizer=TokenizerConfig(kind="words", max_length=48))
 
 
+@register("tiny-oft")
+def tiny_oft() -> PolicyConfig:
+    text = DecoderConfig(width=64, depth=4, heads=4, kv_heads=2, head_dim=16, mlp_dim=128,
+                         vocab_size=WORD_VOCAB)
+    vision = VisionConfig(width=64, depth=2, heads=4, mlp_dim=128, image_size=64, patch_size=8)
+    model = ParallelVLAConfig(vision=vision, text=text, projector_layers=2, chunk_size=8,
+                              max_state_dim=8, max_action_dim=4, head_hidden=64, head_blocks=2,
+                              stop_token_id=WordTokenizer.eos_id)
+    return PolicyConfig(family="parallel", model=model, cameras=["top"],
+                        image_shape=(3, 64, 64), state_dim=3, action_dim=3, n_action_steps=8,
+                        tokenizer=TokenizerConfig(kind="words", max_length=24))
+
+
+@register("openvla-oft-7b")
+def openvla_oft_7b() -> PolicyConfig:
+    # OpenVLA: SigLIP So400m/14 + DINOv2 ViT-L/14 (fused), both at 224 px -> 16×16 patches
+    siglip = VisionConfig(width=1152, depth=27, heads=16, mlp_dim=4304, image_size=224,
+                          patch_size=14)
+    dino = VisionConfig(width=1024, depth=24, heads=16, mlp_dim=4096, image_size=224,
+                        patch_size=14, act="gelu")
+    llama2_7b = DecoderConfig(width=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
+                              mlp_dim=11008, vocab_size=32000, rms_eps=1e-5, lm_head=True)
+    model = ParallelVLAConfig(vision=siglip, vision_fused=dino, text=llama2_7b,
+                              projector_layers=3, chunk_size=8, max_state_dim=8,
+                              max_action_dim=7, head_hidden=4096, head_blocks=2,
+                              stop_token_id=2)
+    return PolicyConfig(family="parallel", model=model, cameras=["image", "wrist_image"],
+                        image_shape=(3, 224, 224), state_dim=8, action_dim=7, n_action_steps=8,
+                        tokenizer=TokenizerConfig(kind="words", max_length=48))
+
+
+def build_model(cfg: PolicyConfig):
+    """The model of ``cfg.family`` (no processors, no tokenizer)."""
+    if cfg.family == "parallel":
+        from .models.parallel_vla import ParallelVLA
+
+        return ParallelVLA(cfg.model, num_cameras=len(cfg.cameras))
+    from .models.flow_vla import FlowMatchingVLA
+
+    return FlowMatchingVLA(cfg.model)
+
+
 def count_parameters(cfg: PolicyConfig) -> int:
     """Parameters of the preset's model, built on the meta device (no memory used)."""
     import torch
 
-    from .models.flow_vla import FlowMatchingVLA
-
     with torch.device("meta"):
-        model = FlowMatchingVLA(cfg.model)
+        model = build_model(cfg)
     return sum(p.numel() for p in model.parameters())

@@ -16,6 +16,7 @@ BENCHES = {
     "core": "core",
     "envs": "envs",
     "lm-copy": "lm_copy",
+    "pruning": "pruning",
 }
 
 

@@ -24,11 +24,12 @@ def run(args) -> int:
     for name in PRESETS:
         cfg = get_preset(name, args.override)
         m = cfg.model
-        rows.append((name, count_parameters(cfg), m.text.depth, m.text.width, m.expert.width,
+        expert = m.expert.width if cfg.family == "flow" else "-"  # parallel: no expert
+        rows.append((name, count_parameters(cfg), m.text.depth, m.text.width, expert,
                      m.vision.image_size, m.tokens_per_image, m.chunk_size))
     head = ("preset", "parameters", "layers", "width", "expert", "image", "tok/img", "chunk")
-    print(f"{head[0]:<14}{head[1]:>14}{head[2]:>8}{head[3]:>7}{head[4]:>8}{head[5]:>7}"
+    print(f"{head[0]:<16}{head[1]:>14}{head[2]:>8}{head[3]:>7}{head[4]:>8}{head[5]:>7}"
           f"{head[6]:>9}{head[7]:>7}")
     for r in rows:
-        print(f"{r[0]:<14}{r[1]:>14,}{r[2]:>8}{r[3]:>7}{r[4]:>8}{r[5]:>7}{r[6]:>9}{r[7]:>7}")
+        print(f"{r[0]:<16}{r[1]:>14,}{r[2]:>8}{r[3]:>7}{r[4]!s:>8}{r[5]:>7}{r[6]:>9}{r[7]:>7}")
     return 0

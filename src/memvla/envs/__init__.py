@@ -46,7 +46,8 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
 ``remember-color`` (``memvla/RememberColor-v0``)
     A cue disc of one colour at the centre for ``cue_steps`` frames (default 4), an empty
     scene for ``delay`` frames (default 30), then ``n_colors`` discs (2..9, default 3) on
-    a ring; touch the cue's colour. The choice phase opens with ``ready_steps`` frames
+    a ring, drawn from the first ``palette_size`` palette colours (default all 9); touch
+    the cue's colour. The choice phase opens with ``ready_steps`` frames
     (default 8) in which the discs are shown but the effector is held (a go signal: a
     chunk planned before the discs appeared is not executed blind). Chance 1/n_colors.
     Max steps cue_steps + delay + ready_steps + 25.
@@ -66,8 +67,9 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     ``item_steps`` frames each (default 3), ``delay`` empty frames (default 10), then discs
     of those colours on a ring: touch them in the order shown (a touched disc vanishes, a
     wrong one fails), after ``ready_steps`` held frames (default 8) as in remember-color.
-    Chance 1/n_items!. Max steps n_items·item_steps + delay + ready_steps + 12·n_items + 6. ``reset(options={"cue": [order]})`` forces the order. Twin: the
-    sequence stays visible as small squares (three per row) in the top-left corner.
+    Chance 1/n_items!. Max steps n_items·item_steps + delay + ready_steps + 12·n_items + 6.
+    ``reset(options={"cue": [order]})`` forces the order. Twin: the sequence stays visible
+    as small squares (three per row) in the top-left corner.
 ``take-it-back`` (``memvla/TakeItBack-v0``)
     A disc at a random start and a square zone outline elsewhere: grasp the disc (gripper
     closed on it), carry it into the zone; the zone turns solid and the scene pauses for

@@ -21,6 +21,10 @@ class RememberColorEnv(TaskEnv):
     """Cue disc at the centre for ``cue_steps`` frames, ``delay`` empty frames, then
     ``n_colors`` discs on a ring; touching the cue's colour succeeds, another fails.
 
+    The colours are drawn from the first ``palette_size`` palette entries (all nine by
+    default; with ``palette_size = n_colors`` every episode shows the same colours and
+    only their places and the cue change: an easier visual problem, the same memory one).
+
     The choice phase opens with ``ready_steps`` frames in which the discs are shown but the
     effector is held (actions are ignored), like the go signal of a delayed-response task:
     a policy executes its action chunks open loop, so without it the chunk planned just
@@ -35,8 +39,11 @@ class RememberColorEnv(TaskEnv):
     option_keys = ("cue",)
 
     def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30,
-                 ready_steps: int = 8, **kwargs):
-        self.n_colors = check_int("n_colors", n_colors, 2, len(render.PALETTE), render.PALETTE_NOTE)
+                 ready_steps: int = 8, palette_size: int = len(render.PALETTE), **kwargs):
+        self.palette_size = check_int("palette_size", palette_size, 2, len(render.PALETTE),
+                                      render.PALETTE_NOTE)
+        self.n_colors = check_int("n_colors", n_colors, 2, self.palette_size,
+                                  "at most palette_size")
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
@@ -64,7 +71,7 @@ class RememberColorEnv(TaskEnv):
         return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     def _reset_task(self, rng, options) -> None:
-        self.color_ids = rng.choice(len(render.PALETTE), size=self.n_colors, replace=False)
+        self.color_ids = rng.choice(self.palette_size, size=self.n_colors, replace=False)
         self.positions = ring_positions(rng, self.n_colors)  # (n, 2)
         self.target = int(rng.integers(self.n_colors))
         if "cue" in options:

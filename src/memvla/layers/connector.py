@@ -1,5 +1,6 @@
 """Connectors from vision features to the language width: pixel shuffle + linear
-(SmolVLM / Idefics3) and a plain linear projector (PaliGemma, scale factor 1)."""
+(SmolVLM / Idefics3), a plain linear projector (PaliGemma, scale factor 1) and OpenVLA's
+GELU MLP projector."""
 
 from __future__ import annotations
 
@@ -61,3 +62,26 @@ class Connector(nn.Module):
         if self.scale > 1:
             x = pixel_shuffle(x, self.scale)  # (B, P/s², D·s²)
         return self.modality_projection(x)  # (B, P/s², Dout)
+
+
+class MLPProjector(nn.Module):
+    """OpenVLA's projector from patch features to the decoder width, with GELUs between the
+    layers: 2 layers ``fc1`` (in -> out), ``fc2`` (out -> out) for one vision tower; 3 layers
+    ``fc1`` (in -> 4·in), ``fc2`` (4·in -> out), ``fc3`` (out -> out) for the fused towers."""
+
+    def __init__(self, in_dim: int, out_dim: int, layers: int = 2):
+        super().__init__()
+        if layers not in (2, 3):
+            raise ValueError(f"MLPProjector: layers must be 2 or 3, got {layers}")
+        dims = [in_dim, out_dim, out_dim] if layers == 2 else [in_dim, 4 * in_dim, out_dim,
+                                                               out_dim]
+        for i in range(layers):
+            setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1]))
+        self.layers = layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(self.layers):
+            x = getattr(self, f"fc{i + 1}")(x)  # (B, P, D_i)
+            if i < self.layers - 1:
+                x = nn.functional.gelu(x)
+        return x  # (B, P, Dout)

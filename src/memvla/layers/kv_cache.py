@@ -57,6 +57,15 @@ class KVCache:
     def is_empty(self) -> bool:
         return self.key_pad is None
 
+    def next_position(self) -> Tensor:
+        """(B, 1) the position after the last real cached token: its largest position + 1
+        (0 with no real token). Without gaps in the positions this is ``key_pad.sum(1)``;
+        with gaps (pruned tokens keep their original positions) it still continues them."""
+        if self.is_empty:
+            raise RuntimeError("KVCache: empty; run the prefix first")
+        real_pos = torch.where(self.key_pad, self.key_pos, torch.full_like(self.key_pos, -1))
+        return real_pos.max(1, keepdim=True).values + 1  # (B, 1)
+
     # -- editing ---------------------------------------------------------------------------
     def _slice(self, sl: slice) -> None:
         for i in range(self.num_layers):

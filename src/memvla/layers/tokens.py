@@ -5,7 +5,10 @@ memory tokens, actions. Each carries embeddings (B, N, D), real-token flags ``pa
 (B, N) bool (False = padding), block flags ``flags`` (B, N) (1 starts a new attention block,
 see :mod:`memvla.layers.masks`) and optionally ``sees_all`` (B, N) bool: such tokens (the
 SmolVLA-Memory tokens) attend to every real token of their sequence whatever the blocks,
-while others still see them by the block rule.
+while others still see them by the block rule. ``positions`` (B, N) long, optional: explicit
+RoPE positions counted from the start of the sequence, which may have gaps (pruned image
+tokens keep their original positions); None = counted from ``pad`` (padding does not
+advance them). Segments are concatenated with all or none of them explicit.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class TokenSegment:
     pad: Tensor
     flags: Tensor
     sees_all: Tensor | None = None
+    positions: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -29,14 +33,20 @@ class TokenSegment:
 
     @staticmethod
     def cat(parts: list[TokenSegment]) -> TokenSegment:
-        sees = None
+        sees = positions = None
+        explicit = [p.positions is not None for p in parts]
+        if any(explicit) and not all(explicit):
+            raise ValueError(f"TokenSegment.cat: explicit positions on {sum(explicit)} of "
+                             f"{len(parts)} parts; give every part positions or none")
+        if all(explicit):
+            positions = torch.cat([p.positions for p in parts], 1)  # (B, N)
         if any(p.sees_all is not None for p in parts):
             sees = torch.cat([p.sees_all if p.sees_all is not None
                               else torch.zeros_like(p.pad) for p in parts], 1)  # (B, N)
         return TokenSegment(torch.cat([p.embs for p in parts], 1),  # (B, N, D)
                             torch.cat([p.pad for p in parts], 1),  # (B, N)
                             torch.cat([p.flags for p in parts], 1),  # (B, N)
-                            sees)
+                            sees, positions)
 
     @staticmethod
     def full(embs: Tensor, first_flag: int, rest_flag: int,

@@ -12,6 +12,25 @@ Time convention (see :mod:`memvla.layers.flow_matching`): t = 1 is noise, t = 0 
 sampling integrates from t = 1 to t = 0 with ``num_steps`` Euler steps, reusing the
 prefix cache at every step.
 
+With ``pruner.enabled`` LightVLA's token pruner (:mod:`memvla.layers.token_pruner`) sits
+in the prefix: it prunes the image tokens of all cameras together, with the language tokens
+(padding masked) and the ``pruner.action_context`` keys as its task. Every prefix token
+keeps the RoPE position it has without pruning (kept image tokens their original ones,
+later tokens theirs), so training (full length) and inference (pruned) agree; the suffix
+continues after the largest cached position. Action contexts:
+
+- ``none``: the language tokens only.
+- ``placeholders`` (option A of the source notes): the noisy actions, projected to the
+  backbone width, are appended to the prefix as tokens the backbone never attends (padding
+  to its mask) and that the pruner reads as keys. At inference the prefix is built before
+  denoising, so they are pure noise there (x at t = 1).
+- ``keys`` (option B): the same features given to the pruner only (not in the prefix).
+- ``prev_chunk``: the previously executed action chunk (normalised), which exists at
+  inference; the policy keeps it between calls. Without one (episode start, or training
+  frames sampled without it) there is no such key at all (masked, not zeros).
+- ``state``: the state token (its prefix embedding, or a projection of the state for a
+  suffix state token) as an extra key.
+
 Module names mirror LeRobot's SmolVLA (``vlm_with_expert.vlm.model.{vision_model,
 connector, text_model}``, ``vlm_with_expert.lm_expert``, ``state_proj``,
 ``action_in_proj``, ``action_out_proj``, ``action_time_mlp_in/out``).
@@ -20,6 +39,8 @@ connector, text_model}``, ``vlm_with_expert.lm_expert``, ``state_proj``,
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +58,22 @@ from ..layers.flow_matching import (
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
 from ..layers.memory_tokens import MemoryTokens
+from ..layers.token_pruner import TokenPruner
 from ..layers.tokens import TokenSegment
 from ..layers.vision import VisionTransformer
 from .decoder import Decoder
+
+ACTION_KEY_CONTEXTS = ("placeholders", "keys", "prev_chunk")
+
+
+def check_pruner_patches(cfg: FlowVLAConfig, cameras: int) -> None:
+    """An actionable error when ``model.pruner.num_patches`` does not match the images."""
+    pc, ti = cfg.pruner, cfg.tokens_per_image
+    have = cameras * ti
+    if pc.enabled and pc.num_patches and pc.num_patches != have:
+        raise ValueError(f"model.pruner.num_patches is {pc.num_patches} but the images give "
+                         f"{have} visual tokens ({cameras} camera(s) × {ti}); set "
+                         f"model.pruner.num_patches={have} or 0 to derive it")
 
 
 class VLMInner(nn.Module):
@@ -85,9 +119,12 @@ class VLMWithExpert(nn.Module):
     def prefix_layout(prefix: TokenSegment, cache: KVCache) -> tuple[Tensor, Tensor, Tensor]:
         """Positions (B, Np), block ids (B, Np) and attention mask (B, Np, L) of a prefix
         appended after what ``cache`` holds (L = cached + Np)."""
-        offset = 0 if cache.is_empty else cache.key_pad.sum(1, keepdim=True)
+        offset = 0 if cache.is_empty else cache.next_position()  # (B, 1)
         last_block = 0 if cache.is_empty else cache.key_block[:, -1:]
-        pos = offset + torch.cumsum(prefix.pad.long(), 1) - 1  # (B, Np)
+        if prefix.positions is None:
+            pos = offset + torch.cumsum(prefix.pad.long(), 1) - 1  # (B, Np)
+        else:
+            pos = offset + prefix.positions  # (B, Np) explicit, may have gaps
         block = last_block + torch.cumsum(prefix.flags.long(), 1)  # (B, Np)
         k_block, k_pad = block, prefix.pad
         if not cache.is_empty:
@@ -105,7 +142,7 @@ class VLMWithExpert(nn.Module):
     def expert(self, suffix: TokenSegment, cache: KVCache) -> Tensor:
         """Run the expert over the suffix, reading (not changing) the prefix cache.
         -> normed hidden states (B, Ns, De)."""
-        offset = cache.key_pad.sum(1, keepdim=True)  # (B, 1) real prefix tokens
+        offset = cache.next_position()  # (B, 1) after the last real prefix token
         pos = offset + torch.cumsum(suffix.pad.long(), 1) - 1  # (B, Ns)
         block = cache.key_block[:, -1:] + torch.cumsum(suffix.flags.long(), 1)  # (B, Ns)
         joint_mask = block_mask_between(block, suffix.pad,
@@ -147,6 +184,16 @@ class FlowMatchingVLA(nn.Module):
         if self.context.kind == "memory_tokens":
             c = self.context
             self.memory_tokens = MemoryTokens(c.num_tokens, d, c.layout, c.init_std)
+        self.pruner: TokenPruner | None = None
+        self.pruner_key_proj: nn.Linear | None = None  # action (or state) -> pruner key
+        self.last_prune_stats: dict[str, float] = {}  # of the last prefix built
+        pc = cfg.pruner
+        if pc.enabled:
+            self.pruner = TokenPruner(pc, pc.num_patches)
+            if pc.action_context in ACTION_KEY_CONTEXTS:
+                self.pruner_key_proj = nn.Linear(cfg.max_action_dim, d)
+            elif pc.action_context == "state" and cfg.state_token == "suffix":
+                self.pruner_key_proj = nn.Linear(cfg.max_state_dim, d)
 
     def initial_memory(self, batch: int) -> Tensor | None:
         return None if self.memory_tokens is None else self.memory_tokens.initial(batch)
@@ -171,8 +218,13 @@ class FlowMatchingVLA(nn.Module):
 
     # -- token construction ---------------------------------------------------------------
     def embed_prefix(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-                     state: Tensor, memory: Tensor | None = None) -> list[TokenSegment]:
-        """The prefix as parts: [memory] + images per camera + language + state."""
+                     state: Tensor, memory: Tensor | None = None,
+                     pruner_actions: Tensor | None = None,
+                     pruner_actions_valid: Tensor | None = None) -> list[TokenSegment]:
+        """The prefix as parts: [memory] + images per camera + language + state (+ action
+        placeholders). With the pruner, the image parts become one pruned part and every
+        part carries explicit positions. ``pruner_actions`` (B, K, Da') are the actions the
+        pruner's action context reads (``pruner_actions_valid`` (B, K) bool, default all)."""
         vwe, d = self.vlm_with_expert, self.cfg.text.width
         parts = []
         for img in images:
@@ -180,18 +232,74 @@ class FlowMatchingVLA(nn.Module):
             if self.cfg.scale_image_embeddings:
                 emb = emb * math.sqrt(d)
             parts.append(TokenSegment.full(emb, 0, 0))
+        image_parts = list(parts)
         lang = vwe.text_model.embed(lang_ids)  # (B, Nl, D)
         if self.cfg.scale_text_embeddings:
             lang = lang * math.sqrt(d)
-        parts.append(TokenSegment(lang, lang_pad, torch.zeros_like(lang_ids)))
+        lang_part = TokenSegment(lang, lang_pad, torch.zeros_like(lang_ids))
+        parts.append(lang_part)
+        state_emb = None
         if self.cfg.state_token == "prefix":
-            parts.append(TokenSegment.full(self.state_proj(state)[:, None], 1, 1))  # (B, 1, D)
+            state_emb = self.state_proj(state)[:, None]  # (B, 1, D)
+            parts.append(TokenSegment.full(state_emb, 1, 1))
+        keys = None
+        if self.pruner is not None:
+            keys = self._pruner_keys(state, state_emb, pruner_actions, pruner_actions_valid)
+            if keys is not None and self.cfg.pruner.action_context == "placeholders":
+                # in the prefix, but padding to the backbone's mask: never attended
+                parts.append(TokenSegment(keys[0], torch.zeros_like(keys[1]),
+                                          torch.zeros_like(keys[1], dtype=torch.long)))
         if memory is not None:
             if self.memory_tokens is None:
                 raise ValueError("memory given to a model without memory tokens "
                                  "(context.kind is 'none')")
             parts = self.memory_tokens.insert(parts, memory)
+        if self.pruner is not None:
+            parts = self._prune_images(parts, image_parts, lang_part, keys)
         return parts
+
+    def _pruner_keys(self, state: Tensor, state_emb: Tensor | None, actions: Tensor | None,
+                     valid: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Extra task keys of the pruner's action context: (B, K, D) and valid (B, K)."""
+        ctx = self.cfg.pruner.action_context
+        if ctx in ACTION_KEY_CONTEXTS and actions is not None:
+            keys = self.pruner_key_proj(actions)  # (B, K, D)
+        elif ctx == "state":
+            keys = state_emb if state_emb is not None else self.pruner_key_proj(state)[:, None]
+        else:
+            return None
+        if valid is None:
+            valid = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
+        return keys, valid
+
+    def _prune_images(self, parts: list[TokenSegment], image_parts: list[TokenSegment],
+                      lang_part: TokenSegment,
+                      keys: tuple[Tensor, Tensor] | None) -> list[TokenSegment]:
+        """Give every part the positions it has without pruning, then replace the image
+        parts (contiguous) by the pruner's output, which keeps their original positions."""
+        pad = torch.cat([p.pad for p in parts], 1)  # (B, N)
+        pos = torch.cumsum(pad.long(), 1) - 1  # (B, N) unpruned positions
+        starts = [0]
+        for p in parts:
+            starts.append(starts[-1] + p.length)
+        first = next(i for i, p in enumerate(parts) if p is image_parts[0])
+        last = first + len(image_parts)
+        if any(p is not q for p, q in zip(parts[first:last], image_parts, strict=True)):
+            raise RuntimeError("pruner: the image parts of the prefix must be contiguous")
+        check_pruner_patches(self.cfg, len(image_parts))
+        patches = torch.cat([p.embs for p in image_parts], 1)  # (B, P, D)
+        task, task_valid = lang_part.embs, lang_part.pad  # (B, Nl, D), (B, Nl)
+        if keys is not None:
+            task = torch.cat([task, keys[0]], 1)  # (B, Nl + K, D)
+            task_valid = torch.cat([task_valid, keys[1]], 1)  # (B, Nl + K)
+        out = self.pruner(patches, pos[:, starts[first]:starts[last]], task, task_valid)
+        self.last_prune_stats = out.stats
+        # image tokens have block flag 0 (one block with what precedes them)
+        images = TokenSegment(out.tokens, out.valid, torch.zeros_like(out.positions),
+                              positions=out.positions)
+        placed = [replace(p, positions=pos[:, starts[i]:starts[i + 1]])
+                  for i, p in enumerate(parts)]
+        return placed[:first] + [images] + placed[last:]
 
     def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> TokenSegment:
         emb = action_time_embed(x_t, t, self.action_in_proj, self.action_time_mlp_in,
@@ -208,41 +316,83 @@ class FlowMatchingVLA(nn.Module):
         h = self.vlm_with_expert.expert(suffix, cache)  # (B, Ns, De)
         return self.action_out_proj(h[:, -self.cfg.chunk_size:])  # (B, A, Da)
 
+    # -- pruner -----------------------------------------------------------------------------
+    def set_training_progress(self, frac: float) -> None:
+        """Training progress in [0, 1]: decays the pruner's noise (no-op without pruner)."""
+        if self.pruner is not None:
+            self.pruner.set_progress(frac)
+
+    @contextmanager
+    def _pruning_for_inference(self):
+        """Sampling is inference: the pruner drops tokens even if the model is in train
+        mode (no noise, no straight-through mixing); its mode is restored after."""
+        was = self.pruner is not None and self.pruner.training
+        if was:
+            self.pruner.eval()
+        try:
+            yield
+        finally:
+            if was:
+                self.pruner.train()
+
+    def _pruner_actions(self, x: Tensor, prev_actions: Tensor | None,
+                        prev_valid: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """What the pruner's action context reads: the noisy actions ``x`` (B, A, Da')
+        (placeholders / keys), the previous chunk (prev_chunk) or nothing."""
+        ctx = self.cfg.pruner.action_context if self.pruner is not None else "none"
+        if ctx in ("placeholders", "keys"):
+            return x, None
+        if ctx == "prev_chunk":
+            return prev_actions, prev_valid
+        return None, None
+
     # -- training -------------------------------------------------------------------------
     def prefill(self, images, lang_ids, lang_pad, state, memory: Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[KVCache, Tensor | None]:
+                cache: KVCache | None = None, pruner_actions: Tensor | None = None,
+                pruner_actions_valid: Tensor | None = None) -> tuple[KVCache, Tensor | None]:
         """Run the backbone over the prefix -> (filled cache, next memory or None)."""
         cache = cache if cache is not None else KVCache(self.cfg.text.depth)
-        prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state, memory))
+        prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state, memory,
+                                                    pruner_actions, pruner_actions_valid))
         hidden = self.vlm_with_expert.prefill(prefix, cache)  # (B, Np, D)
         new_memory = None if memory is None else self.memory_tokens.extract(hidden)
         return cache, new_memory
 
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, noise: Tensor | None = None, time: Tensor | None = None,
-                memory: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                memory: Tensor | None = None, prev_actions: Tensor | None = None,
+                prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Flow-matching losses per element (B, A, Da): (v(x_t, t) − (noise − actions))²,
         and the next memory. Inputs are normalised and padded to max_state_dim /
-        max_action_dim."""
+        max_action_dim. ``prev_actions`` (B, A', Da') / ``prev_valid`` (B, A'): the
+        previously executed chunk, read by the pruner's ``prev_chunk`` context only."""
         b = actions.shape[0]
         noise = torch.randn_like(actions) if noise is None else noise
         if time is None:
             time = sample_time(b, self.cfg.time_alpha, self.cfg.time_beta, self.cfg.time_min,
                                device=actions.device)  # (B,)
         x_t = interpolate(actions, noise, time)  # (B, A, Da)
-        cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory)
+        pa, pv = self._pruner_actions(x_t, prev_actions, prev_valid)
+        cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory,
+                                         pruner_actions=pa, pruner_actions_valid=pv)
         v = self._velocity(cache, state, x_t, time)  # (B, A, Da)
         return F.mse_loss(v, target_velocity(actions, noise), reduction="none"), new_memory
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def sample_actions(self, images, lang_ids, lang_pad, state, noise: Tensor | None = None,
-                       num_steps: int | None = None,
-                       memory: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                       num_steps: int | None = None, memory: Tensor | None = None,
+                       prev_actions: Tensor | None = None,
+                       prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Denoise an action chunk (B, A, Da): the prefix runs once into the cache, which
-        every Euler step reuses. Returns (actions, next memory or None)."""
+        every Euler step reuses. Returns (actions, next memory or None). The pruner's
+        action placeholders / keys see the initial noise (the prefix precedes denoising);
+        the pruner prunes as at inference whatever the model's mode."""
         noise = self._noise(state) if noise is None else noise
-        cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory)
+        pa, pv = self._pruner_actions(noise, prev_actions, prev_valid)
+        with self._pruning_for_inference():
+            cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory,
+                                             pruner_actions=pa, pruner_actions_valid=pv)
         actions = euler_sample(lambda x, t: self._velocity(cache, state, x, t), noise,
                                num_steps or self.cfg.num_steps)
         return actions, new_memory
@@ -250,16 +400,22 @@ class FlowMatchingVLA(nn.Module):
     @torch.no_grad()
     def sample_actions_uncached(self, images, lang_ids, lang_pad, state,
                                 noise: Tensor | None = None, num_steps: int | None = None,
-                                memory: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                                memory: Tensor | None = None, prev_actions: Tensor | None = None,
+                                prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Slow twin of :meth:`sample_actions`: recomputes the prefix at every step."""
         noise = self._noise(state) if noise is None else noise
+        pa, pv = self._pruner_actions(noise, prev_actions, prev_valid)
+
+        def prefill():
+            with self._pruning_for_inference():
+                return self.prefill(images, lang_ids, lang_pad, state, memory,
+                                    pruner_actions=pa, pruner_actions_valid=pv)
 
         def velocity(x, t):
-            cache, _ = self.prefill(images, lang_ids, lang_pad, state, memory)
-            return self._velocity(cache, state, x, t)
+            return self._velocity(prefill()[0], state, x, t)
 
         actions = euler_sample(velocity, noise, num_steps or self.cfg.num_steps)
-        return actions, self.prefill(images, lang_ids, lang_pad, state, memory)[1]
+        return actions, prefill()[1]
 
     def _noise(self, state: Tensor) -> Tensor:
         return torch.randn(state.shape[0], self.cfg.chunk_size, self.cfg.max_action_dim,

@@ -5,85 +5,63 @@
 ``reset()``. Inputs use LeRobot keys (``observation.images.<camera>``,
 ``observation.state``, ``task``, ``action``, ``action_is_pad``) and are validated;
 normalisation happens in the processor, outside the model, and is saved with the policy.
+What all policies share (queue, reset, checkpoints, inputs) is in :mod:`.base`.
+
+With the token pruner on, ``forward``'s info holds its collapse statistics of the batch
+(``pruner_kept``, ``pruner_keep_ratio``, ``pruner_query_std``, ``pruner_top_vote_share``).
+For ``pruner.action_context = "prev_chunk"`` the policy keeps the previously executed chunk
+(the first ``n_action_steps`` actions of its last prediction, normalised) between calls and
+forgets it in ``reset()``; in training it reads the previous segment's actions of an
+episode (recurrent policies), or an optional ``prev_action`` (B, A', action_dim) entry
+(with ``prev_action_is_pad``) of a frame batch; without one the pruner has no such key,
+as at the start of an episode.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..config_utils import from_dict, to_dict
 from ..configs import PolicyConfig
-from ..data.tokenizers import make_tokenizer
 from ..models.flow_vla import FlowMatchingVLA
-from .checkpoint import (
-    PROCESSOR_FILE,
-    WEIGHTS_FILE,
-    check_keys,
-    read_config,
-    read_tensors,
-    write_checkpoint,
-)
-from .inputs import check_actions, check_observation
-from .processor import Normalizer, resize_with_pad
+from .base import VLAPolicy, pad_last
+from .inputs import check_actions
+
+__all__ = ["FlowVLAPolicy", "pad_last"]
+
+PREV_ACTION_KEY = "prev_action"
 
 
-def pad_last(x: Tensor, size: int) -> Tensor:
-    """Zero-pad the last axis to ``size`` (state/action to max_state_dim/max_action_dim)."""
-    return F.pad(x, (0, size - x.shape[-1]))
-
-
-class FlowVLAPolicy(nn.Module):
+class FlowVLAPolicy(VLAPolicy):
     policy_type = "flow_vla"
+    family = "flow"
 
     def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None = None):
-        super().__init__()
-        self.config = config
-        self.model = FlowMatchingVLA(config.model, config.context)
-        self.normalizer = Normalizer(config.normalization, stats)
-        self.tokenizer = make_tokenizer(config.tokenizer)
-        vocab = config.model.text.vocab_size
-        if self.tokenizer.vocab_size > vocab:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
-                             f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
-        self._queue: deque[Tensor] = deque()
-        self._memory: Tensor | None = None  # (B, M, D) carried between chunks
+        super().__init__(config, stats)
+        self._prev_chunk: tuple[Tensor, Tensor] | None = None  # (B, n, Da'), (B, n) executed
 
-    @property
-    def queued_actions(self) -> int:
-        """Actions left in the queue: the next ``select_action`` predicts a chunk iff 0."""
-        return len(self._queue)
+    def build_model(self, config: PolicyConfig) -> FlowMatchingVLA:
+        return FlowMatchingVLA(config.model, config.context)
 
-    @property
-    def memory(self) -> Tensor | None:
-        """The memory carried to the next chunk (B, M, D), or None (fresh episode / none)."""
-        return self._memory
+    def _with_pruner_stats(self, info: dict) -> dict:
+        if self.model.pruner is not None:
+            info.update({f"pruner_{k}": v for k, v in self.model.last_prune_stats.items()})
+        return info
 
-    @property
-    def is_recurrent(self) -> bool:
-        """True when the policy carries memory from chunk to chunk (trained on episodes)."""
-        return self.config.context.recurrent
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    # -- inputs ---------------------------------------------------------------------------
-    def encode_observation(self, batch: dict):
-        """Validate and prepare model inputs: images per camera (B, C, S, S) in [-1, 1],
-        language ids/pad (B, Nl), normalised state padded to max_state_dim (B, Ds')."""
-        cfg = self.config
-        images, state, tasks = check_observation(batch, cfg)
-        dev = self.device
-        size = cfg.model.vision.image_size
-        images = [resize_with_pad(img.to(dev), size, cfg.image_pad) * 2 - 1 for img in images]
-        ids, pad = self.tokenizer(tasks)  # (B, Nl)
-        state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
-        return images, ids.to(dev), pad.to(dev), pad_last(state, cfg.model.max_state_dim)
+    def _prev_from_batch(self, batch: dict, device) -> tuple[Tensor, Tensor] | None:
+        """The previous chunk of a frame batch (normalised, padded) and its real steps."""
+        if not self._reads_prev_chunk or PREV_ACTION_KEY not in batch:
+            return None
+        prev = batch[PREV_ACTION_KEY]
+        if not isinstance(prev, Tensor) or prev.dim() != 3 or prev.shape[2] != (
+                self.config.action_dim):
+            raise ValueError(f"{PREV_ACTION_KEY}: expected a (B, A', {self.config.action_dim}) "
+                             f"tensor, got {getattr(prev, 'shape', type(prev).__name__)}")
+        prev = self.normalizer.normalize("action", prev.to(device))  # (B, A', Da)
+        is_pad = batch.get(f"{PREV_ACTION_KEY}_is_pad")
+        valid = (torch.ones(prev.shape[:2], dtype=torch.bool, device=device) if is_pad is None
+                 else ~is_pad.to(device).bool())  # (B, A')
+        return pad_last(prev, self.config.model.max_action_dim), valid
 
     # -- training -------------------------------------------------------------------------
     def forward(self, batch, noise: Tensor | None = None, time: Tensor | None = None,
@@ -94,28 +72,40 @@ class FlowVLAPolicy(nn.Module):
         :meth:`forward_episode` (so that DDP wrappers see one forward call)."""
         if not isinstance(batch, dict):
             return self.forward_episode(batch, bptt_depth, max_segments)
-        losses, valid, _ = self._segment_losses(batch, None, noise, time)
+        prev = self._prev_from_batch(batch, self.device)
+        losses, valid, _ = self._segment_losses(batch, None, noise, time, prev)
         loss = self._reduce(losses, valid)
-        return loss, {"loss": loss.item(), "valid_steps": int(valid.sum().item())}
+        return loss, self._with_pruner_stats({"loss": loss.item(),
+                                              "valid_steps": int(valid.sum().item())})
 
     def _segment_losses(self, batch: dict, memory: Tensor | None, noise: Tensor | None = None,
-                        time: Tensor | None = None):
+                        time: Tensor | None = None, prev: tuple[Tensor, Tensor] | None = None):
+        """-> (losses (B, A, Da), valid (B, A) float, next memory). ``prev``: the previous
+        chunk (normalised, padded (B, A', Da')) and its real steps (B, A')."""
         images, ids, pad, state = self.encode_observation(batch)
         actions, is_pad = check_actions(batch, self.config, state.shape[0])
         actions = self.normalizer.normalize("action", actions.to(state.device))  # (B, A, Da)
         padded = pad_last(actions, self.config.model.max_action_dim)  # (B, A, Da')
         if memory is None:
             memory = self.model.initial_memory(state.shape[0])
+        prev_actions, prev_valid = prev if prev is not None else (None, None)
         losses, new_memory = self.model(images, ids, pad, state, padded, noise, time,
-                                        memory=memory)  # (B, A, Da')
+                                        memory=memory, prev_actions=prev_actions,
+                                        prev_valid=prev_valid)  # (B, A, Da')
         valid = (~is_pad.to(state.device)).float()  # (B, A)
         return losses[..., : self.config.action_dim], valid, new_memory
 
-    def _reduce(self, losses: Tensor, valid: Tensor) -> Tensor:
-        denom = valid.sum() * self.config.action_dim
-        if denom == 0:
-            raise ValueError("action_is_pad: every action step of the batch is padding")
-        return (losses * valid[..., None]).sum() / denom
+    @property
+    def _reads_prev_chunk(self) -> bool:
+        return self.model.pruner is not None and (
+            self.config.model.pruner.action_context == "prev_chunk")
+
+    def _normalized_chunk(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """A batch's action chunk, normalised and padded (B, A, Da'), and its real steps."""
+        b = batch["observation.state"].shape[0]
+        actions, is_pad = check_actions(batch, self.config, b)
+        actions = self.normalizer.normalize("action", actions.to(self.device))  # (B, A, Da)
+        return pad_last(actions, self.config.model.max_action_dim), ~is_pad.to(self.device)
 
     def forward_episode(self, episodes, bptt_depth: int = -1,
                         max_segments: int | None = None) -> tuple[Tensor, dict]:
@@ -150,13 +140,15 @@ class FlowVLAPolicy(nn.Module):
                 f"{int(episodes.frame_index[b, s])}, not at {s * a}: episodes must be cut at "
                 f"multiples of chunk_size={a} from their first frame (use "
                 f"EpisodeSegmentLoader(chunk_size={a}))")
-        memory = None
+        memory = prev = None
         total, count = 0.0, 0.0
         for s in range(s_total):
             if memory is not None and bptt_depth >= 0 and s % (bptt_depth + 1) == 0:
                 memory = memory.detach()
             seg = episodes.segment(s)
-            losses, valid, new_memory = self._segment_losses(seg, memory)
+            losses, valid, new_memory = self._segment_losses(seg, memory, prev=prev)
+            if self._reads_prev_chunk:  # this segment's actions precede the next one
+                prev = self._normalized_chunk(seg)
             total = total + (losses * valid[..., None]).sum()
             count = count + valid.sum() * self.config.action_dim
             if new_memory is not None:
@@ -166,8 +158,9 @@ class FlowVLAPolicy(nn.Module):
         if count == 0:
             raise ValueError("action_is_pad: every action step of the episodes is padding")
         loss = total / count
-        return loss, {"loss": loss.item(), "valid_steps": int(count / self.config.action_dim),
-                      "segments": s_total}
+        return loss, self._with_pruner_stats({
+            "loss": loss.item(), "valid_steps": int(count / self.config.action_dim),
+            "segments": s_total})
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,49 +175,24 @@ class FlowVLAPolicy(nn.Module):
                              "episodes this policy remembers; call reset() first")
         if memory is None:
             memory = self.model.initial_memory(b)
+        prev_actions, prev_valid = self._prev_chunk or (None, None)
+        if prev_actions is not None and prev_actions.shape[0] != b:
+            raise ValueError(f"observation batch size {b} differs from the "
+                             f"{prev_actions.shape[0]} episodes whose previous action chunk "
+                             "this policy keeps; call reset() first")
         x, new_memory = self.model.sample_actions(images, ids, pad, state, noise,
-                                                  memory=memory)  # (B, A, Da')
+                                                  memory=memory, prev_actions=prev_actions,
+                                                  prev_valid=prev_valid)  # (B, A, Da')
         self._memory = None if new_memory is None else new_memory.detach()
+        if self._reads_prev_chunk:
+            executed = x[:, : self.config.n_action_steps].clone()  # (B, n, Da')
+            executed[..., self.config.action_dim:] = 0  # the padded dims, as in training
+            self._prev_chunk = executed, torch.ones(executed.shape[:2], dtype=torch.bool,
+                                                    device=x.device)
         x = x[..., : self.config.action_dim]  # (B, A, Da)
         return self.normalizer.unnormalize("action", x)
 
-    @torch.no_grad()
-    def select_action(self, obs: dict) -> Tensor:
-        """-> the next action (B, action_dim); a new chunk is predicted every
-        ``n_action_steps`` calls. Every observation is validated, queued actions or not."""
-        check_observation(obs, self.config)
-        if not self._queue:
-            chunk = self.predict_action_chunk(obs)[:, : self.config.n_action_steps]
-            self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
-        return self._queue.popleft()
-
     def reset(self) -> None:
-        """Forget the episode: clears the action queue and the memory."""
-        self._queue.clear()
-        self._memory = None
-
-    # -- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return write_checkpoint(directory, self.policy_type, to_dict(self.config),
-                                self.model.state_dict(), self.normalizer.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
-        d = Path(directory)
-        meta = read_config(d)
-        if meta["type"] != cls.policy_type:
-            raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
-                             f"{cls.policy_type!r}")
-        config = from_dict(PolicyConfig, meta["config"])
-        weights = read_tensors(d / WEIGHTS_FILE)
-        processor = read_tensors(d / PROCESSOR_FILE)
-        policy = cls(config)
-        policy.normalizer = Normalizer.from_state_dict(config.normalization, processor)
-        own = policy.model.state_dict()
-        check_keys(d / WEIGHTS_FILE, set(own), set(weights))
-        for k, v in weights.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the "
-                                 f"config expects {tuple(own[k].shape)}")
-        policy.model.load_state_dict(weights)
-        return policy.to(device)
+        """Forget the episode: the action queue, the memory and the previous chunk."""
+        super().reset()
+        self._prev_chunk = None

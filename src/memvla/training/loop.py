@@ -41,6 +41,9 @@ METRICS_FILE = "metrics.jsonl"
 PRESET_TRAIN_DEFAULTS = {
     "tiny": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 100, "weight_decay": 1e-4,
              "save_every": 500},
+    # L1 regression: at 1e-3 tiny-oft can settle on the median chunk and ignore the state
+    "tiny-oft": {"lr": 3e-4, "batch_size": 32, "warmup_steps": 100, "weight_decay": 1e-4,
+                 "save_every": 500},
 }
 
 
@@ -263,6 +266,8 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True,
             for g in opt.param_groups:
                 g["lr"] = lr
             model.train()
+            if hasattr(policy, "set_training_progress"):  # e.g. the pruner's noise decay
+                policy.set_training_progress(step / tc.steps)
             if policy.is_recurrent:
                 loss, _ = model(batch, bptt_depth=tc.bptt_depth,
                                 max_segments=tc.max_segments(step))

@@ -1,0 +1,284 @@
+"""``memvla bench pruning``: what LightVLA's token pruner buys, and when it collapses.
+
+Cost (no training): the ``smolvla-450m`` widths at reduced depth (``--depth`` text and
+expert layers, ``--vision-depth`` SigLIP layers) with 512 visual tokens: 2 cameras at
+512 px, patch 16 (a 32×32 grid), pixel shuffle 2 instead of 4 -> 16×16 = 256 tokens per
+image (``--cameras`` / ``--connector-scale`` change this). The pruned variant keeps a forced
+``--keep`` share of them (``pruner.min_keep = pruner.max_keep = round(keep · 512)``: the
+most-voted patches), the same weights otherwise. Batch 1, CPU, ``torch.inference_mode()``,
+calls timed alternately in rounds (:func:`memvla.bench.timing.time_interleaved`); medians of
+
+- backbone: the backbone over the embedded prefix into a KV cache (for the pruned variant
+  the pruner's own time is measured apart and added: ``backbone+pruner``);
+- prefill: ``FlowMatchingVLA.prefill`` end to end (vision tower, connector, pruner,
+  backbone) -- the vision tower does not get cheaper, so this speedup is smaller;
+- chunk: ``FlowMatchingVLA.sample_actions`` (prefill + ``num_steps`` expert steps, which
+  read a shorter cache).
+
+FLOPs of the same calls come from ``torch.utils.flop_counter.FlopCounterMode`` with a
+formula added for the CPU attention kernel (dense: masked entries are computed too).
+
+Collapse (no training): the kept count of the pruner at inference (no forced count) on the
+same untrained stack's embeddings of random images, for a 3-word prompt ("pick up cup", 4
+tokens with BOS, padded to the tokenizer's 48) and a LIBERO-length instruction, and on
+Gaussian inputs with 3 and 20 task tokens: the released query ("lightvla") with the
+padding keys unmasked (as released) and masked, and the residual query (the fix).
+
+Success after training (both families, with and without pruning) is not measured here:
+see :func:`success_with_and_without_pruning`, a hook left for the lead engineer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .timing import format_table, time_interleaved, torch_info
+
+HELP = "token pruning (LightVLA): prefill latency/FLOPs at a forced keep ratio, kept-count collapse"
+
+SHORT_PROMPT = "pick up cup"
+LONG_PROMPT = "remember the colour and touch it later, then go back to the start"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats of backbone, pruner and prefill (5)")
+    parser.add_argument("--chunk-repeats", type=int, default=2,
+                        help="timed repeats of the whole chunk (2; 0 skips it)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (1)")
+    parser.add_argument("--keep", type=float, default=0.15,
+                        help="share of the visual tokens the pruned variant keeps (0.15)")
+    parser.add_argument("--depth", type=int, default=2, help="text and expert layers (2)")
+    parser.add_argument("--vision-depth", type=int, default=1, help="vision layers (1)")
+    parser.add_argument("--cameras", type=int, default=2, help="cameras (2)")
+    parser.add_argument("--connector-scale", type=int, default=2,
+                        help="pixel-shuffle factor (2: 256 tokens per 512 px image)")
+    parser.add_argument("--collapse-samples", type=int, default=4,
+                        help="random images / Gaussian samples per collapse row (4)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--success", action="store_true",
+                        help="also run the (not yet written) success comparison hook")
+
+
+# -- the stack -----------------------------------------------------------------------------------
+def stack_overrides(args) -> list[str]:
+    from ..presets import WORD_VOCAB
+
+    cams = json.dumps([f"cam{i}" for i in range(args.cameras)])
+    return [f"model.text.depth={args.depth}", f"model.expert.depth={args.depth}",
+            f"model.vision.depth={args.vision_depth}",
+            f"model.connector_scale={args.connector_scale}",
+            f"model.text.vocab_size={WORD_VOCAB}", f"cameras={cams}"]
+
+
+def build_models(args):
+    """(unpruned model, pruned model with the same weights, visual tokens, kept count)."""
+    import torch
+
+    from ..models.flow_vla import FlowMatchingVLA
+    from ..presets import get_preset
+
+    base = get_preset("smolvla-450m", stack_overrides(args))
+    p = args.cameras * base.model.tokens_per_image
+    k = max(1, min(p, round(args.keep * p)))
+    pruned_cfg = get_preset("smolvla-450m", [*stack_overrides(args), "model.pruner.enabled=true",
+                                             f"model.pruner.min_keep={k}",
+                                             f"model.pruner.max_keep={k}"])
+    torch.manual_seed(args.seed)
+    full = FlowMatchingVLA(base.model).eval()
+    pruned = FlowMatchingVLA(pruned_cfg.model).eval()
+    pruned.load_state_dict(full.state_dict())
+    return base, full, pruned, p, k
+
+
+def model_inputs(cfg, prompt: str, batch: int, seed: int):
+    import torch
+
+    from ..data.tokenizers import make_tokenizer
+
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.model.vision.image_size
+    images = [torch.rand(batch, 3, s, s, generator=g) * 2 - 1 for _ in cfg.cameras]
+    ids, pad = make_tokenizer(cfg.tokenizer)([prompt] * batch)  # (B, Nl)
+    state = torch.randn(batch, cfg.model.max_state_dim, generator=g)
+    return images, ids, pad, state
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------
+def _cpu_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """Dense attention: Q·Kᵀ and P·V, 2 FLOPs per multiply-add (shapes (B, H, N, Dh))."""
+    b, h, n, d = q
+    return 2 * b * h * n * k[-2] * (d + v[-1])
+
+
+def count_flops(fn) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op.default] = _cpu_attention_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# -- cost ----------------------------------------------------------------------------------------
+def cost(args, models) -> dict:
+    import torch
+
+    from ..layers.kv_cache import KVCache
+    from ..layers.tokens import TokenSegment
+    from .timing import Timing
+
+    base, full, pruned, p, k = models
+    images, ids, pad, state = model_inputs(base, LONG_PROMPT, 1, args.seed)
+    depth = base.model.text.depth
+    with torch.inference_mode():
+        prefix_full = TokenSegment.cat(full.embed_prefix(images, ids, pad, state))
+        prefix_pruned = TokenSegment.cat(pruned.embed_prefix(images, ids, pad, state))
+        # the pruner's inputs, as embed_prefix builds them
+        patches = torch.cat([pruned.vlm_with_expert.embed_images(im) for im in images], 1)
+        patches = patches * math.sqrt(base.model.text.width)  # (1, P, D)
+        positions = torch.arange(p)[None]  # (1, P)
+        lang = pruned.vlm_with_expert.text_model.embed(ids) * math.sqrt(base.model.text.width)
+
+    calls = {
+        "backbone full": lambda: full.vlm_with_expert.prefill(prefix_full, KVCache(depth)),
+        "backbone pruned": lambda: pruned.vlm_with_expert.prefill(prefix_pruned, KVCache(depth)),
+        "pruner": lambda: pruned.pruner(patches, positions, lang, pad),
+        "prefill full": lambda: full.prefill(images, ids, pad, state),
+        "prefill pruned": lambda: pruned.prefill(images, ids, pad, state),
+    }
+    noise = torch.randn(1, base.model.chunk_size, base.model.max_action_dim,
+                        generator=torch.Generator().manual_seed(args.seed))
+    if args.chunk_repeats > 0:
+        calls["chunk full"] = lambda: full.sample_actions(images, ids, pad, state, noise=noise)
+        calls["chunk pruned"] = lambda: pruned.sample_actions(images, ids, pad, state,
+                                                              noise=noise)
+    reps = {n: (args.chunk_repeats if n.startswith("chunk") else args.repeats) for n in calls}
+    with torch.inference_mode():
+        flops = {n: count_flops(fn) for n, fn in calls.items()}
+        times: dict[str, Timing] = time_interleaved(calls, reps, args.warmup)
+    ms = {n: t.median_ms for n, t in times.items()}
+    ms["backbone+pruner pruned"] = ms["backbone pruned"] + ms["pruner"]
+    flops["backbone+pruner pruned"] = flops["backbone pruned"] + flops["pruner"]
+    rows = []
+    for what, pruned_name in [("backbone", "backbone+pruner pruned"),
+                              ("prefill", "prefill pruned"), ("chunk", "chunk pruned")]:
+        if f"{what} full" not in ms:
+            continue
+        f_full, f_pr = flops[f"{what} full"], flops[pruned_name]
+        rows.append({"what": what, "full_ms": ms[f"{what} full"], "pruned_ms": ms[pruned_name],
+                     "speedup": ms[f"{what} full"] / ms[pruned_name], "full_gflops": f_full / 1e9,
+                     "pruned_gflops": f_pr / 1e9, "flops_ratio": f_full / max(f_pr, 1)})
+    return {"stack": "smolvla-450m widths", "overrides": stack_overrides(args),
+            "visual_tokens": p, "kept": k, "keep": k / p,
+            "prefix_tokens_full": prefix_full.length, "prefix_tokens_pruned": prefix_pruned.length,
+            "pruner_ms": ms["pruner"], "pruner_gflops": flops["pruner"] / 1e9, "rows": rows,
+            "timings": {n: t.to_dict() for n, t in times.items()}, "flops": flops}
+
+
+# -- collapse ------------------------------------------------------------------------------------
+QUERY_VARIANTS = [("lightvla, pads unmasked (as released)", "lightvla", False),
+                  ("lightvla, pads masked", "lightvla", True),
+                  ("residual, pads masked (fix)", "residual", True),
+                  ("residual 0.5, pads masked (fix)", "residual:0.5", True),
+                  ("residual 0.25, pads masked (fix)", "residual:0.25", True)]
+
+
+def _kept(query: str, patches, positions, task, valid) -> dict:
+    from ..configs import PrunerConfig
+    from ..layers.token_pruner import TokenPruner
+
+    query, _, scale = query.partition(":")
+    cfg = PrunerConfig(enabled=True, query=query, residual_scale=float(scale or 1.0))
+    out = TokenPruner(cfg, 0).eval()(
+        patches, positions, task, valid)
+    return {"kept_mean": out.stats["kept"], "kept": out.kept.tolist(),
+            "top_vote_share": out.stats["top_vote_share"], "query_std": out.stats["query_std"]}
+
+
+def collapse(args, models) -> list[dict]:
+    import torch
+
+    base, full, _, p, _ = models
+    d = base.model.text.width
+    b = args.collapse_samples
+    rows = []
+    with torch.inference_mode():
+        for prompt in (SHORT_PROMPT, LONG_PROMPT):
+            images, ids, pad, _ = model_inputs(base, prompt, b, args.seed + 1)
+            vwe = full.vlm_with_expert
+            patches = torch.cat([vwe.embed_images(im) for im in images], 1) * math.sqrt(d)
+            task = vwe.text_model.embed(ids) * math.sqrt(d)  # (B, Nl, D)
+            positions = torch.arange(p).expand(b, p)
+            for name, query, masked in QUERY_VARIANTS:
+                valid = pad if masked else torch.ones_like(pad)
+                rows.append({"inputs": f"stack, {int(pad[0].sum())}-token prompt", "variant": name,
+                             "visual_tokens": p, **_kept(query, patches, positions, task,
+                                                          valid)})
+        g = torch.Generator().manual_seed(args.seed + 2)
+        patches = torch.randn(b, p, d, generator=g)
+        positions = torch.arange(p).expand(b, p)
+        for t in (3, 20):
+            task = torch.randn(b, t, d, generator=g)
+            valid = torch.ones(b, t, dtype=torch.bool)
+            for name, query, _ in QUERY_VARIANTS[1:]:
+                rows.append({"inputs": f"Gaussian, {t} task tokens",
+                             "variant": name.replace(", pads masked", ""),
+                             "visual_tokens": p, **_kept(query, patches, positions, task,
+                                                          valid)})
+    return rows
+
+
+# -- success: the hook ---------------------------------------------------------------------------
+def success_with_and_without_pruning(args) -> dict:
+    """HOOK FOR THE LEAD ENGINEER -- success after training, with and without pruning, for
+    both families (flow-matching and parallel-decoding). Not written and never run here:
+    it trains. Expected to return ``{"rows": [{"family", "pruner", "success_rate", "ci95",
+    "kept_mean", ...}]}``, which :func:`run` prints and writes under ``"success"``."""
+    raise NotImplementedError("bench pruning --success: the success comparison after training "
+                              "is not written yet (see memvla.bench.pruning."
+                              "success_with_and_without_pruning)")
+
+
+# -- entry -----------------------------------------------------------------------------------------
+def run(args) -> int:
+    import torch
+
+    from ..utils import atomic_write_json
+
+    if not 0.0 < args.keep <= 1.0:
+        raise ValueError(f"--keep must be in (0, 1], got {args.keep}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = build_models(args)
+    c = cost(args, models)
+    print(f"smolvla-450m widths, {args.depth} text/expert layers, {args.vision_depth} vision "
+          f"layer(s); {args.cameras} cameras × {c['visual_tokens'] // args.cameras} tokens = "
+          f"{c['visual_tokens']} visual tokens; pruned keeps {c['kept']} ({c['keep']:.1%}); "
+          f"prefix {c['prefix_tokens_full']} -> {c['prefix_tokens_pruned']} tokens; the pruner "
+          f"itself {c['pruner_ms']:.2f} ms, {c['pruner_gflops']:.3f} GFLOP")
+    print(format_table(["call", "full ms", "pruned ms", "speedup", "full GFLOP", "pruned GFLOP",
+                        "FLOP ratio"],
+                       [[r["what"], f"{r['full_ms']:.1f}", f"{r['pruned_ms']:.1f}",
+                         f"{r['speedup']:.2f}x", f"{r['full_gflops']:.2f}",
+                         f"{r['pruned_gflops']:.2f}", f"{r['flops_ratio']:.2f}x"]
+                        for r in c["rows"]]))
+    rows = collapse(args, models)
+    print("\nkept visual tokens at inference (no forced count), untrained weights:")
+    print(format_table(["inputs", "query", "kept (mean)", "of", "top-vote share"],
+                       [[r["inputs"], r["variant"], f"{r['kept_mean']:.1f}", r["visual_tokens"],
+                         f"{r['top_vote_share']:.3f}"] for r in rows], align="llrrr"))
+    out = {"cost": c, "collapse": rows, "torch": torch_info()}
+    if args.success:
+        out["success"] = success_with_and_without_pruning(args)
+    if args.json:
+        atomic_write_json(Path(args.json), json.loads(json.dumps(out, default=str)))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,283 @@
+"""LightVLA's adaptive visual-token pruner: parameter-free voting among the patches.
+
+Patches (B, P, D) and task tokens (B, T, D) are RMS-normalised (no weight). Every patch
+asks the task tokens a question (single-head attention, padding / placeholder keys masked
+out by ``task_valid``), giving a task-aware query (B, P, D); the query scores every patch,
+``score = queries · patchesᵀ / √D / temperature`` (B, P, P), and each patch (row) votes
+for its argmax (column).
+
+- Inference (``eval()``): the unique winners are kept, in their original order, with their
+  original (RoPE) positions. Samples keep different counts, so the batch is padded to the
+  largest count and a validity mask says which slots are real. ``min_keep`` / ``max_keep``
+  bound the count (most-voted first, ties by the strongest vote received, then by index).
+- Training (``train()``): the length is kept. Noise (``rand · noise_scale`` as released, or
+  Gumbel) is added to the scores, and ``patches ← W @ patches`` with the straight-through
+  weights ``W = one_hot(argmax) + (softmax − softmax.detach())``: the hard selection
+  forward, the softmax's gradient backward. The noise scale decays linearly to 0 over
+  training (:meth:`TokenPruner.set_progress`).
+
+Query modes: ``lightvla`` (as released) = the attention output alone. It is a convex
+mixture of the T task vectors, so with a short prompt all queries are nearly the same and
+every patch votes for the same 2–3 winners (the collapse seen on prefix/suffix models).
+``residual`` = ``residual_scale`` · patch + attention output: each query keeps its patch's
+identity and the task
+only tilts the vote, so a patch votes for another one only if that one is about as close to
+it as itself. That removes the collapse, but on distinct patches (random inputs, untrained
+embeddings) every patch votes for itself and nothing is pruned: the count must then come
+from training or from ``max_keep`` (``memvla bench pruning`` measures both modes).
+
+Axis letters: P = visual tokens of all cameras together, T = task tokens (not time here),
+P' = kept slots.
+
+:func:`prune_reference` is the slow per-sample twin of the batched inference path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..configs import PrunerConfig
+from .norm import rms_norm
+
+NORM_EPS = 1e-6
+
+
+def plain_rms_norm(x: Tensor) -> Tensor:
+    """Parameter-free RMS norm over the last axis (computed in float32)."""
+    return rms_norm(x, None, NORM_EPS)
+
+
+# -- scores -----------------------------------------------------------------------------------
+def task_queries(patches_n: Tensor, task_n: Tensor, task_valid: Tensor,
+                 query: str = "lightvla", residual_scale: float = 1.0) -> Tensor:
+    """Task-aware queries (B, P, D) from normed patches (B, P, D) and normed task tokens
+    (B, T, D); ``task_valid`` (B, T) bool masks padding / placeholders out of the keys.
+    A sample without any valid task token gets a zero attention output."""
+    any_valid = task_valid.any(1)  # (B,)
+    mask = task_valid | ~any_valid[:, None]  # (B, T) never empty: no NaN
+    attn = F.scaled_dot_product_attention(patches_n[:, None], task_n[:, None], task_n[:, None],
+                                          attn_mask=mask[:, None, None, :])[:, 0]  # (B, P, D)
+    attn = attn * any_valid[:, None, None].to(attn.dtype)  # (B, P, D)
+    if query == "residual":
+        attn = residual_scale * patches_n + attn  # (B, P, D)
+    elif query != "lightvla":
+        raise ValueError(f"token pruner: query must be 'lightvla' or 'residual', got {query!r}")
+    return plain_rms_norm(attn)  # (B, P, D)
+
+
+def task_queries_ref(patches_n: Tensor, task_n: Tensor, task_valid: Tensor,
+                     query: str = "lightvla", residual_scale: float = 1.0) -> Tensor:
+    """Slow twin of :func:`task_queries`: explicit float32 softmax, sample by sample."""
+    out = []
+    for b in range(patches_n.shape[0]):
+        p, t = patches_n[b].float(), task_n[b][task_valid[b]].float()  # (P, D), (T', D)
+        if t.shape[0]:
+            w = (p @ t.T / math.sqrt(p.shape[-1])).softmax(-1)  # (P, T')
+            a = w @ t  # (P, D)
+        else:
+            a = torch.zeros_like(p)
+        out.append(residual_scale * p + a if query == "residual" else a)
+    return plain_rms_norm(torch.stack(out)).to(patches_n.dtype)  # (B, P, D)
+
+
+def prune_scores(patches: Tensor, task: Tensor, task_valid: Tensor, query: str = "lightvla",
+                 temperature: float = 1.0,
+                 residual_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """-> (scores (B, P, P) float32, row i scoring every patch j for patch i's vote;
+    queries (B, P, D))."""
+    p, t = plain_rms_norm(patches), plain_rms_norm(task)  # (B, P, D), (B, T, D)
+    q = task_queries(p, t, task_valid, query, residual_scale)  # (B, P, D)
+    score = q.float() @ p.float().transpose(1, 2)  # (B, P, P)
+    return score / (math.sqrt(p.shape[-1]) * temperature), q
+
+
+# -- inference: hard selection ----------------------------------------------------------------
+def vote_counts(score: Tensor) -> Tensor:
+    """Votes each patch receives (B, P): every row votes for its argmax column."""
+    votes = score.argmax(-1)  # (B, P)
+    return torch.zeros_like(votes).scatter_add_(1, votes, torch.ones_like(votes))  # (B, P)
+
+
+def priority_order(counts: Tensor, strength: Tensor) -> Tensor:
+    """Patch indices (B, P) most-voted first; ties by ``strength`` (descending), then index."""
+    by_strength = torch.sort(strength, dim=1, descending=True, stable=True).indices  # (B, P)
+    c = counts.gather(1, by_strength)  # (B, P)
+    return by_strength.gather(1, torch.sort(c, dim=1, descending=True, stable=True).indices)
+
+
+def keep_mask(score: Tensor, min_keep: int = 0, max_keep: int = 0) -> Tensor:
+    """Kept patches (B, P) bool: the vote winners, at least ``min_keep`` and at most
+    ``max_keep`` (0 = no bound) of them, most-voted first."""
+    counts = vote_counts(score)  # (B, P)
+    voted = counts > 0  # (B, P)
+    if min_keep == 0 and max_keep == 0:
+        return voted
+    b, p = counts.shape
+    n = voted.sum(1).clamp(min=min(min_keep, p))  # (B,)
+    if max_keep:
+        n = n.clamp(max=max_keep)
+    order = priority_order(counts, score.max(1).values)  # (B, P)
+    ranks = torch.arange(p, device=score.device).expand(b, p)  # (B, P)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)  # (B, P) rank of each patch
+    return rank < n[:, None]
+
+
+def gather_kept(patches: Tensor, positions: Tensor, mask: Tensor):
+    """Kept patches in original order, padded to the batch's largest count ->
+    (tokens (B, K, D) zero in padding, valid (B, K), positions (B, K), kept (B,)).
+    Padding slots repeat the last kept position (they are masked anyway)."""
+    kept = mask.sum(1)  # (B,)
+    k = max(int(kept.max()), 1)
+    idx = torch.sort((~mask).long(), dim=1, stable=True).indices[:, :k]  # (B, K) kept first
+    valid = torch.arange(k, device=mask.device)[None] < kept[:, None]  # (B, K)
+    d = patches.shape[-1]
+    tokens = patches.gather(1, idx[..., None].expand(-1, -1, d))  # (B, K, D)
+    tokens = torch.where(valid[..., None], tokens, torch.zeros_like(tokens))  # (B, K, D)
+    pos = positions.gather(1, idx)  # (B, K)
+    last = pos.gather(1, (kept - 1).clamp(min=0)[:, None])  # (B, 1)
+    return tokens, valid, torch.where(valid, pos, last), kept
+
+
+def prune_reference(patches: Tensor, positions: Tensor, task: Tensor, task_valid: Tensor,
+                    query: str = "lightvla", temperature: float = 1.0, min_keep: int = 0,
+                    max_keep: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Slow twin of the batched inference path: one sample at a time, Python sets and
+    sorts -> (tokens (B, K, D), valid (B, K), positions (B, K), kept (B,))."""
+    rows = []
+    for b in range(patches.shape[0]):
+        score, _ = prune_scores(patches[b:b + 1], task[b:b + 1], task_valid[b:b + 1], query,
+                                temperature)
+        s = score[0]  # (P, P)
+        p = s.shape[0]
+        votes = s.argmax(-1).tolist()
+        count = {j: votes.count(j) for j in range(p)}
+        strength = s.max(0).values.tolist()
+        order = sorted(range(p), key=lambda j: (-count[j], -strength[j], j))
+        n = max(len(set(votes)), min(min_keep, p))
+        n = min(n, max_keep) if max_keep else n
+        rows.append(sorted(order[:n]))
+    k = max(len(r) for r in rows)
+    d = patches.shape[-1]
+    tokens = patches.new_zeros(len(rows), k, d)  # (B, K, D)
+    valid = torch.zeros(len(rows), k, dtype=torch.bool, device=patches.device)  # (B, K)
+    pos = torch.zeros(len(rows), k, dtype=torch.long, device=patches.device)  # (B, K)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = patches[b, r]
+        valid[b, : len(r)] = True
+        pos[b, : len(r)] = positions[b, r]
+        pos[b, len(r):] = positions[b, r[-1]]
+    return tokens, valid, pos, valid.sum(1)
+
+
+# -- training: straight-through soft selection ------------------------------------------------
+def score_noise(score: Tensor, kind: str) -> Tensor:
+    """Unit-scale noise for the scores: uniform [0, 1) (released code) or Gumbel(0, 1)."""
+    if kind == "uniform":
+        return torch.rand_like(score)
+    if kind == "gumbel":
+        u = torch.rand_like(score).clamp_(1e-10, 1.0 - 1e-7)
+        return -torch.log(-torch.log(u))
+    raise ValueError(f"token pruner: noise must be 'uniform' or 'gumbel', got {kind!r}")
+
+
+def straight_through_weights(score: Tensor, noise_scale: float = 0.0,
+                             noise: str = "uniform") -> Tensor:
+    """W (B, P, P): exactly ``one_hot(argmax(score + noise))`` forward, the gradient of
+    ``softmax(score + noise)`` backward. ``noise_scale`` 0 adds nothing (deterministic)."""
+    if noise_scale > 0:
+        score = score + noise_scale * score_noise(score, noise)  # (B, P, P)
+    soft = score.softmax(-1)  # (B, P, P)
+    hard = F.one_hot(score.argmax(-1), score.shape[-1]).to(soft.dtype)  # (B, P, P)
+    return hard + (soft - soft.detach())
+
+
+# -- module -----------------------------------------------------------------------------------
+@dataclass
+class PruneOutput:
+    tokens: Tensor  # (B, P', D) kept (inference) or re-mixed (training) patches
+    valid: Tensor  # (B, P') bool, False for padding slots
+    positions: Tensor  # (B, P') long, the original positions of the kept patches
+    kept: Tensor  # (B,) long, unique vote winners per sample (what inference keeps)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class TokenPruner(nn.Module):
+    """``num_patches``: the visual tokens per sample it expects (0 = whatever it is given).
+    ``noise_scale`` starts at ``cfg.noise_scale``; :meth:`set_progress` decays it."""
+
+    def __init__(self, cfg: PrunerConfig, num_patches: int):
+        super().__init__()
+        if num_patches < 0:
+            raise ValueError(f"token pruner: num_patches must be >= 0, got {num_patches}")
+        self.cfg = cfg
+        self.num_patches = num_patches
+        self.noise_scale: float = float(cfg.noise_scale)
+
+    def set_progress(self, frac: float) -> None:
+        """Training progress in [0, 1]: noise_scale = cfg.noise_scale · (1 − frac)."""
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"token pruner: progress must be in [0, 1], got {frac}")
+        self.noise_scale = float(self.cfg.noise_scale) * (1.0 - frac)
+
+    def _check(self, patches: Tensor, positions: Tensor, task: Tensor,
+               task_valid: Tensor) -> None:
+        if patches.dim() != 3 or task.dim() != 3:
+            raise ValueError(f"token pruner: patches and task must be (B, P, D) and (B, T, D), "
+                             f"got {tuple(patches.shape)} and {tuple(task.shape)}")
+        b, p, d = patches.shape
+        if self.num_patches and p != self.num_patches:
+            raise ValueError(f"pruner.num_patches is {self.num_patches} but the input has {p} "
+                             f"visual tokens; set pruner.num_patches={p} or 0 to derive it")
+        if task.shape[0] != b or task.shape[2] != d:
+            raise ValueError(f"token pruner: task must be (B, T, D) = ({b}, T, {d}), got "
+                             f"{tuple(task.shape)}")
+        if tuple(positions.shape) != (b, p):
+            raise ValueError(f"token pruner: positions must be (B, P) = {(b, p)}, got "
+                             f"{tuple(positions.shape)}")
+        if tuple(task_valid.shape) != tuple(task.shape[:2]) or task_valid.dtype != torch.bool:
+            raise ValueError(f"token pruner: task_valid must be a bool (B, T) = "
+                             f"{tuple(task.shape[:2])} tensor, got {task_valid.dtype} "
+                             f"{tuple(task_valid.shape)}")
+
+    def forward(self, patches: Tensor, positions: Tensor, task: Tensor,
+                task_valid: Tensor) -> PruneOutput:
+        """patches (B, P, D), positions (B, P) long, task (B, T, D), task_valid (B, T) bool."""
+        self._check(patches, positions, task, task_valid)
+        c = self.cfg
+        score, queries = prune_scores(patches, task, task_valid, c.query, c.temperature,
+                                      c.residual_scale)
+        if self.training:
+            w = straight_through_weights(score, self.noise_scale, c.noise)  # (B, P, P)
+            tokens = (w.to(patches.dtype) @ patches)  # (B, P, D)
+            counts = vote_counts(w.detach())  # (B, P) the noisy votes actually used
+            valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+            out = PruneOutput(tokens, valid, positions, (counts > 0).sum(1))
+        else:
+            mask = keep_mask(score, c.min_keep, c.max_keep)  # (B, P)
+            tokens, valid, pos, kept = gather_kept(patches, positions, mask)
+            counts = vote_counts(score)  # (B, P)
+            out = PruneOutput(tokens, valid, pos, kept)
+        out.stats = self._stats(out.kept, counts, queries)
+        return out
+
+    @torch.no_grad()
+    def _stats(self, kept: Tensor, counts: Tensor, queries: Tensor) -> dict[str, float]:
+        """Collapse statistics: mean kept count, its share of P, the spread of the queries
+        across patches (≈ 0 when every patch asks the same question) and the share of the
+        votes won by the most-voted patch."""
+        p = counts.shape[1]
+        mean_kept = float(kept.float().mean())
+        return {"kept": mean_kept, "keep_ratio": mean_kept / p,
+                "query_std": float(queries.float().std(1).mean()) if p > 1 else 0.0,
+                "top_vote_share": float(counts.max(1).values.float().mean()) / p}
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"num_patches={self.num_patches}, query={c.query!r}, noise={c.noise!r}, "
+                f"noise_scale={self.noise_scale}, temperature={c.temperature}, "
+                f"min_keep={c.min_keep}, max_keep={c.max_keep}")

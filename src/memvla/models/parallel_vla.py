@@ -1,0 +1,296 @@
+"""The parallel-decoding VLA (OpenVLA-OFT family), the model LightVLA prunes.
+
+One decoder over ``[BOS][patches of every camera][proprio][prompt][placeholders][STOP]``
+with bidirectional attention (padding masked): the ``chunk_size × action_dim`` action
+placeholders are zero embeddings (OFT multiplies their token embeddings by zero), so all
+actions of the chunk are decoded in one pass; the decoder's hidden states at the
+placeholders go through an MLP-ResNet head (:mod:`memvla.layers.action_head`) that
+regresses the normalised action chunk with an L1 loss.
+
+Vision: OpenVLA runs a fused DINOv2 ViT-L/14 + SigLIP So400m/14 tower (patch features
+concatenated channel-wise) and a GELU MLP projector; here ``model.vision`` is one
+SigLIP-style ViT and ``model.vision_fused`` an optional second one (DINOv2 is stood in
+for by the same block design: no LayerScale or register tokens). At tiny scale one tower
+is enough. Each camera's image goes through the tower and the projector separately and the
+patch tokens of all cameras are concatenated (OFT's multi-image input).
+
+Token pruning (LightVLA, ``model.pruner.enabled``): :class:`memvla.layers.token_pruner.
+TokenPruner` sits after the projector. Its task keys are the prompt embeddings with padding
+masked out (the released code also lets the padding and the zeroed placeholders in). Kept
+patches keep their original RoPE positions, and every token after the patches keeps the
+position it would have without pruning, so positions may have gaps. At inference each
+sample keeps its own number of patches: the batch is padded to the largest count and the
+padding is masked out of attention, so a batch equals its samples run alone. The indices
+the action hidden states are read from are computed from the pruned sequence (the released
+code reads them 2 positions late at inference); :class:`ParallelSequence` carries them, and
+training and inference read the placeholders at the same RoPE positions.
+
+Module names follow OpenVLA-OFT (``vision_backbone.featurizer``,
+``vision_backbone.fused_featurizer``, ``projector.fc{1,2,3}``, ``language_model.model``,
+``language_model.lm_head``, ``proprio_projector.fc{1,2}``, ``action_head.model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..configs import ParallelVLAConfig, VisionConfig
+from ..layers.action_head import L1RegressionActionHead
+from ..layers.connector import MLPProjector
+from ..layers.masks import block_mask
+from ..layers.vision import VisionTransformer
+from .decoder import Decoder
+
+# what each token of a ParallelSequence is (padding: PAD)
+PAD, BOS, PATCH, PROPRIO, PROMPT, ACTION, STOP = -1, 0, 1, 2, 3, 4, 5
+
+
+@dataclass
+class ParallelSequence:
+    """The decoder's input: embeddings (B, N, D), real-token flags ``valid`` (B, N), RoPE
+    ``positions`` (B, N), token ``kinds`` (B, N) and where the action placeholders are:
+    sequence indices ``action_start : action_start + num_actions`` (the same for every
+    sample of the batch; computed from the pruned length)."""
+
+    embs: Tensor
+    valid: Tensor
+    positions: Tensor
+    kinds: Tensor
+    action_start: int
+    num_actions: int
+    kept: Tensor  # (B,) visual tokens kept per sample
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def action_slice(self) -> slice:
+        return slice(self.action_start, self.action_start + self.num_actions)
+
+    @property
+    def action_positions(self) -> Tensor:
+        """RoPE positions of the placeholders (B, A·Da)."""
+        return self.positions[:, self.action_slice]
+
+
+def build_sequence(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_pos: Tensor,
+                   num_patches: int, proprio: Tensor | None, prompt: Tensor, prompt_pad: Tensor,
+                   num_actions: int, stop: Tensor) -> ParallelSequence:
+    """Assemble ``[BOS][patches][proprio][prompt][placeholders][STOP]``.
+
+    bos/stop (B, 1, D); patches (B, P', D) with ``patch_valid`` (B, P') and their original
+    positions ``patch_pos`` (B, P') (P' < ``num_patches`` after pruning); proprio (B, 1, D)
+    or None; prompt (B, Nl, D) right-padded, ``prompt_pad`` (B, Nl) True for real tokens.
+    Positions: BOS 0, patches as given, then counting on from 1 + ``num_patches`` over the
+    real tokens (prompt padding does not advance them).
+    """
+    b, p, d = patches.shape
+    dev = patches.device
+    parts = [bos] + [patches] + ([proprio] if proprio is not None else []) + [prompt]
+    placeholders = patches.new_zeros(b, num_actions, d)  # (B, K, D) zeroed, as in OFT
+    embs = torch.cat([*parts, placeholders, stop], 1)  # (B, N, D)
+
+    ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    n_prop = 0 if proprio is None else 1
+    valid = torch.cat([ones, patch_valid, ones.expand(b, n_prop), prompt_pad,
+                       ones.expand(b, num_actions), ones], 1)  # (B, N)
+
+    after = 1 + num_patches + n_prop  # first position after the proprio token
+    prompt_pos = after + torch.cumsum(prompt_pad.long(), 1) - 1  # (B, Nl)
+    start = after + prompt_pad.long().sum(1, keepdim=True)  # (B, 1) first placeholder
+    tail = start + torch.arange(num_actions + 1, device=dev)  # (B, K + 1) actions, STOP
+    zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    positions = torch.cat([zero, patch_pos.long(), zero[:, :n_prop] + 1 + num_patches,
+                           prompt_pos.clamp(min=0), tail], 1)  # (B, N)
+
+    def kind(k: int, n: int) -> Tensor:
+        return torch.full((b, n), k, dtype=torch.long, device=dev)
+
+    kinds = torch.cat([kind(BOS, 1), kind(PATCH, p), kind(PROPRIO, n_prop),
+                       kind(PROMPT, prompt.shape[1]), kind(ACTION, num_actions),
+                       kind(STOP, 1)], 1)  # (B, N)
+    kinds = kinds.masked_fill(~valid, PAD)
+    action_start = 1 + p + n_prop + prompt.shape[1]
+    return ParallelSequence(embs, valid, positions, kinds, action_start, num_actions,
+                            patch_valid.long().sum(1))
+
+
+def build_sequence_ref(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_pos: Tensor,
+                       num_patches: int, proprio: Tensor | None, prompt: Tensor,
+                       prompt_pad: Tensor, num_actions: int,
+                       stop: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Slow twin of :func:`build_sequence`: per sample, only the real tokens, in order, as
+    (embeddings (N_b, D), positions (N_b,), kinds (N_b,)), counting positions one by one."""
+    out = []
+    d = patches.shape[-1]
+    for i in range(patches.shape[0]):
+        embs, pos, kinds = [bos[i, 0]], [0], [BOS]
+        for j in range(patches.shape[1]):
+            if patch_valid[i, j]:
+                embs.append(patches[i, j])
+                pos.append(int(patch_pos[i, j]))
+                kinds.append(PATCH)
+        nxt = 1 + num_patches
+        if proprio is not None:
+            embs.append(proprio[i, 0])
+            pos.append(nxt)
+            kinds.append(PROPRIO)
+            nxt += 1
+        for j in range(prompt.shape[1]):
+            if prompt_pad[i, j]:
+                embs.append(prompt[i, j])
+                pos.append(nxt)
+                kinds.append(PROMPT)
+                nxt += 1
+        for _ in range(num_actions):
+            embs.append(patches.new_zeros(d))
+            pos.append(nxt)
+            kinds.append(ACTION)
+            nxt += 1
+        embs.append(stop[i, 0])
+        pos.append(nxt)
+        kinds.append(STOP)
+        out.append((torch.stack(embs), torch.tensor(pos), torch.tensor(kinds)))
+    return out
+
+
+def _vit(v: VisionConfig) -> VisionTransformer:
+    return VisionTransformer(v.width, v.depth, v.heads, v.mlp_dim, v.image_size, v.patch_size,
+                             v.channels, v.eps, v.act)
+
+
+class VisionBackbone(nn.Module):
+    """One ViT, or two over the same image with their patch features concatenated."""
+
+    def __init__(self, cfg: ParallelVLAConfig):
+        super().__init__()
+        self.featurizer = _vit(cfg.vision)
+        self.fused_featurizer = _vit(cfg.vision_fused) if cfg.vision_fused else None
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, C, S, S) in [-1, 1] -> patch features (B, P, Dv)."""
+        feats = self.featurizer(images)  # (B, P, Dv1)
+        if self.fused_featurizer is not None:
+            feats = torch.cat([feats, self.fused_featurizer(images)], -1)  # (B, P, Dv1+Dv2)
+        return feats
+
+
+class LanguageModel(nn.Module):
+    """The decoder (``model``, Llama naming) and its LM head (kept for checkpoint
+    compatibility; the action loss never reaches it)."""
+
+    def __init__(self, cfg: ParallelVLAConfig):
+        super().__init__()
+        t = cfg.text
+        self.model = Decoder(t)
+        self.lm_head = nn.Linear(t.width, t.vocab_size, bias=False) if t.lm_head else None
+
+
+class ProprioProjector(nn.Module):
+    """OFT's proprio projector: state (B, Ds') -> one token (B, 1, D)."""
+
+    def __init__(self, state_dim: int, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(state_dim, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, state: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(state)))[:, None]  # (B, 1, D)
+
+
+class ParallelVLA(nn.Module):
+    """``num_cameras`` sets the visual tokens per sample the pruner expects when
+    ``model.pruner.num_patches`` is 0."""
+
+    def __init__(self, cfg: ParallelVLAConfig, num_cameras: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.text.width
+        self.vision_backbone = VisionBackbone(cfg)
+        self.projector = MLPProjector(cfg.vision_width, d, cfg.projector_layers)
+        self.language_model = LanguageModel(cfg)
+        self.proprio_projector = ProprioProjector(cfg.max_state_dim, d) if cfg.use_proprio \
+            else None
+        self.action_head = L1RegressionActionHead(d, cfg.head_hidden or d, cfg.chunk_size,
+                                                  cfg.max_action_dim, cfg.head_blocks)
+        self.pruner = None
+        if cfg.pruner.enabled:
+            from ..layers.token_pruner import TokenPruner
+
+            self.pruner = TokenPruner(
+                cfg.pruner, cfg.pruner.num_patches or num_cameras * cfg.tokens_per_image)
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.language_model.model
+
+    def unused_parameter_names(self) -> set[str]:
+        """The LM head: kept so that checkpoints load by name, never read by the L1 loss."""
+        return {n for n, _ in self.named_parameters() if n.startswith("language_model.lm_head.")}
+
+    # -- the sequence ---------------------------------------------------------------------
+    def embed_patches(self, images: list[Tensor]) -> Tensor:
+        """Images per camera (B, C, S, S) -> projected patch tokens of all cameras (B, P, D)."""
+        tokens = [self.projector(self.vision_backbone(img)) for img in images]  # (B, Ti, D)
+        return torch.cat(tokens, 1)  # (B, P, D)
+
+    def _check_pruner(self, num_patches: int) -> None:
+        want = self.pruner.num_patches
+        if num_patches != want:
+            t = self.cfg.tokens_per_image
+            raise ValueError(f"the pruner expects {want} visual tokens per sample "
+                             f"(model.pruner.num_patches) but the images give {num_patches} "
+                             f"({num_patches // t} camera(s) × {t} tokens); set "
+                             f"model.pruner.num_patches={num_patches} (or 0 to derive it from "
+                             "the cameras)")
+
+    def encode(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
+               state: Tensor) -> ParallelSequence:
+        """Build the (pruned) sequence. ``lang_ids``/``lang_pad`` (B, Nl): the tokenizer's
+        output, whose first token (BOS) goes first, before the patches, as in OpenVLA."""
+        emb = self.decoder.embed(lang_ids)  # (B, Nl, D)
+        bos, prompt, prompt_pad = emb[:, :1], emb[:, 1:], lang_pad[:, 1:]
+        patches = self.embed_patches(images)  # (B, P, D)
+        b, p, _ = patches.shape
+        pos = torch.arange(1, p + 1, device=patches.device).expand(b, p)  # (B, P)
+        valid = torch.ones(b, p, dtype=torch.bool, device=patches.device)  # (B, P)
+        stats: dict[str, float] = {}
+        if self.pruner is not None:
+            self._check_pruner(p)
+            out = self.pruner(patches, pos, prompt, prompt_pad)
+            patches, valid, pos, stats = out.tokens, out.valid, out.positions, dict(out.stats)
+        proprio = None if self.proprio_projector is None else self.proprio_projector(state)
+        stop_ids = torch.full_like(lang_ids[:, :1], self.cfg.stop_token_id)  # (B, 1)
+        seq = build_sequence(bos, patches, valid, pos, p, proprio, prompt, prompt_pad,
+                             self.cfg.num_action_tokens, self.decoder.embed(stop_ids))
+        seq.stats = stats
+        return seq
+
+    def hidden_states(self, seq: ParallelSequence) -> Tensor:
+        """Bidirectional decoder over the sequence -> normed hidden states (B, N, D)."""
+        mask = block_mask(torch.zeros_like(seq.kinds), seq.valid)  # (B, N, N)
+        return self.decoder(seq.embs, seq.positions, mask)  # (B, N, D)
+
+    def action_hidden(self, images, lang_ids, lang_pad, state) -> tuple[Tensor, ParallelSequence]:
+        """Hidden states at the placeholders (B, A·Da, D) and the sequence they came from."""
+        seq = self.encode(images, lang_ids, lang_pad, state)
+        h = self.hidden_states(seq)  # (B, N, D)
+        return h[:, seq.action_slice], seq  # (B, A·Da, D)
+
+    # -- training and inference -----------------------------------------------------------
+    def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
+                actions: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """L1 losses per element (B, A, Da') of the regressed chunk against ``actions``
+        (normalised, padded to max_action_dim), and the pruner's statistics ({} without)."""
+        h, seq = self.action_hidden(images, lang_ids, lang_pad, state)
+        pred = self.action_head(h)  # (B, A, Da')
+        return F.l1_loss(pred, actions, reduction="none"), seq.stats
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
+                state: Tensor) -> Tensor:
+        """The action chunk (B, A, Da') in one parallel pass (no sampling)."""
+        h, _ = self.action_hidden(images, lang_ids, lang_pad, state)
+        return self.action_head(h)  # (B, A, Da')

@@ -1,0 +1,154 @@
+"""What every memvla policy shares behind the LeRobot-style API, whatever its model family.
+
+A subclass names its ``policy_type`` (the checkpoint's ``type``) and ``family`` (the
+``PolicyConfig.family`` it accepts), builds its model in :meth:`build_model` and defines
+``forward(batch) -> (loss, info)`` and ``predict_action_chunk(obs)``. This base holds the
+rest: input validation and preparation, normalisation (in the processor, outside the model,
+saved with the policy), the tokenizer, the action queue of ``select_action``, ``reset``,
+the training-progress hook and the safetensors + JSON checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config_utils import from_dict, to_dict
+from ..configs import PolicyConfig
+from ..data.tokenizers import make_tokenizer
+from .checkpoint import (
+    PROCESSOR_FILE,
+    WEIGHTS_FILE,
+    check_keys,
+    read_config,
+    read_tensors,
+    write_checkpoint,
+)
+from .inputs import check_observation
+from .processor import Normalizer, resize_with_pad
+
+
+def pad_last(x: Tensor, size: int) -> Tensor:
+    """Zero-pad the last axis to ``size`` (state/action to max_state_dim/max_action_dim)."""
+    return F.pad(x, (0, size - x.shape[-1]))
+
+
+class VLAPolicy(nn.Module):
+    """Base of the policies: config -> model + processors + tokenizer + action queue."""
+
+    policy_type: str = ""
+    family: str = ""
+
+    def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None = None):
+        super().__init__()
+        if config.family != self.family:
+            raise ValueError(f"{type(self).__name__} builds family {self.family!r} models, the "
+                             f"config has family {config.family!r}; use "
+                             "memvla.policies.make_policy(config), which picks the class")
+        self.config = config
+        self.model = self.build_model(config)
+        self.normalizer = Normalizer(config.normalization, stats)
+        self.tokenizer = make_tokenizer(config.tokenizer)
+        vocab = config.model.text.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
+                             f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
+        self._queue: deque[Tensor] = deque()
+        self._memory: Tensor | None = None  # (B, M, D) carried between chunks
+
+    def build_model(self, config: PolicyConfig) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def queued_actions(self) -> int:
+        """Actions left in the queue: the next ``select_action`` predicts a chunk iff 0."""
+        return len(self._queue)
+
+    @property
+    def memory(self) -> Tensor | None:
+        """The memory carried to the next chunk (B, M, D), or None (fresh episode / none)."""
+        return self._memory
+
+    @property
+    def is_recurrent(self) -> bool:
+        """True when the policy carries memory from chunk to chunk (trained on episodes)."""
+        return self.config.context.recurrent
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- inputs ---------------------------------------------------------------------------
+    def encode_observation(self, batch: dict):
+        """Validate and prepare model inputs: images per camera (B, C, S, S) in [-1, 1],
+        language ids/pad (B, Nl), normalised state padded to max_state_dim (B, Ds')."""
+        cfg = self.config
+        images, state, tasks = check_observation(batch, cfg)
+        dev = self.device
+        size = cfg.model.vision.image_size
+        images = [resize_with_pad(img.to(dev), size, cfg.image_pad) * 2 - 1 for img in images]
+        ids, pad = self.tokenizer(tasks)  # (B, Nl)
+        state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
+        return images, ids.to(dev), pad.to(dev), pad_last(state, cfg.model.max_state_dim)
+
+    # -- training -------------------------------------------------------------------------
+    def _reduce(self, losses: Tensor, valid: Tensor) -> Tensor:
+        """Mean of per-element losses (B, A, Da) over the real action steps (valid (B, A))."""
+        denom = valid.sum() * self.config.action_dim
+        if denom == 0:
+            raise ValueError("action_is_pad: every action step of the batch is padding")
+        return (losses * valid[..., None]).sum() / denom
+
+    def set_training_progress(self, frac: float) -> None:
+        """Tell the model how far training is (0 → 1), e.g. for the pruner's noise decay;
+        a no-op for models without a schedule."""
+        pruner = getattr(self.model, "pruner", None)
+        if pruner is not None:
+            pruner.set_progress(frac)
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def select_action(self, obs: dict) -> Tensor:
+        """-> the next action (B, action_dim); a new chunk is predicted every
+        ``n_action_steps`` calls. Every observation is validated, queued actions or not."""
+        check_observation(obs, self.config)
+        if not self._queue:
+            chunk = self.predict_action_chunk(obs)[:, : self.config.n_action_steps]
+            self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Forget the episode: clears the action queue and the memory."""
+        self._queue.clear()
+        self._memory = None
+
+    # -- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return write_checkpoint(directory, self.policy_type, to_dict(self.config),
+                                self.model.state_dict(), self.normalizer.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        d = Path(directory)
+        meta = read_config(d)
+        if meta["type"] != cls.policy_type:
+            raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
+                             f"{cls.policy_type!r}")
+        config = from_dict(PolicyConfig, meta["config"])
+        weights = read_tensors(d / WEIGHTS_FILE)
+        processor = read_tensors(d / PROCESSOR_FILE)
+        with torch.device("meta"):  # no random initialisation: every weight is loaded
+            policy = cls(config)
+        policy.normalizer = Normalizer.from_state_dict(config.normalization, processor)
+        own = policy.model.state_dict()
+        check_keys(d / WEIGHTS_FILE, set(own), set(weights))
+        for k, v in weights.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the "
+                                 f"config expects {tuple(own[k].shape)}")
+        policy.model.load_state_dict(weights, assign=True)
+        return policy.to(device)
