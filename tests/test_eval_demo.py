@@ -97,3 +97,26 @@ def test_demo_reduced_budget_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # never overwritten unless asked
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+
+
+def test_sweep_with_other_variants_both_families_and_pruner_counts(tmp_path):
+    """A sweep of benchmark variants (the pruning bench's): both families, with and without
+    the pruner, trained on the same data; the pruned ones report their kept counts."""
+    from memvla.bench.pruning import success_variants
+    from memvla.demo import DemoSettings, run_sweep
+
+    s = DemoSettings.quick()
+    s.task, s.overrides = "reach-color", []  # (quick's num_steps override is flow-only)
+    res = run_sweep(tmp_path / "sweep", s, progress=False, report=False,
+                    variants=success_variants("lightvla"))
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert list(rows) == ["flow", "flow-pruned", "oft", "oft-pruned"]
+    assert json.loads((tmp_path / "sweep" / "runs" / "oft" / "run.json").read_text())[
+        "preset"] == "tiny-oft"
+    for name, r in rows.items():
+        kept = r["eval"].get("pruner_kept")
+        assert (kept is not None) == name.endswith("pruned")
+        if kept:  # 16 visual tokens per 32×32 image in both families
+            assert kept["visual_tokens"] == 16
+            assert 1 <= kept["min"] <= kept["mean"] <= kept["max"] <= 16
+            assert sum(kept["histogram"]) > 0

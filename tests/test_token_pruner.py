@@ -155,9 +155,14 @@ def test_short_prompt_collapses_and_residual_query_fixes_it():
     collapsed = pruner(query="lightvla").eval()(patches, positions, task, valid)
     fixed = pruner(query="residual").eval()(patches, positions, task, valid)
     assert collapsed.kept.max() <= 8  # every patch votes for the same few winners
-    assert fixed.kept.min() >= 100
-    assert collapsed.stats["top_vote_share"] > 0.2 > fixed.stats["top_vote_share"]
+    assert fixed.kept.min() >= 4 * collapsed.kept.max()  # far more than the 3 task tokens
+    assert fixed.kept.max() < 256  # ... and it still prunes
+    assert collapsed.stats["top_vote_share"] > fixed.stats["top_vote_share"]
     assert collapsed.stats["query_std"] < fixed.stats["query_std"]
+    # the scale is the knob: more of the patch itself keeps more patches
+    kept = [pruner(query="residual", residual_scale=r).eval()(
+        patches, positions, task, valid).stats["kept"] for r in (0.5, 1.0, 2.0, 8.0)]
+    assert kept == sorted(kept) and kept[-1] > 2 * kept[0]
 
 
 def test_errors_are_actionable():

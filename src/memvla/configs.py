@@ -98,8 +98,8 @@ class PrunerConfig:
     released code) or Gumbel ("gumbel", the paper's wording); the scale decays linearly
     from ``noise_scale`` to 0 over training (the trainer drives it).
     ``query``: "lightvla" = attention of the patches over the task tokens (collapses with a
-    short prompt); "residual" = ``residual_scale`` × the patch itself plus that (keeps each
-    patch's identity; a smaller scale lets the task pull more patches to shared winners).
+    short prompt); "residual" = that plus ``residual_scale / √D`` × the patch itself (keeps
+    some of each patch's identity; a larger scale keeps more patches, see the module).
     ``temperature`` divides the scores; ``min_keep`` / ``max_keep`` keep at least / at
     most that many patches at inference (most-voted first; 0 = no bound; both equal = a
     fixed count, e.g. for timing). They do not act in training, which keeps the length.

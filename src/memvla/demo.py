@@ -30,6 +30,7 @@ class Variant:
     label: str
     overrides: list[str] = field(default_factory=list)
     twin: bool = False  # train and evaluate on the memoryless twin (the ceiling)
+    preset: str | None = None  # None: the sweep's preset
 
 
 VARIANTS = [
@@ -82,11 +83,13 @@ class DemoSettings:
             opts.update(self.longer)
         return opts
 
-    def policy_overrides(self) -> list[str]:
+    def policy_overrides(self, family: str = "flow") -> list[str]:
         # 32×32 images: patch 8 gives a 4×4 grid, pixel shuffle 2 -> 4 tokens per image;
         # `tiny` at 2 + 2 layers and 16 language tokens trains twice as fast on a CPU
-        return [f"policy.model.vision.image_size={self.image_size}",
-                "policy.model.text.depth=2", "policy.model.expert.depth=2",
+        depth = ["policy.model.text.depth=2"]
+        if family == "flow":
+            depth.append("policy.model.expert.depth=2")
+        return [f"policy.model.vision.image_size={self.image_size}", *depth,
                 "policy.tokenizer.max_length=16"]
 
 
@@ -100,8 +103,10 @@ def _variant(name: str) -> Variant:
 
 
 def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: bool = True,
-              overwrite: bool = False, report: bool = True) -> dict:
-    """Data, training and evaluation of every variant of ``settings`` in ``out``."""
+              overwrite: bool = False, report: bool = True,
+              variants: list[Variant] | None = None) -> dict:
+    """Data, training and evaluation of every variant of ``settings`` in ``out``
+    (``variants``: other variants than the demo's, e.g. those of a benchmark)."""
     from .commands.datagen import generate_dataset
     from .evaluate import evaluate, format_results
 
@@ -111,7 +116,10 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass "
                          "--overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    variants = [_variant(n) for n in s.variants]
+    if variants is None:
+        variants = [_variant(n) for n in s.variants]
+    else:
+        s.variants = [v.name for v in variants]
     t0 = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
 
@@ -127,8 +135,8 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
 
     # 2. training, 3. evaluation: each variant in its own process, `lanes` at a time
     # (one thread each: on a small CPU this beats one process using every core)
-    jobs = [(str(out), asdict(s), v.name, str(datasets[v.twin]), i % max(1, s.lanes), progress)
-            for i, v in enumerate(variants)]
+    jobs = [(str(out), asdict(s), asdict(v), str(datasets[v.twin]), i % max(1, s.lanes),
+             progress) for i, v in enumerate(variants)]
     if s.lanes > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -162,26 +170,29 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     return run_sweep(out, settings or DemoSettings(), progress, overwrite, report=True)
 
 
-def train_and_evaluate(out: str, settings: dict, name: str, dataset: str, lane: int,
+def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, lane: int,
                        progress: bool) -> dict:
-    """Train one variant on ``dataset`` and evaluate it (runs in a worker process)."""
+    """Train one variant (a :class:`Variant` as a dict) on ``dataset`` and evaluate it
+    (runs in a worker process)."""
     import torch
 
     from .evaluate import evaluate, resolve_checkpoint, save_recordings
     from .policies import load_policy
-    from .presets import count_parameters
+    from .presets import count_parameters, get_preset
     from .training.loop import create_run, make_run_config, read_run_config, train
 
     if settings["lanes"] > 1:
         torch.set_num_threads(1)
-    s, v, out = DemoSettings(**settings), _variant(name), Path(out)
+    s, v, out = DemoSettings(**settings), Variant(**variant), Path(out)
     run = out / "runs" / v.name
     recurrent = any("memory_tokens" in o for o in v.overrides)
     batch = s.episode_batch if recurrent else s.frame_batch
-    overrides = [*s.policy_overrides(), f"train.batch_size={batch}", f"train.lr={s.lr}",
+    preset = v.preset or s.preset
+    family = get_preset(preset).family
+    overrides = [*s.policy_overrides(family), f"train.batch_size={batch}", f"train.lr={s.lr}",
                  f"train.seed={s.seed}", "train.num_workers=0", f"train.save_every={s.steps}",
                  *s.overrides, *v.overrides]
-    rc = make_run_config(s.preset, dataset, s.steps, overrides)
+    rc = make_run_config(preset, dataset, s.steps, overrides)
     create_run(run, rc, overwrite=True)
     t_train = time.perf_counter()
     summary = train(run, progress=progress, desc=f"train {v.name}", position=lane)

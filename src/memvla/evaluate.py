@@ -108,6 +108,7 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
 
     task_options = dict(task_options or {})
     results_success, lengths, step_ms, chunk_ms = [], [], [], []
+    kept: list[int] = []  # visual tokens a token pruner kept, per episode and chunk
     recordings: list[dict] = []
     bar = tqdm(total=episodes, desc=f"eval {task}", disable=not progress, dynamic_ncols=True)
     gen_state = torch.get_rng_state()
@@ -141,6 +142,7 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
                 step_ms.append(ms)
                 if policy is not None and not queued:
                     chunk_ms.append(ms)
+                    kept += _pruner_kept(policy, done)
                 for i, env in enumerate(envs):
                     if done[i]:
                         continue
@@ -173,7 +175,26 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
         "latency_ms": percentiles(step_ms), "chunk_latency_ms": percentiles(chunk_ms),
         "seed": seed, "batch": batch,
     }
+    if kept:
+        from .bench.timing import percentile
+
+        pruner = policy.model.pruner
+        results["pruner_kept"] = {"visual_tokens": pruner.last_num_patches,
+                                  "mean": float(np.mean(kept)), "min": int(min(kept)),
+                                  "max": int(max(kept)),
+                                  **{f"p{q}": percentile(kept, q) for q in (10, 50, 90)},
+                                  "histogram": np.bincount(kept).tolist()}
     return results, recordings
+
+
+def _pruner_kept(policy, done: list[bool]) -> list[int]:
+    """Visual tokens the policy's token pruner kept in its last call, for the episodes
+    still running (none without a pruner)."""
+    pruner = getattr(getattr(policy, "model", None), "pruner", None)
+    last = getattr(pruner, "last_kept", None)
+    if last is None:
+        return []
+    return [int(k) for k, d in zip(last.tolist(), done, strict=True) if not d]
 
 
 def save_recordings(recordings: list[dict], out: Path, scale: int = 4) -> list[str]:
@@ -215,4 +236,8 @@ def format_results(r: dict) -> str:
         text += f", chance {r['chance_level']:.1%}"
     text += (f"; mean length {r['mean_episode_length']:.1f}; policy latency per step "
              f"p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms")
+    if "pruner_kept" in r:
+        k = r["pruner_kept"]
+        text += (f"; pruner kept {k['mean']:.1f} of {k['visual_tokens']} visual tokens "
+                 f"(p10 {k['p10']:.0f}, p50 {k['p50']:.0f}, p90 {k['p90']:.0f})")
     return text

@@ -24,8 +24,12 @@ tokens with BOS, padded to the tokenizer's 48) and a LIBERO-length instruction, 
 Gaussian inputs with 3 and 20 task tokens: the released query ("lightvla") with the
 padding keys unmasked (as released) and masked, and the residual query (the fix).
 
-Success after training (both families, with and without pruning) is not measured here:
-see :func:`success_with_and_without_pruning`, a hook left for the lead engineer.
+Success after training (``--success``, tens of minutes): both families (``tiny`` and
+``tiny-oft``) without and with the pruner (``--query``, default the residual fix) trained on
+the same expert data of ``--task`` (default reach-color, 32×32, 16 visual tokens per image)
+for ``--steps`` and evaluated in closed loop on the same seeds: success with its 95%
+interval, chunk latency, and the distribution of kept visual tokens over every predicted
+chunk of the evaluation.
 """
 
 from __future__ import annotations
@@ -60,7 +64,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--success", action="store_true",
-                        help="also run the (not yet written) success comparison hook")
+                        help="also train both families with and without pruning on a built-in "
+                             "task and compare success and kept counts (long: tens of minutes)")
+    parser.add_argument("--task", default="reach-color", help="task of --success (reach-color)")
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="training steps per --success variant (3000)")
+    parser.add_argument("--episodes", type=int, default=1000,
+                        help="expert episodes of --success (1000)")
+    parser.add_argument("--eval-episodes", type=int, default=100,
+                        help="evaluation episodes per --success variant (100)")
+    parser.add_argument("--query", default="residual",
+                        help="pruner query of the pruned --success variants (residual)")
+    parser.add_argument("--out", default="bench_pruning_success",
+                        help="directory of the --success sweep")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 # -- the stack -----------------------------------------------------------------------------------
@@ -186,9 +203,9 @@ def cost(args, models) -> dict:
 # -- collapse ------------------------------------------------------------------------------------
 QUERY_VARIANTS = [("lightvla, pads unmasked (as released)", "lightvla", False),
                   ("lightvla, pads masked", "lightvla", True),
-                  ("residual, pads masked (fix)", "residual", True),
-                  ("residual 0.5, pads masked (fix)", "residual:0.5", True),
-                  ("residual 0.25, pads masked (fix)", "residual:0.25", True)]
+                  ("residual 0.5, pads masked", "residual:0.5", True),
+                  ("residual 1, pads masked (the fix)", "residual", True),
+                  ("residual 2, pads masked", "residual:2", True)]
 
 
 def _kept(query: str, patches, positions, task, valid) -> dict:
@@ -236,15 +253,53 @@ def collapse(args, models) -> list[dict]:
     return rows
 
 
-# -- success: the hook ---------------------------------------------------------------------------
+# -- success after training -----------------------------------------------------------------------
+def success_variants(query: str = "residual"):
+    """Both families, each without and with the pruner (``query``), at 16 visual tokens per
+    32×32 image (patch 8, no pixel shuffle) and 4 decoder layers."""
+    from ..demo import Variant
+
+    pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}"]
+    flow = ["policy.model.connector_scale=1", "policy.model.text.depth=4",
+            "policy.model.expert.depth=4"]
+    # L1 regression: a lower lr (see training.loop.PRESET_TRAIN_DEFAULTS)
+    oft = ["policy.model.text.depth=4", "train.lr=3e-4"]
+    return [Variant("flow", "flow matching (tiny)", flow),
+            Variant("flow-pruned", f"flow matching + pruner ({query})", flow + pruner),
+            Variant("oft", "parallel decoding (tiny-oft)", oft, preset="tiny-oft"),
+            Variant("oft-pruned", f"parallel decoding + pruner ({query})", oft + pruner,
+                    preset="tiny-oft")]
+
+
 def success_with_and_without_pruning(args) -> dict:
-    """HOOK FOR THE LEAD ENGINEER -- success after training, with and without pruning, for
-    both families (flow-matching and parallel-decoding). Not written and never run here:
-    it trains. Expected to return ``{"rows": [{"family", "pruner", "success_rate", "ci95",
-    "kept_mean", ...}]}``, which :func:`run` prints and writes under ``"success"``."""
-    raise NotImplementedError("bench pruning --success: the success comparison after training "
-                              "is not written yet (see memvla.bench.pruning."
-                              "success_with_and_without_pruning)")
+    """Train both families with and without the pruner on ``args.task`` (the sweep of
+    :mod:`memvla.demo`: the same expert data, budget and evaluation seeds), evaluate in
+    closed loop and report success and the kept-count distribution."""
+    from ..demo import DemoSettings, run_sweep
+
+    s = DemoSettings(task=args.task, episodes=args.episodes, steps=args.steps,
+                     eval_episodes=args.eval_episodes, image_size=32)
+    res = run_sweep(args.out, s, progress=not args.no_progress, overwrite=True, report=False,
+                    variants=success_variants(args.query))
+    rows = []
+    for r in res["variants"]:
+        e, k = r["eval"], r["eval"].get("pruner_kept")
+        rows.append({"variant": r["variant"], "label": r["label"],
+                     "success_rate": e["success_rate"], "ci95": e["ci95"],
+                     "chunk_ms_p50": e["chunk_latency_ms"]["p50"],
+                     "kept": k, "final_loss": r["final_loss"]})
+    print(f"\nsuccess on {args.task} after {args.steps} steps ({args.eval_episodes} episodes, "
+          f"chance {res['chance_level']:.1%}, expert {res['expert']['success_rate']:.0%}):")
+    print(format_table(
+        ["variant", "success", "95% CI", "chunk ms p50", "kept mean", "p10/p50/p90", "of"],
+        [[r["variant"], f"{r['success_rate']:.1%}",
+          f"{r['ci95'][0]:.0%}-{r['ci95'][1]:.0%}", f"{r['chunk_ms_p50']:.2f}",
+          *((f"{r['kept']['mean']:.1f}",
+             f"{r['kept']['p10']:.0f}/{r['kept']['p50']:.0f}/{r['kept']['p90']:.0f}",
+             str(r["kept"]["visual_tokens"])) if r["kept"] else ("-", "-", "-"))]
+         for r in rows]))
+    return {"task": args.task, "steps": args.steps, "chance_level": res["chance_level"],
+            "expert": res["expert"]["success_rate"], "rows": rows, "sweep": str(args.out)}
 
 
 # -- entry -----------------------------------------------------------------------------------------
