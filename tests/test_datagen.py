@@ -183,3 +183,34 @@ def test_datagen_builtin_task(task, tmp_path):
     np.testing.assert_array_equal(ds.get_numpy(IMG, np.array(0)), obs[IMG])
     last = [ds.episode_range(e)[1] - 1 for e in range(3)]
     assert all(bool(ds.get_numpy("next.success", np.array(i))) for i in last)
+
+
+def test_perturbed_demonstrations_record_the_experts_action():
+    """DART: the environment executes expert action + noise, the dataset records the
+    expert's own action; the noise is seeded and leaves the gripper alone."""
+    from memvla.commands.datagen import record_episode
+
+    class Spy(gym.Wrapper):
+        def step(self, action):
+            self.executed.append(np.array(action))
+            return self.env.step(action)
+
+    def run(noise):
+        env = Spy(envs.make("remember-color", delay=4, image_size=32))
+        env.executed = []
+        frames, _, success = record_episode(env, envs.make_expert(env), seed=3,
+                                            action_noise=noise)
+        return frames, np.stack(env.executed), success
+
+    clean, executed, _ = run(0.0)
+    np.testing.assert_array_equal(clean["action"], executed)  # no noise: the same actions
+    frames, executed, success = run(0.3)
+    diff = executed - frames["action"]  # (T, Da)
+    assert success and np.abs(diff[:, :2]).max() > 0.05 and np.all(diff[:, 2] == 0)
+    assert not np.allclose(frames["observation.state"][5:10], clean["observation.state"][5:10])
+    again, executed2, _ = run(0.3)
+    np.testing.assert_array_equal(executed, executed2)  # seeded
+    with pytest.raises(ValueError, match="action_noise"):
+        from memvla.commands.datagen import generate_dataset
+
+        generate_dataset("remember-color", 1, "/nonexistent/never", action_noise=-1.0)

@@ -57,6 +57,7 @@ class DemoSettings:
     options: dict = field(default_factory=dict)  # other task options (e.g. n_swaps)
     longer: dict = field(default_factory=dict)  # options of an extra evaluation, e.g. 3× delay
     image_size: int = 32
+    action_noise: float = 0.0  # perturbed demonstrations (DART), see memvla datagen
     steps: int = 3000
     frame_batch: int = 64  # frames per step for plain policies
     episode_batch: int = 16  # episodes per step for memory policies
@@ -130,7 +131,7 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
         say(f"[demo] recording {s.episodes} expert episodes of {name}")
         summary = generate_dataset(s.task, s.episodes, out / "data" / name, seed=s.seed,
                                    options=s.task_options(twin), overwrite=True,
-                                   progress=progress)
+                                   progress=progress, action_noise=s.action_noise)
         datasets[twin], data_summaries[name] = out / "data" / name, summary
 
     # 2. training, 3. evaluation: each variant in its own process, `lanes` at a time

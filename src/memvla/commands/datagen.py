@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
                         help="with --keep success, stop after M attempts (default 2*N + 10)")
     parser.add_argument("--workers", type=int, default=1, metavar="W",
                         help="run the episodes in W processes (1); the dataset is the same")
+    parser.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
+                        help="perturbed demonstrations (DART): execute the expert's action plus "
+                        "N(0, SIGMA²) noise on the motion axes, record the expert's own (0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,16 +69,24 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def record_episode(env, expert, seed: int):
+def record_episode(env, expert, seed: int, action_noise: float = 0.0):
     """Run the expert for one episode; return (frames, task, success).
 
     ``frames`` maps every ``observation.*`` key, ``action``, ``next.reward``,
     ``next.done`` and ``next.success`` to an array with a leading time axis T.
+
+    ``action_noise`` > 0 perturbs the demonstrations (DART, Laskey et al. 2017): the
+    environment executes the expert's action plus Gaussian noise of that standard deviation
+    on the motion axes (the gripper command is kept), while the dataset records the expert's
+    own action. The recorded states then leave the expert's narrow path and the labels show
+    how to come back to it, which a cloned policy needs once its own errors take it there.
+    The noise is drawn from a generator seeded with ``seed``.
     """
     import numpy as np
 
     obs, _ = env.reset(seed=seed)
     expert.reset()
+    rng = np.random.default_rng(seed)
     task = str(obs.get("task", ""))
     keys = [k for k in obs if k.startswith("observation.")]
     steps: dict[str, list] = {k: [] for k in [*keys, "action", "next.reward", "next.done"]}
@@ -85,7 +96,11 @@ def record_episode(env, expert, seed: int):
         for k in keys:
             steps[k].append(obs[k])
         steps["action"].append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
+        executed = action
+        if action_noise > 0:
+            executed = action.copy()
+            executed[:2] += rng.normal(0.0, action_noise, size=2).astype(np.float32)
+        obs, reward, terminated, truncated, info = env.step(np.clip(executed, -1.0, 1.0))
         steps["next.reward"].append(float(reward))
         steps["next.done"].append(bool(terminated or truncated))
         steps["next.success"].append(bool(info.get("is_success", False)))
@@ -104,15 +119,16 @@ def record_episode(env, expert, seed: int):
 _worker: dict[str, Any] = {}  # the environment and expert of a worker process
 
 
-def _init_worker(task: str, options: dict[str, Any]) -> None:
+def _init_worker(task: str, options: dict[str, Any], action_noise: float) -> None:
     from memvla import envs
 
     _worker["env"] = envs.make(task, **options)
     _worker["expert"] = envs.make_expert(_worker["env"])
+    _worker["action_noise"] = action_noise
 
 
 def _record_in_worker(seed: int):
-    return record_episode(_worker["env"], _worker["expert"], seed)
+    return record_episode(_worker["env"], _worker["expert"], seed, _worker["action_noise"])
 
 
 def generate_dataset(
@@ -126,11 +142,13 @@ def generate_dataset(
     overwrite: bool = False,
     progress: bool = True,
     workers: int = 1,
+    action_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Record ``episodes`` expert episodes of ``task`` into a v3.0 dataset at ``out``.
 
     With ``workers`` > 1 the episodes are run in that many processes (attempt i still uses
     seed ``seed + i`` and the dataset is the same); this process writes them.
+    ``action_noise``: perturbed demonstrations (see :func:`record_episode`).
     Returns a summary: episodes, frames, attempts, successes, fps, bytes, path, seconds.
     Raises FileExistsError when ``out`` is not empty (unless ``overwrite``).
     """
@@ -143,6 +161,9 @@ def generate_dataset(
 
     if episodes < 1:
         raise ValueError(f"--episodes must be at least 1, got {episodes}")
+    if not 0.0 <= action_noise <= 2.0:
+        raise ValueError(f"action_noise must be in [0, 2] (a standard deviation in action "
+                         f"units), got {action_noise}")
     if keep not in ("success", "all"):
         raise ValueError(f"keep must be 'success' or 'all', got {keep!r}")
     if max_attempts is None:
@@ -158,11 +179,11 @@ def generate_dataset(
         if workers > 1:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            pool = context.Pool(workers, _init_worker, (task, options))
+            pool = context.Pool(workers, _init_worker, (task, options, action_noise))
             results = pool.imap(_record_in_worker, seeds, chunksize=2)
         else:
             expert = envs.make_expert(env)
-            results = (record_episode(env, expert, s) for s in seeds)
+            results = (record_episode(env, expert, s, action_noise) for s in seeds)
         attempts = successes = 0
         bar = tqdm(total=episodes, desc=f"datagen {task}", unit="ep", disable=not progress)
         for frames, task_text, success in results:
@@ -187,6 +208,7 @@ def generate_dataset(
                     "keep": keep,
                     "attempts": attempts,
                     "expert_successes": successes,
+                    "action_noise": action_noise,
                 }
             }
         )
@@ -225,6 +247,7 @@ def run(args) -> int:
             args.task, args.episodes, args.out, seed=args.seed, options=options,
             keep=args.keep, max_attempts=args.max_attempts, overwrite=args.overwrite,
             progress=not args.no_progress, workers=args.workers,
+            action_noise=args.action_noise,
         )
     except FileExistsError as e:
         print(f"memvla datagen: error: {e}", file=sys.stderr)

@@ -13,14 +13,16 @@ import functools
 import numpy as np
 
 # Nine saturated, well separated colours (name, RGB); the names are the instruction words.
+# Ordered so that any first few are as far apart as possible (tasks with a smaller
+# palette_size draw from the start): red, green, blue first.
 PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("red", (230, 25, 25)),
-    ("orange", (255, 140, 0)),
-    ("yellow", (255, 230, 0)),
     ("green", (30, 190, 40)),
-    ("cyan", (0, 220, 230)),
     ("blue", (30, 60, 255)),
+    ("yellow", (255, 230, 0)),
+    ("cyan", (0, 220, 230)),
     ("purple", (150, 40, 220)),
+    ("orange", (255, 140, 0)),
     ("pink", (255, 120, 200)),
     ("white", (245, 245, 245)),
 )
