@@ -253,6 +253,43 @@ def collapse(args, models) -> list[dict]:
     return rows
 
 
+# -- action contexts -------------------------------------------------------------------------------
+def action_contexts(args, models) -> list[dict]:
+    """Kept count at inference for every ``pruner.action_context`` on the untrained stack
+    (short prompt, residual query): what each context adds to the pruner's keys. Options A
+    (placeholders) and B (keys) read the initial noise there, as ``sample_actions`` does;
+    prev_chunk reads a previous chunk; state the state token."""
+    import torch
+
+    from ..configs import PRUNER_ACTION_CONTEXTS
+    from ..models.flow_vla import FlowMatchingVLA
+    from ..presets import get_preset
+
+    base, full, _, _, _ = models
+    b = args.collapse_samples
+    images, ids, pad, state = model_inputs(base, SHORT_PROMPT, b, args.seed + 3)
+    g = torch.Generator().manual_seed(args.seed + 4)
+    m = base.model
+    noise = torch.randn(b, m.chunk_size, m.max_action_dim, generator=g)
+    prev = torch.randn(b, m.chunk_size, m.max_action_dim, generator=g)
+    rows = []
+    with torch.inference_mode():
+        for ctx in PRUNER_ACTION_CONTEXTS:
+            for query in ("lightvla", "residual"):
+                cfg = get_preset("smolvla-450m", [
+                    *stack_overrides(args), "model.pruner.enabled=true",
+                    f"model.pruner.query={query}", f"model.pruner.action_context={ctx}"])
+                torch.manual_seed(args.seed + 5)  # the same key projection for every query
+                model = FlowMatchingVLA(cfg.model).eval()
+                model.load_state_dict(full.state_dict(), strict=False)
+                pa, _ = model._pruner_actions(noise, prev, None)
+                model.prefill(images, ids, pad, state, pruner_actions=pa)
+                st = model.last_prune_stats
+                rows.append({"action_context": ctx, "query": query, "kept_mean": st["kept"],
+                             "top_vote_share": st["top_vote_share"]})
+    return rows
+
+
 # -- success after training -----------------------------------------------------------------------
 def success_variants(query: str = "residual"):
     """Both families, each without and with the pruner (``query``), at 16 visual tokens per
@@ -330,7 +367,12 @@ def run(args) -> int:
     print(format_table(["inputs", "query", "kept (mean)", "of", "top-vote share"],
                        [[r["inputs"], r["variant"], f"{r['kept_mean']:.1f}", r["visual_tokens"],
                          f"{r['top_vote_share']:.3f}"] for r in rows], align="llrrr"))
-    out = {"cost": c, "collapse": rows, "torch": torch_info()}
+    ctx_rows = action_contexts(args, models)
+    print(f"\nkept visual tokens per action context ({SHORT_PROMPT!r}, untrained weights):")
+    print(format_table(["action context", "query", "kept (mean)", "top-vote share"],
+                       [[r["action_context"], r["query"], f"{r['kept_mean']:.1f}",
+                         f"{r['top_vote_share']:.3f}"] for r in ctx_rows], align="llrr"))
+    out = {"cost": c, "collapse": rows, "action_contexts": ctx_rows, "torch": torch_info()}
     if args.success:
         out["success"] = success_with_and_without_pruning(args)
     if args.json:
