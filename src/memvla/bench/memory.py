@@ -29,8 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--success", action="store_true",
                         help="also train and evaluate the variants (long: tens of minutes)")
     parser.add_argument("--tasks", default="remember-color,shell-game")
-    parser.add_argument("--episodes", type=int, default=1500, help="expert episodes per task")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per variant")
+    parser.add_argument("--episodes", type=int, default=10000, help="expert episodes per task")
+    parser.add_argument("--steps", type=int, default=2500, help="training steps per variant")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--delay", type=int, default=30, help="remember-color delay")
     parser.add_argument("--palette-size", type=int, default=3,

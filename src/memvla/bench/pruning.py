@@ -67,10 +67,10 @@ def add_arguments(parser) -> None:
                         help="also train both families with and without pruning on a built-in "
                              "task and compare success and kept counts (long: tens of minutes)")
     parser.add_argument("--task", default="reach-color", help="task of --success (reach-color)")
-    parser.add_argument("--steps", type=int, default=3000,
-                        help="training steps per --success variant (3000)")
-    parser.add_argument("--episodes", type=int, default=1000,
-                        help="expert episodes of --success (1000)")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="training steps per --success variant (2000)")
+    parser.add_argument("--episodes", type=int, default=10000,
+                        help="expert episodes of --success (10000)")
     parser.add_argument("--eval-episodes", type=int, default=100,
                         help="evaluation episodes per --success variant (100)")
     parser.add_argument("--query", default="residual",
