@@ -83,17 +83,14 @@ class FlowVLAPolicy(VLAPolicy):
         """-> (losses (B, A, Da), valid (B, A) float, next memory). ``prev``: the previous
         chunk (normalised, padded (B, A', Da')) and its real steps (B, A')."""
         images, ids, pad, state = self.encode_observation(batch)
-        actions, is_pad = check_actions(batch, self.config, state.shape[0])
-        actions = self.normalizer.normalize("action", actions.to(state.device))  # (B, A, Da)
-        padded = pad_last(actions, self.config.model.max_action_dim)  # (B, A, Da')
+        padded, real = self._normalized_chunk(batch)  # (B, A, Da'), (B, A)
         if memory is None:
             memory = self.model.initial_memory(state.shape[0])
         prev_actions, prev_valid = prev if prev is not None else (None, None)
         losses, new_memory = self.model(images, ids, pad, state, padded, noise, time,
                                         memory=memory, prev_actions=prev_actions,
                                         prev_valid=prev_valid)  # (B, A, Da')
-        valid = (~is_pad.to(state.device)).float()  # (B, A)
-        return losses[..., : self.config.action_dim], valid, new_memory
+        return losses[..., : self.config.action_dim], real.float(), new_memory
 
     @property
     def _reads_prev_chunk(self) -> bool:
