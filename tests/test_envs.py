@@ -150,6 +150,12 @@ def test_out_of_range_options(name, option, value, allowed):
     assert repr(option) in msg and allowed in msg and f"got {value!r}" in msg
 
 
+@pytest.mark.parametrize("name", ["remember-color", "reach-color"])
+def test_bad_layout(name):
+    with pytest.raises(ValueError, match=r"'layout' must be one of \['random', 'fixed'\], got 'ring'"):
+        envs.make(name, layout="ring")
+
+
 def test_bad_reset_options():
     env = envs.make("remember-color")
     with pytest.raises(ValueError, match=r"'cue'.*\[0, 2\]"):

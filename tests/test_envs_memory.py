@@ -44,7 +44,9 @@ def test_expert_success_default_options(name):
     [
         ("remember-color", {"n_colors": 9, "delay": 0, "cue_steps": 1}),
         ("remember-color", {"n_colors": 5, "image_size": 32}),
+        ("remember-color", {"n_colors": 9, "layout": "fixed"}),
         ("reach-color", {"n_colors": 9}),
+        ("reach-color", {"layout": "fixed"}),
         ("seq-of-colors", {"n_items": 9}),
         ("seq-of-colors", {"n_items": 5, "delay": 0, "memoryless": True}),
         ("shell-game", {"n_swaps": 10, "swap_steps": 2}),
@@ -117,7 +119,9 @@ def frames_per_cue(name, cues, seed, **options):
     return out, env.unwrapped.cue_end
 
 
-@pytest.mark.parametrize(("name", "options"), [("remember-color", {}), ("shell-game", {})])
+@pytest.mark.parametrize(("name", "options"), [("remember-color", {}), ("shell-game", {}),
+                                               ("remember-color", {"layout": "fixed",
+                                                                   "palette_size": 3})])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_frames_after_cue_do_not_depend_on_cue(name, options, seed):
     episodes, cue_end = frames_per_cue(name, [0, 1, 2], seed, **options)
@@ -214,3 +218,20 @@ def test_take_it_back_needs_a_grasp():
     assert np.allclose(u.obj, u.eff)  # grasped at its centre, carried along
     assert abs(u.obj[1] - start[1]) > 0.05
     assert obs["observation.state"][2] == 1.0
+
+
+@pytest.mark.parametrize("name", ["remember-color", "reach-color"])
+def test_fixed_layout_keeps_the_places_and_moves_the_colours(name):
+    places, colours = set(), set()
+    for seed in range(12):
+        env = envs.make(name, layout="fixed", n_colors=3).unwrapped
+        env.reset(seed=seed)
+        places.add(env.positions.round(9).tobytes())
+        colours.add(tuple(env.color_ids))
+    assert len(places) == 1 and len(colours) > 3
+    random_places = set()
+    for seed in range(4):
+        env = envs.make(name, n_colors=3).unwrapped
+        env.reset(seed=seed)
+        random_places.add(env.positions.round(9).tobytes())
+    assert len(random_places) == 4

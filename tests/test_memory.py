@@ -8,6 +8,7 @@ from helpers import narrow_config
 from memvla.config_utils import apply_overrides
 from memvla.data.segments import SegmentBatch
 from memvla.layers.kv_cache import KVCache
+from memvla.layers.memory_tokens import clip_rms, clip_rms_reference
 from memvla.layers.tokens import TokenSegment
 from memvla.models.flow_vla import VLMWithExpert
 from memvla.policies import make_policy
@@ -69,10 +70,11 @@ def test_memory_attention_masks(layout):
     assert not m[:, ~real].any(), "nobody attends padding"
 
 
-@pytest.mark.parametrize("layout", ["smolvla", "rmt"])
-def test_streaming_inference_equals_episode_forward(layout):
+@pytest.mark.parametrize(("layout", "write"), [("smolvla", "clip"), ("rmt", "clip"),
+                                               ("smolvla", "norm")])
+def test_streaming_inference_equals_episode_forward(layout, write):
     torch.manual_seed(0)
-    policy = make_policy(memory_config(layout)).eval()
+    policy = make_policy(memory_config(layout, [f"context.write={write}"])).eval()
     ep = episode_batch(policy.config, s=4)
     model = policy.model
     # training path: carry the memory through the segments as forward_episode does
@@ -128,7 +130,18 @@ def test_every_parameter_gets_a_gradient_through_episodes():
     assert info["segments"] == 3
     loss.backward()
     unused = policy.model.unused_parameter_names()
-    assert unused == set()  # tiny has no LM head; memory reads the last layer's output
+    # tiny has no LM head; memory reads the last layer's output, before the final norm
+    assert unused == {"vlm_with_expert.vlm.model.text_model.norm.weight"}
+    for n, p in policy.model.named_parameters():
+        if n not in unused:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_memory_written_through_the_final_norm_trains_every_parameter():
+    policy = make_policy(memory_config(extra=["context.write=norm"]))
+    loss, _ = policy(episode_batch(policy.config, s=3, lengths=[24, 13]))
+    loss.backward()
+    assert policy.model.unused_parameter_names() == set()
     for n, p in policy.model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
 
@@ -137,8 +150,8 @@ def test_memory_stays_bounded_over_a_long_episode():
     policy = make_policy(memory_config(extra=["model.num_steps=1"])).eval()
     seg = episode_batch(policy.config, b=1).segment(0)
     obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
-    w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
-    bound = (w.abs().max() * w.numel() ** 0.5).item() * 1.001  # |RMSNorm(x) ⊙ w| <= max|w|·√D
+    d = policy.model.cfg.text.width
+    bound = policy.config.context.max_rms * d ** 0.5 * 1.001  # clip_rms: RMS <= max_rms
     norms = []
     for _ in range(300):
         policy.predict_action_chunk(obs)
@@ -147,11 +160,40 @@ def test_memory_stays_bounded_over_a_long_episode():
     assert norms[-1] > 0.1 * norms[9]
 
 
+def test_memory_written_through_the_final_norm_stays_bounded():
+    policy = make_policy(memory_config(extra=["model.num_steps=1", "context.write=norm"])).eval()
+    seg = episode_batch(policy.config, b=1).segment(0)
+    obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
+    w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
+    bound = (w.abs().max() * w.numel() ** 0.5).item() * 1.001  # |RMSNorm(x) ⊙ w| <= max|w|·√D
+    for _ in range(50):
+        policy.predict_action_chunk(obs)
+        assert policy._memory.norm(dim=-1).max().item() <= bound
+
+
+def test_clip_rms_matches_its_reference_and_clips_only_past_the_bound():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 4, 16, generator=g) * torch.tensor([0.5, 1.0, 3.0, 9.0])[None, :, None]
+    out = clip_rms(m, 2.0)
+    torch.testing.assert_close(out, clip_rms_reference(m, 2.0))
+    rms = m.pow(2).mean(-1).sqrt()  # (3, 4)
+    out_rms = out.pow(2).mean(-1).sqrt()
+    inside = rms <= 2.0
+    torch.testing.assert_close(out[inside], m[inside])  # inside the bound: unchanged
+    torch.testing.assert_close(out_rms[~inside], torch.full_like(out_rms[~inside], 2.0))
+    assert inside.any() and (~inside).any()
+
+
 def test_bad_memory_configs_and_batches():
     with pytest.raises(ValueError, match="context.num_tokens must be > 0"):
         memory_config(extra=["context.num_tokens=0"])
     with pytest.raises(ValueError, match=r"context.layout must be one of \('smolvla', 'rmt'\)"):
         memory_config(layout="middle")
+    with pytest.raises(ValueError, match=r"context.write must be one of \('clip', 'norm'\), "
+                       r"got 'layernorm'"):
+        memory_config(extra=["context.write=layernorm"])
+    with pytest.raises(ValueError, match=r"context.max_rms must be > 0, got 0.0"):
+        memory_config(extra=["context.max_rms=0"])
     policy = make_policy(memory_config())
     ep = episode_batch(policy.config, s=2)
     with pytest.raises(ValueError, match=r"bptt_depth \(5\) is larger than the number of "

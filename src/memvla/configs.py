@@ -307,6 +307,7 @@ class TokenizerConfig:
 
 CONTEXT_KINDS = ("none", "memory_tokens")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
+MEMORY_WRITES = ("clip", "norm")
 
 
 @dataclass
@@ -317,12 +318,20 @@ class ContextConfig:
     ``memory_tokens``: ``num_tokens`` recurrent memory tokens in the prefix, in the
     ``smolvla`` (read = write at the start) or ``rmt`` (read at the start, write at the
     end) layout; trained through the episode (see ``train.bptt_depth``).
+
+    ``write``: what bounds the written memory over a long episode. ``clip`` (default): the
+    backbone's residual stream at the write positions, scaled down per token where its RMS
+    exceeds ``max_rms`` (inside the bound the memory is the raw hidden state). ``norm``:
+    the output of the backbone's final RMSNorm (a fixed scale, but in our runs training
+    then made the written memory independent of the input and the memory never learnt).
     """
 
     kind: str = "none"
     num_tokens: int = 4
     layout: str = "smolvla"
     init_std: float = 0.02
+    write: str = "clip"
+    max_rms: float = 4.0
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
@@ -333,6 +342,9 @@ class ContextConfig:
             _require(self.layout in MEMORY_LAYOUTS, f"context.layout must be one of "
                      f"{MEMORY_LAYOUTS}, got {self.layout!r}")
             _require(self.init_std > 0, f"context.init_std must be > 0, got {self.init_std}")
+            _require(self.write in MEMORY_WRITES, f"context.write must be one of "
+                     f"{MEMORY_WRITES}, got {self.write!r}")
+            _require(self.max_rms > 0, f"context.max_rms must be > 0, got {self.max_rms}")
 
     @property
     def recurrent(self) -> bool:

@@ -35,6 +35,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--delay", type=int, default=30, help="remember-color delay")
     parser.add_argument("--palette-size", type=int, default=3,
                         help="remember-color: colours drawn from the first N of the palette (3)")
+    parser.add_argument("--layout", default="fixed", choices=["fixed", "random"],
+                        help="remember-color: disc places, the same every episode (fixed, the "
+                        "default: what is left to learn is the memory) or drawn per episode")
+    parser.add_argument("--swap-steps", type=int, default=8,
+                        help="shell-game: frames per swap (8 = the chunk: the memory, written "
+                        "once per chunk, sees every swap once)")
     parser.add_argument("--action-noise", type=float, default=0.3,
                         help="perturbed demonstrations (DART) of the expert data (0.3)")
     parser.add_argument("--variants", default="memory-bptt,plain-twin,memory-k0,plain",
@@ -152,10 +158,10 @@ def success_sweeps(args) -> list[dict]:
                          action_noise=args.action_noise,
                          variants=[v.strip() for v in args.variants.split(",") if v.strip()])
         if task == "remember-color":
-            s.options = {"palette_size": args.palette_size}
+            s.options = {"palette_size": args.palette_size, "layout": args.layout}
             s.longer = {"delay": 3 * args.delay}
         elif task == "shell-game":
-            s.options = {"n_swaps": 3}
+            s.options = {"n_swaps": 3, "swap_steps": args.swap_steps}
             s.longer = {"n_swaps": 9}
         results.append(run_sweep(Path(args.out) / task, s, progress=not args.no_progress,
                                  overwrite=True, report=False))

@@ -49,13 +49,26 @@ def check_action(action: Any) -> np.ndarray:
     return np.clip(a, -1.0, 1.0)  # (Da,)
 
 
-def ring_positions(rng: np.random.Generator, n: int, radius: float = OBJECT_RADIUS) -> np.ndarray:
+LAYOUTS = ("random", "fixed")  # object placement of the ring tasks (see ring_positions)
+
+
+def check_layout(layout: Any) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"option 'layout' must be one of {list(LAYOUTS)}, got {layout!r}")
+    return str(layout)
+
+
+def ring_positions(rng: np.random.Generator, n: int, radius: float = OBJECT_RADIUS,
+                   layout: str = "random") -> np.ndarray:
     """``n`` object centres on a ring around the arena centre. Returns (n, 2) float64.
 
-    Angles are evenly spaced slots with a random rotation and a small jitter, radii are
-    random within a band. The band is chosen so that objects never overlap and the
-    straight path from the centre to any object keeps clear of all the others (by more
-    than the touch radius), which lets the experts move without touching a wrong object.
+    ``layout="random"``: angles are evenly spaced slots with a random rotation and a small
+    jitter, radii are random within a band. The band is chosen so that objects never
+    overlap and the straight path from the centre to any object keeps clear of all the
+    others (by more than the touch radius), which lets the experts move without touching
+    a wrong object. ``layout="fixed"``: the same ``n`` places in every episode (evenly
+    spaced from straight up, the middle of the band), so only the colours move: the
+    visual problem shrinks to "which place has that colour". No RNG draw is made.
     """
     slot = 2 * np.pi / n
     gap = 0.02
@@ -67,6 +80,10 @@ def ring_positions(rng: np.random.Generator, n: int, radius: float = OBJECT_RADI
         (radius + gap) / np.sin(min(0.7 * slot, np.pi / 2)),
     )
     r_lo = min(r_lo, r_hi)
+    if layout == "fixed":
+        angles = -np.pi / 2 + slot * np.arange(n)  # (n,) the first place straight up
+        r = (r_lo + r_hi) / 2
+        return CENTER + r * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (n, 2)
     rot = rng.uniform(0, 2 * np.pi)
     angles = rot + slot * np.arange(n) + rng.uniform(-0.15, 0.15, size=n) * slot  # (n,)
     radii = rng.uniform(r_lo, r_hi, size=n)  # (n,)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import TaskEnv, check_int, ring_positions
+from memvla.envs.base import TaskEnv, check_int, check_layout, ring_positions
 from memvla.envs.experts import Expert, reach_choice
 
 INSTRUCTIONS = (
@@ -20,14 +20,16 @@ class ReachColorEnv(TaskEnv):
     """``n_colors`` discs on a ring, visible from the first frame; the instruction names
     the target colour (language grounding, no memory demand). Touching another fails.
 
+    ``layout="fixed"``: the discs take the same places in every episode.
     ``reset(options={"cue": i})`` forces the target to object i. There is no memoryless
     twin: the task needs no memory, so ``memoryless=True`` is accepted and changes nothing.
     """
 
     option_keys = ("cue",)
 
-    def __init__(self, *, n_colors: int = 3, **kwargs):
+    def __init__(self, *, n_colors: int = 3, layout: str = "random", **kwargs):
         self.n_colors = check_int("n_colors", n_colors, 2, len(render.PALETTE), render.PALETTE_NOTE)
+        self.layout = check_layout(layout)
         super().__init__(**kwargs)
         self.positions = np.zeros((self.n_colors, 2))  # (n, 2)
         self.color_ids = np.zeros(self.n_colors, dtype=np.int64)  # (n,) palette indices
@@ -46,7 +48,7 @@ class ReachColorEnv(TaskEnv):
 
     def _reset_task(self, rng, options) -> None:
         self.color_ids = rng.choice(len(render.PALETTE), size=self.n_colors, replace=False)
-        self.positions = ring_positions(rng, self.n_colors)  # (n, 2)
+        self.positions = ring_positions(rng, self.n_colors, layout=self.layout)  # (n, 2)
         self.target = int(rng.integers(self.n_colors))
         if "cue" in options:
             self.target = check_int("cue", options["cue"], 0, self.n_colors - 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import CENTER, TaskEnv, check_int, ring_positions
+from memvla.envs.base import CENTER, TaskEnv, check_int, check_layout, ring_positions
 from memvla.envs.experts import Expert, move_to, reach_choice
 
 INSTRUCTIONS = (
@@ -24,6 +24,9 @@ class RememberColorEnv(TaskEnv):
     The colours are drawn from the first ``palette_size`` palette entries (all nine by
     default; with ``palette_size = n_colors`` every episode shows the same colours and
     only their places and the cue change: an easier visual problem, the same memory one).
+    ``layout="fixed"`` puts the discs at the same ``n_colors`` places in every episode
+    (see :func:`ring_positions`): with a small palette the visual part is then a choice
+    among a few places and what is left to learn is the memory.
 
     The choice phase opens with ``ready_steps`` frames in which the discs are shown but the
     effector is held (actions are ignored), like the go signal of a delayed-response task:
@@ -39,7 +42,8 @@ class RememberColorEnv(TaskEnv):
     option_keys = ("cue",)
 
     def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30,
-                 ready_steps: int = 8, palette_size: int = len(render.PALETTE), **kwargs):
+                 ready_steps: int = 8, palette_size: int = len(render.PALETTE),
+                 layout: str = "random", **kwargs):
         self.palette_size = check_int("palette_size", palette_size, 2, len(render.PALETTE),
                                       render.PALETTE_NOTE)
         self.n_colors = check_int("n_colors", n_colors, 2, self.palette_size,
@@ -47,6 +51,7 @@ class RememberColorEnv(TaskEnv):
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
+        self.layout = check_layout(layout)
         self.cue_end = self.cue_steps
         self.choice_start = self.cue_steps + self.delay
         super().__init__(**kwargs)
@@ -72,7 +77,7 @@ class RememberColorEnv(TaskEnv):
 
     def _reset_task(self, rng, options) -> None:
         self.color_ids = rng.choice(self.palette_size, size=self.n_colors, replace=False)
-        self.positions = ring_positions(rng, self.n_colors)  # (n, 2)
+        self.positions = ring_positions(rng, self.n_colors, layout=self.layout)  # (n, 2)
         self.target = int(rng.integers(self.n_colors))
         if "cue" in options:
             self.target = check_int("cue", options["cue"], 0, self.n_colors - 1)

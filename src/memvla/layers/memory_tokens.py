@@ -9,9 +9,11 @@ positions become the next memory. Two layouts:
   write tokens, initialised with the same memory, at the end in a block of their own: they
   see the whole sequence and nothing of the sequence sees them (the RMT decoder layout).
 
-The written memory is the backbone's output after its final RMSNorm, so its scale is fixed
-by that norm's weight whatever the episode length. The initial memory is a learned
-parameter with a distinct small random value per token.
+What bounds the memory over a long episode is the model's choice (``context.write``): the
+backbone's residual stream at the write positions with its per-token RMS clipped to a
+bound (:func:`clip_rms`; the memory is the raw hidden state inside the bound), or the
+output of the backbone's final RMSNorm (scale fixed by that norm's weight). The initial
+memory is a learned parameter with a distinct small random value per token.
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ def extract_memory(hidden: Tensor, num_tokens: int, layout: str) -> Tensor:
     if layout == "rmt":
         return hidden[:, hidden.shape[1] - num_tokens:]
     raise ValueError(f"memory layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def clip_rms(memory: Tensor, max_rms: float) -> Tensor:
+    """Scale down each token of ``memory`` (B, M, D) whose RMS over D exceeds ``max_rms``
+    to exactly that RMS; tokens inside the bound pass unchanged. Returns (B, M, D)."""
+    rms = memory.pow(2).mean(-1, keepdim=True).sqrt()  # (B, M, 1)
+    return memory * (max_rms / rms.clamp_min(max_rms))  # (B, M, D)
+
+
+def clip_rms_reference(memory: Tensor, max_rms: float) -> Tensor:
+    """Loop twin of :func:`clip_rms`, for tests."""
+    out = memory.clone()
+    for b in range(memory.shape[0]):
+        for m in range(memory.shape[1]):
+            rms = float(memory[b, m].pow(2).mean().sqrt())
+            if rms > max_rms:
+                out[b, m] = memory[b, m] * (max_rms / rms)
+    return out
 
 
 class MemoryTokens(nn.Module):

@@ -63,10 +63,11 @@ class Decoder(nn.Module):
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor,
-                cache: KVCache | None = None) -> Tensor:
-        """x (B, N, D), positions (B, N), mask (B, N, L) -> normed hidden states (B, N, D).
+                cache: KVCache | None = None, final_norm: bool = True) -> Tensor:
+        """x (B, N, D), positions (B, N), mask (B, N, L) -> normed hidden states (B, N, D)
+        (the residual stream before the final norm with ``final_norm=False``).
         With ``cache`` every layer appends its keys/values (L = cached + N)."""
         cos, sin = self.rope(positions)  # (B, N, Dh)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x

@@ -57,7 +57,7 @@ from ..layers.flow_matching import (
 )
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
-from ..layers.memory_tokens import MemoryTokens
+from ..layers.memory_tokens import MemoryTokens, clip_rms
 from ..layers.token_pruner import TokenPruner
 from ..layers.tokens import TokenSegment
 from ..layers.vision import VisionTransformer
@@ -133,11 +133,12 @@ class VLMWithExpert(nn.Module):
         mask = block_mask_between(prefix.query_blocks(block), prefix.pad, k_block, k_pad)
         return pos, block, mask
 
-    def prefill(self, prefix: TokenSegment, cache: KVCache) -> Tensor:
-        """Run the backbone over the prefix, appending to ``cache`` -> hidden (B, Np, D)."""
+    def prefill(self, prefix: TokenSegment, cache: KVCache, final_norm: bool = True) -> Tensor:
+        """Run the backbone over the prefix, appending to ``cache`` -> hidden (B, Np, D)
+        (before the final norm with ``final_norm=False``)."""
         pos, block, mask = self.prefix_layout(prefix, cache)
         cache.append_tokens(prefix.pad, block, pos)
-        return self.text_model(prefix.embs, pos, mask, cache)  # (B, Np, D)
+        return self.text_model(prefix.embs, pos, mask, cache, final_norm)  # (B, Np, D)
 
     def expert(self, suffix: TokenSegment, cache: KVCache) -> Tensor:
         """Run the expert over the suffix, reading (not changing) the prefix cache.
@@ -203,10 +204,13 @@ class FlowMatchingVLA(nn.Module):
         last backbone layer are not read (only its keys/values are), so that layer's query,
         output and MLP weights, the final backbone norm and the LM head get no gradient.
         They are kept so that checkpoints of the reference implementations load by name.
-        Memory tokens read the prefix's outputs: then only the LM head is unused."""
+        Memory tokens read the prefix's outputs: then only the LM head is unused, and the
+        final norm too unless the memory is written through it (``context.write="norm"``)."""
         if self.memory_tokens is not None:
-            return {n for n, _ in self.named_parameters()
-                    if n.startswith("vlm_with_expert.vlm.lm_head.")}
+            unused = ["vlm_with_expert.vlm.lm_head."]
+            if self.context.write != "norm":
+                unused.append("vlm_with_expert.vlm.model.text_model.norm.")
+            return {n for n, _ in self.named_parameters() if n.startswith(tuple(unused))}
         last = f"vlm_with_expert.vlm.model.text_model.layers.{self.cfg.text.depth - 1}."
         names = {n for n, _ in self.named_parameters()
                  if n.startswith(last) and ".k_proj." not in n and ".v_proj." not in n
@@ -354,8 +358,11 @@ class FlowMatchingVLA(nn.Module):
         cache = cache if cache is not None else KVCache(self.cfg.text.depth)
         prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state, memory,
                                                     pruner_actions, pruner_actions_valid))
-        hidden = self.vlm_with_expert.prefill(prefix, cache)  # (B, Np, D)
-        new_memory = None if memory is None else self.memory_tokens.extract(hidden)
+        normed = self.context.write == "norm"
+        hidden = self.vlm_with_expert.prefill(prefix, cache, normed)  # (B, Np, D)
+        new_memory = None if memory is None else self.memory_tokens.extract(hidden)  # (B, M, D)
+        if new_memory is not None and not normed:
+            new_memory = clip_rms(new_memory, self.context.max_rms)  # (B, M, D)
         return cache, new_memory
 
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
