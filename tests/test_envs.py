@@ -152,7 +152,8 @@ def test_out_of_range_options(name, option, value, allowed):
 
 @pytest.mark.parametrize("name", ["remember-color", "reach-color"])
 def test_bad_layout(name):
-    with pytest.raises(ValueError, match=r"'layout' must be one of \['random', 'fixed'\], got 'ring'"):
+    with pytest.raises(ValueError,
+                       match=r"'layout' must be one of \['random', 'fixed'\], got 'ring'"):
         envs.make(name, layout="ring")
 
 

@@ -48,9 +48,10 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     scene for ``delay`` frames (default 30), then ``n_colors`` discs (2..9, default 3) on
     a ring, drawn from the first ``palette_size`` palette colours (default all 9); touch
     the cue's colour. ``layout`` "random" (default: ring rotation, angles and radii drawn
-    per episode) or "fixed" (the same places every episode, only the colours move). The choice phase opens with ``ready_steps`` frames
-    (default 8) in which the discs are shown but the effector is held (a go signal: a
-    chunk planned before the discs appeared is not executed blind). Chance 1/n_colors.
+    per episode) or "fixed" (the same places every episode, only the colours move). The
+    choice phase opens with ``ready_steps`` frames (default 8) in which the discs are
+    shown but the effector is held (a go signal: a chunk planned before the discs
+    appeared is not executed blind). Chance 1/n_colors.
     Max steps cue_steps + delay + ready_steps + 25.
     The choice colours and positions do not depend on the cue, so the frames after the
     cue are identical whatever it was. ``reset(options={"cue": i})`` forces choice object
@@ -82,7 +83,8 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     ``n_colors`` discs (2..9, default 3) on a ring, visible throughout; the instruction
     names the target colour ("touch the red ball"). No memory demand (the language
     grounding control); no twin (``memoryless=True`` is accepted and changes nothing).
-    ``layout`` as in remember-color. Chance 1/n_colors. Max steps 25. ``reset(options={"cue": i})`` forces the target.
+    ``layout`` as in remember-color. Chance 1/n_colors. Max steps 25.
+    ``reset(options={"cue": i})`` forces the target.
 
 Experts (:func:`make_expert`) read privileged state from ``env.unwrapped`` and move with a
 saturating proportional controller (smooth, imitable); during cue and delay they park at a
