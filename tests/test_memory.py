@@ -216,3 +216,32 @@ def test_segment_curriculum():
     policy = make_policy(memory_config())
     _, info = policy(episode_batch(policy.config, s=3), max_segments=2)
     assert info["segments"] == 2 and info["valid_steps"] == 2 * 2 * 8
+
+
+def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
+    from memvla.bench.memory import cue_sensitivity
+
+    opts = {"image_size": 32, "delay": 3, "palette_size": 3, "layout": "fixed"}
+    cfg = memory_config(extra=["model.num_steps=1", "model.vision.image_size=32",
+                               "image_shape=[3,32,32]"])
+    torch.manual_seed(0)
+    policy = make_policy(cfg).eval()
+    res = cue_sensitivity(policy, opts, episodes=2)
+    assert res["after_cue"] > 1e-3  # untrained: the written memory reads the whole image
+    # a memory that ignores its input (what training drove it to in our runs) reads ~0
+    with torch.no_grad():
+        for p in policy.model.vlm_with_expert.text_model.layers.parameters():
+            p.zero_()
+    assert cue_sensitivity(policy, opts, episodes=2)["after_cue"] < 1e-6
+    with pytest.raises(ValueError, match="needs a memory policy"):
+        cue_sensitivity(make_policy(apply_overrides(cfg, ["context.kind=none"])), opts)
+
+
+def test_memory_checkpoints_from_before_the_write_option_load_as_norm(tmp_path):
+    from memvla.configs import fill_legacy_keys
+
+    old = {"context": {"kind": "memory_tokens", "num_tokens": 4}}
+    assert fill_legacy_keys(old)["context"]["write"] == "norm"
+    assert fill_legacy_keys({"context": {"kind": "none"}}) == {"context": {"kind": "none"}}
+    new = {"context": {"kind": "memory_tokens", "write": "clip"}}
+    assert fill_legacy_keys(new) == new

@@ -352,6 +352,15 @@ class ContextConfig:
         return self.kind != "none"
 
 
+def fill_legacy_keys(policy: dict) -> dict:
+    """A saved policy config (dict) with the keys of older versions made explicit: memory
+    policies saved before ``context.write`` existed wrote the memory through the final norm."""
+    ctx = policy.get("context") or {}
+    if ctx.get("kind") == "memory_tokens" and "write" not in ctx:
+        policy = {**policy, "context": {**ctx, "write": "norm"}}
+    return policy
+
+
 NORM_MODES = ("mean_std", "min_max", "identity")
 IMAGE_PADS = ("top_left", "center")
 
