@@ -70,8 +70,8 @@ def test_memory_attention_masks(layout):
     assert not m[:, ~real].any(), "nobody attends padding"
 
 
-@pytest.mark.parametrize(("layout", "write"), [("smolvla", "clip"), ("rmt", "clip"),
-                                               ("smolvla", "norm")])
+@pytest.mark.parametrize(("layout", "write"), [("smolvla", "norm"), ("rmt", "norm"),
+                                               ("smolvla", "clip")])
 def test_streaming_inference_equals_episode_forward(layout, write):
     torch.manual_seed(0)
     policy = make_policy(memory_config(layout, [f"context.write={write}"])).eval()
@@ -130,28 +130,28 @@ def test_every_parameter_gets_a_gradient_through_episodes():
     assert info["segments"] == 3
     loss.backward()
     unused = policy.model.unused_parameter_names()
-    # tiny has no LM head; memory reads the last layer's output, before the final norm
+    assert unused == set()  # tiny has no LM head; memory reads the last layer's output
+    for n, p in policy.model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_memory_written_before_the_final_norm_trains_every_other_parameter():
+    policy = make_policy(memory_config(extra=["context.write=clip"]))
+    loss, _ = policy(episode_batch(policy.config, s=3, lengths=[24, 13]))
+    loss.backward()
+    unused = policy.model.unused_parameter_names()
     assert unused == {"vlm_with_expert.vlm.model.text_model.norm.weight"}
     for n, p in policy.model.named_parameters():
         if n not in unused:
             assert p.grad is not None and p.grad.abs().sum() > 0, n
 
 
-def test_memory_written_through_the_final_norm_trains_every_parameter():
-    policy = make_policy(memory_config(extra=["context.write=norm"]))
-    loss, _ = policy(episode_batch(policy.config, s=3, lengths=[24, 13]))
-    loss.backward()
-    assert policy.model.unused_parameter_names() == set()
-    for n, p in policy.model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, n
-
-
 def test_memory_stays_bounded_over_a_long_episode():
     policy = make_policy(memory_config(extra=["model.num_steps=1"])).eval()
     seg = episode_batch(policy.config, b=1).segment(0)
     obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
-    d = policy.model.cfg.text.width
-    bound = policy.config.context.max_rms * d ** 0.5 * 1.001  # clip_rms: RMS <= max_rms
+    w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
+    bound = (w.abs().max() * w.numel() ** 0.5).item() * 1.001  # |RMSNorm(x) ⊙ w| <= max|w|·√D
     norms = []
     for _ in range(300):
         policy.predict_action_chunk(obs)
@@ -160,15 +160,17 @@ def test_memory_stays_bounded_over_a_long_episode():
     assert norms[-1] > 0.1 * norms[9]
 
 
-def test_memory_written_through_the_final_norm_stays_bounded():
-    policy = make_policy(memory_config(extra=["model.num_steps=1", "context.write=norm"])).eval()
+def test_clipped_memory_stays_within_its_bound():
+    policy = make_policy(memory_config(extra=["model.num_steps=1", "context.write=clip",
+                                              "context.max_rms=0.5"])).eval()
     seg = episode_batch(policy.config, b=1).segment(0)
     obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
-    w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
-    bound = (w.abs().max() * w.numel() ** 0.5).item() * 1.001  # |RMSNorm(x) ⊙ w| <= max|w|·√D
+    bound = 0.5 * policy.model.cfg.text.width ** 0.5 * 1.001  # clip_rms: RMS <= max_rms
+    norms = []
     for _ in range(50):
         policy.predict_action_chunk(obs)
-        assert policy._memory.norm(dim=-1).max().item() <= bound
+        norms.append(policy._memory.norm(dim=-1).max().item())
+    assert max(norms) <= bound and max(norms) > 0.9 * bound  # the clip is what holds it
 
 
 def test_clip_rms_matches_its_reference_and_clips_only_past_the_bound():
@@ -189,7 +191,7 @@ def test_bad_memory_configs_and_batches():
         memory_config(extra=["context.num_tokens=0"])
     with pytest.raises(ValueError, match=r"context.layout must be one of \('smolvla', 'rmt'\)"):
         memory_config(layout="middle")
-    with pytest.raises(ValueError, match=r"context.write must be one of \('clip', 'norm'\), "
+    with pytest.raises(ValueError, match=r"context.write must be one of \('norm', 'clip'\), "
                        r"got 'layernorm'"):
         memory_config(extra=["context.write=layernorm"])
     with pytest.raises(ValueError, match=r"context.max_rms must be > 0, got 0.0"):
@@ -235,13 +237,3 @@ def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
     assert cue_sensitivity(policy, opts, episodes=2)["after_cue"] < 1e-6
     with pytest.raises(ValueError, match="needs a memory policy"):
         cue_sensitivity(make_policy(apply_overrides(cfg, ["context.kind=none"])), opts)
-
-
-def test_memory_checkpoints_from_before_the_write_option_load_as_norm(tmp_path):
-    from memvla.configs import fill_legacy_keys
-
-    old = {"context": {"kind": "memory_tokens", "num_tokens": 4}}
-    assert fill_legacy_keys(old)["context"]["write"] == "norm"
-    assert fill_legacy_keys({"context": {"kind": "none"}}) == {"context": {"kind": "none"}}
-    new = {"context": {"kind": "memory_tokens", "write": "clip"}}
-    assert fill_legacy_keys(new) == new

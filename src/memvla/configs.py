@@ -307,7 +307,7 @@ class TokenizerConfig:
 
 CONTEXT_KINDS = ("none", "memory_tokens")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
-MEMORY_WRITES = ("clip", "norm")
+MEMORY_WRITES = ("norm", "clip")
 
 
 @dataclass
@@ -319,18 +319,18 @@ class ContextConfig:
     ``smolvla`` (read = write at the start) or ``rmt`` (read at the start, write at the
     end) layout; trained through the episode (see ``train.bptt_depth``).
 
-    ``write``: what bounds the written memory over a long episode. ``clip`` (default): the
-    backbone's residual stream at the write positions, scaled down per token where its RMS
-    exceeds ``max_rms`` (inside the bound the memory is the raw hidden state). ``norm``:
-    the output of the backbone's final RMSNorm (a fixed scale, but in our runs training
-    then made the written memory independent of the input and the memory never learnt).
+    ``write``: what bounds the written memory over a long episode. ``norm`` (default): the
+    output of the backbone's final RMSNorm (its scale is fixed by that norm's weight, so the
+    memory's norm stays flat however long the episode). ``clip``: the backbone's residual
+    stream at the write positions, scaled down per token where its RMS exceeds
+    ``max_rms`` (inside the bound the memory is the raw hidden state).
     """
 
     kind: str = "none"
     num_tokens: int = 4
     layout: str = "smolvla"
     init_std: float = 0.02
-    write: str = "clip"
+    write: str = "norm"
     max_rms: float = 4.0
 
     def __post_init__(self):
@@ -350,15 +350,6 @@ class ContextConfig:
     def recurrent(self) -> bool:
         """True when the policy carries state across chunks (trained through episodes)."""
         return self.kind != "none"
-
-
-def fill_legacy_keys(policy: dict) -> dict:
-    """A saved policy config (dict) with the keys of older versions made explicit: memory
-    policies saved before ``context.write`` existed wrote the memory through the final norm."""
-    ctx = policy.get("context") or {}
-    if ctx.get("kind") == "memory_tokens" and "write" not in ctx:
-        policy = {**policy, "context": {**ctx, "write": "norm"}}
-    return policy
 
 
 NORM_MODES = ("mean_std", "min_max", "identity")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config_utils import from_dict, to_dict
-from ..configs import PolicyConfig, fill_legacy_keys
+from ..configs import PolicyConfig
 from ..data.tokenizers import make_tokenizer
 from .checkpoint import (
     PROCESSOR_FILE,
@@ -138,7 +138,7 @@ class VLAPolicy(nn.Module):
         if meta["type"] != cls.policy_type:
             raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
                              f"{cls.policy_type!r}")
-        config = from_dict(PolicyConfig, fill_legacy_keys(meta["config"]))
+        config = from_dict(PolicyConfig, meta["config"])
         weights = read_tensors(d / WEIGHTS_FILE)
         processor = read_tensors(d / PROCESSOR_FILE)
         with torch.device("meta"):  # no random initialisation: every weight is loaded

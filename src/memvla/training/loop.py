@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ..config_utils import apply_overrides, from_dict, to_dict
-from ..configs import fill_legacy_keys
 from ..presets import get_preset
 from ..utils import atomic_write_json
 from .config import RunConfig, TrainConfig
@@ -118,9 +117,7 @@ def read_run_config(run: Path) -> RunConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; is {run} a memvla training run?")
     try:
-        data = json.loads(path.read_text())
-        data["policy"] = fill_legacy_keys(data.get("policy") or {})
-        return from_dict(RunConfig, data)
+        return from_dict(RunConfig, json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt JSON ({e})") from e
 
