@@ -54,6 +54,8 @@ class DemoSettings:
     delay: int = 8  # remember-color: empty steps between cue and choice
     cue_steps: int = 4
     n_colors: int = 3
+    palette_size: int = 3  # remember-color: the same three colours in every episode ...
+    layout: str = "fixed"  # ... at the same places: what is left to learn is the memory
     options: dict = field(default_factory=dict)  # other task options (e.g. n_swaps)
     longer: dict = field(default_factory=dict)  # options of an extra evaluation, e.g. 3× delay
     image_size: int = 32
@@ -78,7 +80,8 @@ class DemoSettings:
     def task_options(self, twin: bool, longer: bool = False) -> dict:
         opts = {"image_size": self.image_size, "memoryless": twin}
         if self.task == "remember-color":
-            opts.update(delay=self.delay, cue_steps=self.cue_steps, n_colors=self.n_colors)
+            opts.update(delay=self.delay, cue_steps=self.cue_steps, n_colors=self.n_colors,
+                        palette_size=self.palette_size, layout=self.layout)
         opts.update(self.options)
         if longer:
             opts.update(self.longer)

@@ -207,7 +207,7 @@ def success_sweeps(args) -> list[dict]:
                          action_noise=args.action_noise,
                          variants=[v.strip() for v in args.variants.split(",") if v.strip()])
         if task == "remember-color":
-            s.options = {"palette_size": args.palette_size, "layout": args.layout}
+            s.palette_size, s.layout = args.palette_size, args.layout
             s.longer = {"delay": 3 * args.delay}
         elif task == "shell-game":
             s.options = {"n_swaps": 3, "swap_steps": args.swap_steps}

@@ -13,6 +13,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--episodes", type=int, help="expert episodes per dataset")
     parser.add_argument("--eval-episodes", type=int, help="evaluation episodes per variant")
     parser.add_argument("--delay", type=int, help="empty steps between cue and choice")
+    parser.add_argument("--layout", choices=["fixed", "random"],
+                        help="disc places: the same every episode (fixed, default) or drawn "
+                        "per episode (random: a much harder visual problem)")
+    parser.add_argument("--palette-size", type=int,
+                        help="colours drawn from the first N of the palette (default 3)")
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--overwrite", action="store_true")
@@ -23,7 +28,7 @@ def run(args) -> int:
     from ..demo import DemoSettings, run_demo
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
-    for key in ("steps", "episodes", "eval_episodes", "delay", "seed"):
+    for key in ("steps", "episodes", "eval_episodes", "delay", "seed", "layout", "palette_size"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.variants:
