@@ -237,3 +237,12 @@ def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
     assert cue_sensitivity(policy, opts, episodes=2)["after_cue"] < 1e-6
     with pytest.raises(ValueError, match="needs a memory policy"):
         cue_sensitivity(make_policy(apply_overrides(cfg, ["context.kind=none"])), opts)
+
+
+def test_long_episode_bench_reports_paired_latency_and_a_flat_norm():
+    from memvla.bench.memory import long_episode
+
+    res = long_episode(steps=48, repeats=2)
+    assert res["chunk_every"] == 8 and res["paired_ratio"] > 0
+    assert res["max_norm"] <= 8.0 * 1.001  # tiny's final-norm weight is 1 at init: RMS 1
+    assert abs(res["norm_ratio"] - 1.0) < 1e-3
