@@ -9,7 +9,9 @@ Success (``--success``): for each task, the sweep of :mod:`memvla.demo` at
 :data:`SUCCESS_OVERRIDES` (expert data; plain VLA, memory tokens with k = 0, memory tokens
 with BPTT through the episode, and the plain VLA on the memoryless twin as the ceiling;
 chance as the floor), each evaluated on the same seeds, and again with a 3× longer delay
-(remember-color) or 3× more swaps (shell-game) than trained.
+(remember-color, fixed layout by default) or 3× more swaps (shell-game) than trained. For
+the memory variants on remember-color, :func:`cue_sensitivity` says whether the written
+memory depends on the cue at all.
 """
 
 from __future__ import annotations
