@@ -5,8 +5,8 @@ tokens, measured alternately in one run (the ratio is the figure), for ``tiny`` 
 ``smolvla-450m`` at reduced depth; and, over one long episode of a memory policy, the
 latency and the memory's norm near step 10 and near step 10,000.
 
-Success (``--success``): for each task, the sweep of :mod:`memvla.demo` at
-:data:`SUCCESS_OVERRIDES` (expert data; plain VLA, memory tokens with k = 0, memory tokens
+Success (``--success``): for each task, the sweep of :mod:`memvla.demo` at the demo's
+model (expert data; plain VLA, memory tokens with k = 0, memory tokens
 with BPTT through the episode, and the plain VLA on the memoryless twin as the ceiling;
 chance as the floor), each evaluated on the same seeds, and again with a 3× longer delay
 (remember-color, fixed layout by default) or 3× more swaps (shell-game) than trained. For
@@ -214,12 +214,6 @@ def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 
             "before_choice": float(np.mean(last)) / scale}
 
 
-# extra overrides of the success sweeps on top of the demo's (tiny at 2 + 2 layers, 4 tokens
-# per 32×32 image): none. On the fixed layout these see enough; what the memory variants
-# need is training steps (memory learning is a plateau before a sudden drop of the loss)
-SUCCESS_OVERRIDES: tuple[str, ...] = ()
-
-
 def success_sweeps(args) -> list[dict]:
     from ..demo import DemoSettings, run_sweep
 
@@ -227,7 +221,7 @@ def success_sweeps(args) -> list[dict]:
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         s = DemoSettings(task=task, episodes=args.episodes, steps=args.steps,
                          eval_episodes=args.eval_episodes, delay=args.delay, image_size=32,
-                         episode_batch=8, overrides=list(SUCCESS_OVERRIDES),
+                         episode_batch=8,
                          action_noise=args.action_noise,
                          variants=[v.strip() for v in args.variants.split(",") if v.strip()])
         if task == "remember-color":
