@@ -235,3 +235,32 @@ def test_fixed_layout_keeps_the_places_and_moves_the_colours(name):
         env.reset(seed=seed)
         random_places.add(env.positions.round(9).tobytes())
     assert len(random_places) == 4
+
+
+def test_fixed_colors_keep_each_place_s_colour_and_only_the_cue_changes():
+    frames, cues = set(), set()
+    for seed in range(12):
+        env = envs.make("remember-color", layout="fixed", colors="fixed", palette_size=3,
+                        delay=2, cue_steps=1, image_size=32)
+        env.reset(seed=seed)
+        u = env.unwrapped
+        assert list(u.color_ids) == [0, 1, 2]
+        cues.add(u.target)
+        expert = u.make_expert()
+        while u.phase != "choice":
+            obs, *_ = env.step(expert.act())
+        frames.add(obs["observation.images.top"].tobytes())
+    assert len(cues) == 3  # the cue still varies
+    assert len(frames) == 1  # the choice frames are the same in every episode
+    shuffled = set()
+    for seed in range(12):
+        env = envs.make("remember-color", layout="fixed", palette_size=3).unwrapped
+        env.reset(seed=seed)
+        shuffled.add(tuple(env.color_ids))
+    assert len(shuffled) > 1
+
+
+def test_bad_colors_option():
+    with pytest.raises(ValueError,
+                       match=r"'colors' must be one of \['shuffled', 'fixed'\], got 'sorted'"):
+        envs.make("remember-color", colors="sorted")

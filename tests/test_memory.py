@@ -125,7 +125,7 @@ def test_truncated_bptt_gradient_flow(k, flows):
 
 
 def test_every_parameter_gets_a_gradient_through_episodes():
-    policy = make_policy(memory_config())
+    policy = make_policy(memory_config(extra=["context.write=norm"]))
     loss, info = policy(episode_batch(policy.config, s=3, lengths=[24, 13]))
     assert info["segments"] == 3
     loss.backward()
@@ -147,7 +147,7 @@ def test_memory_written_before_the_final_norm_trains_every_other_parameter():
 
 
 def test_memory_stays_bounded_over_a_long_episode():
-    policy = make_policy(memory_config(extra=["model.num_steps=1"])).eval()
+    policy = make_policy(memory_config(extra=["model.num_steps=1", "context.write=norm"])).eval()
     seg = episode_batch(policy.config, b=1).segment(0)
     obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
     w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
@@ -242,7 +242,11 @@ def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
 def test_long_episode_bench_reports_paired_latency_and_a_flat_norm():
     from memvla.bench.memory import long_episode
 
-    res = long_episode(steps=48, repeats=2)
+    res = long_episode(steps=48, repeats=2)  # default write: clip at max_rms 16
     assert res["chunk_every"] == 8 and res["paired_ratio"] > 0
-    assert res["max_norm"] <= 8.0 * 1.001  # tiny's final-norm weight is 1 at init: RMS 1
+    assert res["norm_bound"] == pytest.approx(16.0 * 64 ** 0.5)
+    assert 0 < res["max_norm"] <= res["norm_bound"] * 1.001
+    res = long_episode(steps=48, repeats=2, overrides=("context.write=norm",))
+    assert res["norm_bound"] == pytest.approx(8.0)  # final-norm weight 1 at init: RMS 1
+    assert res["max_norm"] <= 8.0 * 1.001
     assert abs(res["norm_ratio"] - 1.0) < 1e-3

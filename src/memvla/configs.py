@@ -319,19 +319,22 @@ class ContextConfig:
     ``smolvla`` (read = write at the start) or ``rmt`` (read at the start, write at the
     end) layout; trained through the episode (see ``train.bptt_depth``).
 
-    ``write``: what bounds the written memory over a long episode. ``norm`` (default): the
-    output of the backbone's final RMSNorm (its scale is fixed by that norm's weight, so the
-    memory's norm stays flat however long the episode). ``clip``: the backbone's residual
-    stream at the write positions, scaled down per token where its RMS exceeds
-    ``max_rms`` (inside the bound the memory is the raw hidden state).
+    ``write``: what bounds the written memory over a long episode. ``clip`` (default): the
+    backbone's residual stream at the write positions, scaled down per token where its RMS
+    exceeds ``max_rms`` (inside the bound the memory is the raw hidden state, so the
+    residual connections carry it from segment to segment unchanged unless the layers
+    change it; keep the bound above the RMS the memory reaches within the trained horizon).
+    ``norm``: the output of the backbone's final RMSNorm (its scale is fixed by that norm's
+    weight, so the memory's norm stays flat however long the episode; but every update
+    rescales what is carried, and a cue did not survive 8 updates that way, see README).
     """
 
     kind: str = "none"
     num_tokens: int = 4
     layout: str = "smolvla"
     init_std: float = 0.02
-    write: str = "norm"
-    max_rms: float = 4.0
+    write: str = "clip"
+    max_rms: float = 16.0
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "

@@ -55,7 +55,8 @@ class DemoSettings:
     cue_steps: int = 4
     n_colors: int = 3
     palette_size: int = 3  # remember-color: the same three colours in every episode ...
-    layout: str = "fixed"  # ... at the same places: what is left to learn is the memory
+    layout: str = "fixed"  # ... at the same places ...
+    colors: str = "fixed"  # ... each with its own colour: what is left to learn is the memory
     options: dict = field(default_factory=dict)  # other task options (e.g. n_swaps)
     longer: dict = field(default_factory=dict)  # options of an extra evaluation, e.g. 3× delay
     image_size: int = 32
@@ -63,7 +64,7 @@ class DemoSettings:
     steps: int = 3000
     frame_batch: int = 64  # frames per step for plain policies
     episode_batch: int = 16  # episodes per step for memory policies
-    lr: float = 2e-3
+    lr: float = 5e-4  # at 2e-3 the image tokens lose the cue before the memory can use it
     eval_episodes: int = 100
     seed: int = 0
     preset: str = "tiny"
@@ -81,7 +82,8 @@ class DemoSettings:
         opts = {"image_size": self.image_size, "memoryless": twin}
         if self.task == "remember-color":
             opts.update(delay=self.delay, cue_steps=self.cue_steps, n_colors=self.n_colors,
-                        palette_size=self.palette_size, layout=self.layout)
+                        palette_size=self.palette_size, layout=self.layout,
+                        colors=self.colors)
         opts.update(self.options)
         if longer:
             opts.update(self.longer)

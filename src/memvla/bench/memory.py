@@ -6,11 +6,11 @@ tokens, measured alternately in one run (the ratio is the figure), for ``tiny`` 
 latency and the memory's norm near step 10 and near step 10,000.
 
 Success (``--success``): for each task, the sweep of :mod:`memvla.demo` at the demo's
-model (expert data; plain VLA, memory tokens with k = 0, memory tokens
+model and learning rate (expert data; plain VLA, memory tokens with k = 0, memory tokens
 with BPTT through the episode, and the plain VLA on the memoryless twin as the ceiling;
 chance as the floor), each evaluated on the same seeds, and again with a 3× longer delay
-(remember-color, fixed layout by default) or 3× more swaps (shell-game) than trained. For
-the memory variants on remember-color, :func:`cue_sensitivity` says whether the written
+(remember-color, fixed layout and colours by default) or 3× more swaps (shell-game) than
+trained. For the memory variants on remember-color, :func:`cue_sensitivity` says whether the written
 memory depends on the cue at all.
 """
 
@@ -40,6 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layout", default="fixed", choices=["fixed", "random"],
                         help="remember-color: disc places, the same every episode (fixed, the "
                         "default: what is left to learn is the memory) or drawn per episode")
+    parser.add_argument("--colors", default="fixed", choices=["fixed", "shuffled"],
+                        help="remember-color: each place keeps its colour (fixed, the default) "
+                        "or the colours swap places per episode (shuffled)")
     parser.add_argument("--swap-steps", type=int, default=8,
                         help="shell-game: frames per swap (8 = the chunk: the memory, written "
                         "once per chunk, sees every swap once)")
@@ -100,14 +103,17 @@ def latency_cost(preset: str, overrides: list[str], repeats: int) -> dict:
             "ratio": med["memory"] / med["plain"], "repeats": repeats}
 
 
-def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30) -> dict:
+def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
+                 overrides: tuple[str, ...] = ()) -> dict:
     """Latency and memory norm of a memory policy over one long episode (select_action).
 
     The latencies near step 10 and near the last step are as recorded along the episode,
     so machine drift over the run enters their ratio. ``paired_ratio`` removes it: after
     the episode, a chunk is predicted alternately from the memory carried to the last
     step and from the memory of step 10 (``repeats`` times each), and the ratio of the two
-    medians says what the long episode itself costs.
+    medians says what the long episode itself costs. ``norm_bound`` is the largest norm a
+    memory token can have (:meth:`FlowMatchingVLA.memory_norm_bound`). Without a
+    checkpoint: an untrained ``tiny`` memory policy with these config ``overrides``.
     """
     import statistics
     import time
@@ -122,7 +128,7 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30) -
         if not policy.is_recurrent:
             raise ValueError(f"{checkpoint}: not a memory policy (context.kind is none)")
     else:
-        _, policy = _policies("tiny", [])
+        _, policy = _policies("tiny", list(overrides))
     obs = _observation(policy.config)
     n = policy.config.n_action_steps
     rec: dict[int, tuple[float, float]] = {}
@@ -162,7 +168,8 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30) -
             "paired_ratio": statistics.median(paired["late"]) / statistics.median(
                 paired["early"]),
             "norm_ratio": late["memory_norm"] / early["memory_norm"],
-            "max_norm": max(v[1] for v in rec.values())}
+            "max_norm": max(v[1] for v in rec.values()),
+            "norm_bound": policy.model.memory_norm_bound()}
 
 
 def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 10_000) -> dict:
@@ -225,7 +232,7 @@ def success_sweeps(args) -> list[dict]:
                          action_noise=args.action_noise,
                          variants=[v.strip() for v in args.variants.split(",") if v.strip()])
         if task == "remember-color":
-            s.palette_size, s.layout = args.palette_size, args.layout
+            s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
             s.longer = {"delay": 3 * args.delay}
         elif task == "shell-game":
             s.options = {"n_swaps": 3, "swap_steps": args.swap_steps}
@@ -262,7 +269,7 @@ def run(args) -> int:
           f"paired: last-step vs step-10 memory timed alternately); memory norm "
           f"{long['early']['memory_norm']:.3f}"
           f" vs {long['late']['memory_norm']:.3f} (ratio {long['norm_ratio']:.3f}, max "
-          f"{long['max_norm']:.3f})")
+          f"{long['max_norm']:.3f}, bound {long['norm_bound']:.3f})")
     out = {"cost": cost, "long_episode": long, "torch": torch_info()}
     if args.success:
         sweeps = success_sweeps(args)

@@ -18,6 +18,10 @@ def add_arguments(parser) -> None:
                         "per episode (random: a much harder visual problem)")
     parser.add_argument("--palette-size", type=int,
                         help="colours drawn from the first N of the palette (default 3)")
+    parser.add_argument("--colors", choices=["fixed", "shuffled"],
+                        help="each place keeps its colour in every episode (fixed, default: the "
+                        "cue alone says where to go) or the colours swap places (shuffled: the "
+                        "policy must also match the remembered colour to a disc)")
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--overwrite", action="store_true")
@@ -28,7 +32,8 @@ def run(args) -> int:
     from ..demo import DemoSettings, run_demo
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
-    for key in ("steps", "episodes", "eval_episodes", "delay", "seed", "layout", "palette_size"):
+    for key in ("steps", "episodes", "eval_episodes", "delay", "seed", "layout", "palette_size",
+                "colors"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.variants:

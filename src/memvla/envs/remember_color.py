@@ -14,6 +14,7 @@ INSTRUCTIONS = (
     "touch the object that has the color shown at the start",
     "watch the color, wait, then touch the matching object",
 )
+COLOR_ORDERS = ("shuffled", "fixed")
 CORNER = 0.12  # side of the memoryless twin's cue patch (top-left corner, outside the ring)
 
 
@@ -26,7 +27,10 @@ class RememberColorEnv(TaskEnv):
     only their places and the cue change: an easier visual problem, the same memory one).
     ``layout="fixed"`` puts the discs at the same ``n_colors`` places in every episode
     (see :func:`ring_positions`): with a small palette the visual part is then a choice
-    among a few places and what is left to learn is the memory.
+    among a few places and what is left to learn is the memory. ``colors="fixed"`` also
+    gives every place the same colour in every episode (the first ``n_colors`` palette
+    entries in order), so the choice frames are identical across episodes and the cue
+    alone says where to go: a pure delayed-response task with nothing visual to match.
 
     The choice phase opens with ``ready_steps`` frames in which the discs are shown but the
     effector is held (actions are ignored), like the go signal of a delayed-response task:
@@ -43,7 +47,7 @@ class RememberColorEnv(TaskEnv):
 
     def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30,
                  ready_steps: int = 8, palette_size: int = len(render.PALETTE),
-                 layout: str = "random", **kwargs):
+                 layout: str = "random", colors: str = "shuffled", **kwargs):
         self.palette_size = check_int("palette_size", palette_size, 2, len(render.PALETTE),
                                       render.PALETTE_NOTE)
         self.n_colors = check_int("n_colors", n_colors, 2, self.palette_size,
@@ -52,6 +56,10 @@ class RememberColorEnv(TaskEnv):
         self.delay = check_int("delay", delay, 0, 10_000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.layout = check_layout(layout)
+        if colors not in COLOR_ORDERS:
+            raise ValueError(f"option 'colors' must be one of {list(COLOR_ORDERS)}, "
+                             f"got {colors!r}")
+        self.colors = colors
         self.cue_end = self.cue_steps
         self.choice_start = self.cue_steps + self.delay
         super().__init__(**kwargs)
@@ -77,6 +85,8 @@ class RememberColorEnv(TaskEnv):
 
     def _reset_task(self, rng, options) -> None:
         self.color_ids = rng.choice(self.palette_size, size=self.n_colors, replace=False)
+        if self.colors == "fixed":
+            self.color_ids = np.arange(self.n_colors)
         self.positions = ring_positions(rng, self.n_colors, layout=self.layout)  # (n, 2)
         self.target = int(rng.integers(self.n_colors))
         if "cue" in options:

@@ -199,6 +199,17 @@ class FlowMatchingVLA(nn.Module):
     def initial_memory(self, batch: int) -> Tensor | None:
         return None if self.memory_tokens is None else self.memory_tokens.initial(batch)
 
+    def memory_norm_bound(self) -> float:
+        """The largest L2 norm a written memory token can have: ``max_rms``·√D when clipped,
+        max|w|·√D through the final RMSNorm of weight w; 0 without memory."""
+        if self.memory_tokens is None:
+            return 0.0
+        d = self.cfg.text.width
+        if self.context.write == "clip":
+            return self.context.max_rms * d ** 0.5
+        w = self.vlm_with_expert.text_model.norm.weight.detach()
+        return float(w.abs().max()) * d ** 0.5
+
     def unused_parameter_names(self) -> set[str]:
         """Parameters the action loss never reaches: the prefix's hidden states after the
         last backbone layer are not read (only its keys/values are), so that layer's query,
