@@ -250,3 +250,46 @@ def test_long_episode_bench_reports_paired_latency_and_a_flat_norm():
     assert res["norm_bound"] == pytest.approx(8.0)  # final-norm weight 1 at init: RMS 1
     assert res["max_norm"] <= 8.0 * 1.001
     assert abs(res["norm_ratio"] - 1.0) < 1e-3
+
+
+CUE_COLOURS = torch.eye(3)  # red, green, blue cue squares
+CUE_TARGETS = torch.tensor([[1.0, 0.0, 0.0], [-0.5, 0.8, 0.0], [-0.5, -0.8, 0.0]])
+
+
+def cue_episodes(cue: torch.Tensor, a: int = 8) -> SegmentBatch:
+    """Two segments: the first shows a coloured square and asks for no motion, the second a
+    grey frame and asks for the cue's target, which only the memory can know."""
+    b = cue.shape[0]
+    img = torch.full((b, 2, 3, 32, 32), 0.5)
+    img[:, 0, :, 8:24, 8:24] = CUE_COLOURS[cue][:, :, None, None]
+    act = torch.zeros(b, 2, a, 3)
+    act[:, 1] = CUE_TARGETS[cue][:, None]
+    return SegmentBatch(observation={"observation.images.top": img,
+                                     "observation.state": torch.zeros(b, 2, 3)},
+                        action=act, action_is_pad=torch.zeros(b, 2, a, dtype=torch.bool),
+                        segment_is_pad=torch.zeros(b, 2, dtype=torch.bool),
+                        frame_index=torch.tensor([[0, a]]).repeat(b, 1),
+                        episode_index=torch.arange(b), length=torch.full((b,), 2 * a),
+                        task=["remember the color"] * b)
+
+
+def test_memory_learns_a_cue_it_must_carry_to_the_next_chunk():
+    torch.manual_seed(0)
+    cfg = apply_overrides(memory_config(), [
+        "model.text.depth=2", "model.expert.depth=2", "model.vision.image_size=32",
+        "image_shape=[3,32,32]", "model.num_steps=4"])
+    policy = make_policy(cfg)
+    opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
+    for _ in range(100):
+        loss, _ = policy(cue_episodes(torch.randint(0, 3, (16,))), bptt_depth=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    cue = torch.arange(3).repeat(8)
+    episodes = cue_episodes(cue)
+    for s in range(2):  # streaming inference: the memory carries the cue to chunk 2
+        obs = {k: v[:, s] for k, v in episodes.observation.items()} | {"task": episodes.task}
+        chunk = policy.predict_action_chunk(obs)  # (B, A, 3)
+    choice = (chunk.mean(1)[:, None] - CUE_TARGETS[None]).norm(dim=-1).argmin(-1)  # (B,)
+    assert (choice == cue).float().mean() >= 0.9  # chance: 1/3
