@@ -264,3 +264,19 @@ def test_bad_colors_option():
     with pytest.raises(ValueError,
                        match=r"'colors' must be one of \['shuffled', 'fixed'\], got 'sorted'"):
         envs.make("remember-color", colors="sorted")
+
+
+@pytest.mark.parametrize("name", ["remember-color", "shell-game", "seq-of-colors"])
+def test_choice_opens_with_a_hold_that_ignores_actions(name):
+    env = envs.make(name, ready_steps=5)
+    env.reset(seed=3)
+    u = env.unwrapped
+    expert = u.make_expert()
+    while u.phase != "choice":
+        env.step(expert.act())
+    start = u.eff.copy()
+    for _ in range(5):
+        env.step(np.array([1.0, 1.0, 0.0]))  # ignored while held
+    assert np.allclose(u.eff, start)
+    env.step(np.array([1.0, 1.0, 0.0]))
+    assert not np.allclose(u.eff, start)

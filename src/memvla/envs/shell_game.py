@@ -28,7 +28,12 @@ class ShellGameEnv(TaskEnv):
     """Three cups, raised, with the ball under one of them for ``cue_steps`` frames; the
     cups come down (``COVER_STEPS`` frames), then ``n_swaps`` swaps of two cups, each
     animated over ``swap_steps`` frames (one cup over the top, the other underneath).
-    Then touch the cup holding the ball; touching another fails.
+    Then touch the cup holding the ball; touching another fails. As in ``remember-color``,
+    the choice phase opens with ``ready_steps`` frames in which the effector is held
+    (actions are ignored): without it, the effector's first steps would already point at
+    the ball's cup in the next observation, and a policy with a history could learn to
+    continue its own motion (in the expert's data that motion is always right; in closed
+    loop it is whatever the policy started with) instead of remembering the ball.
 
     The swap sequence is drawn independently of the ball's cup, so every frame after the
     cover (``t >= cue_end``) is the same whatever cup the ball started under.
@@ -39,10 +44,12 @@ class ShellGameEnv(TaskEnv):
 
     option_keys = ("cue",)
 
-    def __init__(self, *, n_swaps: int = 3, swap_steps: int = 4, cue_steps: int = 4, **kwargs):
+    def __init__(self, *, n_swaps: int = 3, swap_steps: int = 4, cue_steps: int = 4,
+                 ready_steps: int = 8, **kwargs):
         self.n_swaps = check_int("n_swaps", n_swaps, 0, 100)
         self.swap_steps = check_int("swap_steps", swap_steps, 1, 50)
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
+        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.cue_end = self.cue_steps + COVER_STEPS
         self.choice_start = self.cue_end + self.n_swaps * self.swap_steps
         super().__init__(**kwargs)
@@ -53,7 +60,7 @@ class ShellGameEnv(TaskEnv):
         self.traj = np.zeros((self.choice_start + 1, 3, 2))  # (T, 3, 2) cup centres per frame
 
     def default_max_steps(self) -> int:
-        return self.cue_steps + COVER_STEPS + self.n_swaps * self.swap_steps + 25
+        return self.choice_start + self.ready_steps + 25
 
     @property
     def chance_level(self) -> float:
@@ -66,6 +73,9 @@ class ShellGameEnv(TaskEnv):
         if self.t < self.cue_end:
             return "cover"
         return "swap" if self.t < self.choice_start else "choice"
+
+    def _frozen(self) -> bool:
+        return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     @property
     def cups(self) -> np.ndarray:
