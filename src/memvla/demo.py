@@ -46,7 +46,7 @@ VARIANTS = [
 @dataclass
 class DemoSettings:
     """A sweep: one task, its expert data, every variant trained on the same budget and
-    evaluated on the same seeds. The defaults are the demo's (about 10 minutes on a 2-core
+    evaluated on the same seeds. The defaults are the demo's (about 6 minutes on a 2-core
     CPU); ``memvla bench memory`` runs bigger ones."""
 
     task: str = TASK
