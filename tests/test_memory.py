@@ -151,7 +151,9 @@ def test_memory_stays_bounded_over_a_long_episode():
     seg = episode_batch(policy.config, b=1).segment(0)
     obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
     w = policy.model.vlm_with_expert.text_model.norm.weight.detach()
-    bound = (w.abs().max() * w.numel() ** 0.5).item() * 1.001  # |RMSNorm(x) ⊙ w| <= max|w|·√D
+    bound = (w.abs().max() * w.numel() ** 0.5).item()  # |RMSNorm(x) ⊙ w| <= max|w|·√D
+    assert policy.model.memory_norm_bound() == pytest.approx(bound)
+    bound *= 1.001
     norms = []
     for _ in range(300):
         policy.predict_action_chunk(obs)
@@ -239,7 +241,7 @@ def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
         cue_sensitivity(make_policy(apply_overrides(cfg, ["context.kind=none"])), opts)
 
 
-def test_long_episode_bench_reports_paired_latency_and_a_flat_norm():
+def test_long_episode_bench_reports_paired_latency_and_the_norm_bound():
     from memvla.bench.memory import long_episode
 
     res = long_episode(steps=48, repeats=2)  # default write: clip at max_rms 16

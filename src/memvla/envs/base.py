@@ -52,10 +52,15 @@ def check_action(action: Any) -> np.ndarray:
 LAYOUTS = ("random", "fixed")  # object placement of the ring tasks (see ring_positions)
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A task option that must be one of ``choices``, with an actionable error."""
+    if value not in choices:
+        raise ValueError(f"option {name!r} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
 def check_layout(layout: Any) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"option 'layout' must be one of {list(LAYOUTS)}, got {layout!r}")
-    return str(layout)
+    return check_choice("layout", layout, LAYOUTS)
 
 
 def ring_positions(rng: np.random.Generator, n: int, radius: float = OBJECT_RADIUS,

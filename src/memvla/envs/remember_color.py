@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import CENTER, TaskEnv, check_int, check_layout, ring_positions
+from memvla.envs.base import (
+    CENTER,
+    TaskEnv,
+    check_choice,
+    check_int,
+    check_layout,
+    ring_positions,
+)
 from memvla.envs.experts import Expert, move_to, reach_choice
 
 INSTRUCTIONS = (
@@ -56,10 +63,7 @@ class RememberColorEnv(TaskEnv):
         self.delay = check_int("delay", delay, 0, 10_000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.layout = check_layout(layout)
-        if colors not in COLOR_ORDERS:
-            raise ValueError(f"option 'colors' must be one of {list(COLOR_ORDERS)}, "
-                             f"got {colors!r}")
-        self.colors = colors
+        self.colors = check_choice("colors", colors, COLOR_ORDERS)
         self.cue_end = self.cue_steps
         self.choice_start = self.cue_steps + self.delay
         super().__init__(**kwargs)
