@@ -141,6 +141,8 @@ def test_unknown_task_and_option():
         ("take-it-back", "image_size", 8, "[16, 512]"),
         ("reach-color", "max_episode_steps", 0, "[1, "),
         ("remember-color", "delay", 2.5, "[0, "),
+        ("remember-color", "max_delay", 10, "[30, "),  # below the default delay
+        ("shell-game", "max_swaps", 2, "[3, "),  # below the default n_swaps
     ],
 )
 def test_out_of_range_options(name, option, value, allowed):

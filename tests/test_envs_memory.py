@@ -280,3 +280,25 @@ def test_choice_opens_with_a_hold_that_ignores_actions(name):
     assert np.allclose(u.eff, start)
     env.step(np.array([1.0, 1.0, 0.0]))
     assert not np.allclose(u.eff, start)
+
+
+@pytest.mark.parametrize(("name", "low", "high", "draw"), [
+    ("remember-color", {"delay": 4}, {"max_delay": 12}, lambda u: u.episode_delay),
+    ("shell-game", {"n_swaps": 0}, {"max_swaps": 4}, lambda u: len(u.swaps)),
+])
+def test_varied_delay_and_swaps_are_drawn_per_episode(name, low, high, draw):
+    env = envs.make(name, **low, **high)
+    u = env.unwrapped
+    drawn = set()
+    for seed in range(40):
+        ok, frames, _ = run_expert(env, seed)
+        assert ok
+        drawn.add(draw(u))
+        assert u.choice_start == (u.cue_steps + u.episode_delay if name == "remember-color"
+                                  else u.cue_end + len(u.swaps) * u.swap_steps)
+    assert drawn == set(range(next(iter(low.values())), next(iter(high.values())) + 1))
+    fixed = envs.make(name, **low).unwrapped  # without max_*: the same episodes as before
+    fixed.reset(seed=5)
+    same = envs.make(name, **low, **{k: next(iter(low.values())) for k in high}).unwrapped
+    same.reset(seed=5)
+    assert np.array_equal(fixed.render(), same.render()) and fixed.choice_start == same.choice_start

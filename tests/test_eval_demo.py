@@ -120,3 +120,23 @@ def test_sweep_with_other_variants_both_families_and_pruner_counts(tmp_path):
             assert kept["visual_tokens"] == 16
             assert 1 <= kept["min"] <= kept["mean"] <= kept["max"] <= 16
             assert sum(kept["histogram"]) > 0
+
+
+def test_sweep_trains_on_varied_episodes_and_evaluates_on_fixed_ones(tmp_path):
+    """``data_options`` reach the recorded data only: 0..3 swaps there, 3 in evaluation."""
+    from memvla.data.lerobot_v3_read import LeRobotV3Dataset
+    from memvla.demo import DemoSettings, run_sweep
+
+    s = DemoSettings.quick()
+    s.task, s.episodes, s.variants = "shell-game", 16, ["memory-bptt"]
+    s.options = {"n_swaps": 3, "swap_steps": 8}
+    s.data_options = {"n_swaps": 0, "max_swaps": 3}
+    res = run_sweep(tmp_path / "sweep", s, progress=False, report=False)
+    ds = LeRobotV3Dataset(tmp_path / "sweep" / "data" / "shell-game")
+    lengths = [b - a for a, b in map(ds.episode_range, range(ds.num_episodes))]
+    # with 3 swaps of 8 frames the choice (and its 8 held frames) starts at frame 30
+    assert min(lengths) < 30 and max(lengths) > 38
+    assert res["variants"][0]["eval"]["episodes"] == 4
+    assert res["variants"][0]["eval"]["mean_episode_length"] > 30  # evaluated on 3 swaps
+    assert s.task_options(False) == {"image_size": 32, "memoryless": False, "n_swaps": 3,
+                                     "swap_steps": 8}

@@ -1,6 +1,8 @@
 """Recurrent memory tokens on the flow VLA: masks of both layouts, streaming inference ==
 episode training forward, reset, truncated BPTT, bounded memory, bad configs."""
 
+import re
+
 import pytest
 import torch
 from helpers import narrow_config
@@ -295,3 +297,14 @@ def test_memory_learns_a_cue_it_must_carry_to_the_next_chunk():
         chunk = policy.predict_action_chunk(obs)  # (B, A, 3)
     choice = (chunk.mean(1)[:, None] - CUE_TARGETS[None]).norm(dim=-1).argmin(-1)  # (B,)
     assert (choice == cue).float().mean() >= 0.9  # chance: 1/3
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--min-swaps", "4"], r"--min-swaps must be in \[0, --swaps=3\], got 4"),
+    (["--delay", "10", "--min-delay", "12"], r"--min-delay must be in \[0, --delay=10\], got 12"),
+])
+def test_bench_memory_rejects_bad_training_ranges_before_timing(flags, message, capsys):
+    from memvla.cli import main
+
+    assert main(["bench", "memory", "--success", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)

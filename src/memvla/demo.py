@@ -59,6 +59,7 @@ class DemoSettings:
     colors: str = "fixed"  # ... each with its own colour: what is left to learn is the memory
     options: dict = field(default_factory=dict)  # other task options (e.g. n_swaps)
     longer: dict = field(default_factory=dict)  # options of an extra evaluation, e.g. 3× delay
+    data_options: dict = field(default_factory=dict)  # of the expert data only, e.g. max_swaps
     image_size: int = 32
     action_noise: float = 0.0  # perturbed demonstrations (DART), see memvla datagen
     steps: int = 3000
@@ -78,7 +79,7 @@ class DemoSettings:
         return DemoSettings(episodes=12, delay=3, steps=3, frame_batch=8, episode_batch=4,
                             eval_episodes=4, overrides=["policy.model.num_steps=2"], lanes=1)
 
-    def task_options(self, twin: bool, longer: bool = False) -> dict:
+    def task_options(self, twin: bool, longer: bool = False, data: bool = False) -> dict:
         opts = {"image_size": self.image_size, "memoryless": twin}
         if self.task == "remember-color":
             opts.update(delay=self.delay, cue_steps=self.cue_steps, n_colors=self.n_colors,
@@ -87,6 +88,8 @@ class DemoSettings:
         opts.update(self.options)
         if longer:
             opts.update(self.longer)
+        if data:  # train on varied episodes (e.g. 0..3 swaps), evaluate on the fixed ones
+            opts.update(self.data_options)
         return opts
 
     def policy_overrides(self, family: str = "flow") -> list[str]:
@@ -135,7 +138,7 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
         name = f"{s.task}-twin" if twin else s.task
         say(f"[demo] recording {s.episodes} expert episodes of {name}")
         summary = generate_dataset(s.task, s.episodes, out / "data" / name, seed=s.seed,
-                                   options=s.task_options(twin), overwrite=True,
+                                   options=s.task_options(twin, data=True), overwrite=True,
                                    progress=progress, action_noise=s.action_noise)
         datasets[twin], data_summaries[name] = out / "data" / name, summary
 

@@ -35,6 +35,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=10000, help="training steps per variant")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--delay", type=int, default=30, help="remember-color delay")
+    parser.add_argument("--min-delay", type=int, default=None,
+                        help="remember-color: draw each training episode's delay from "
+                        "[MIN_DELAY, --delay] (default: every episode at --delay); evaluation "
+                        "stays at --delay")
     parser.add_argument("--palette-size", type=int, default=3,
                         help="remember-color: colours drawn from the first N of the palette (3)")
     parser.add_argument("--layout", default="fixed", choices=["fixed", "random"],
@@ -46,6 +50,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--swap-steps", type=int, default=8,
                         help="shell-game: frames per swap (8 = the chunk: the memory, written "
                         "once per chunk, sees every swap once)")
+    parser.add_argument("--swaps", type=int, default=3, help="shell-game: swaps per episode")
+    parser.add_argument("--min-swaps", type=int, default=0,
+                        help="shell-game: draw each training episode's number of swaps from "
+                        "[MIN_SWAPS, --swaps] (default 0; with --swaps every episode has the "
+                        "same); evaluation stays at --swaps")
     parser.add_argument("--action-noise", type=float, default=0.0,
                         help="perturbed demonstrations (DART) of the expert data (0)")
     parser.add_argument("--variants", default="memory-bptt,plain-twin,memory-k0,plain",
@@ -221,6 +230,13 @@ def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 
             "before_choice": float(np.mean(last)) / scale}
 
 
+def _check_ranges(args) -> None:
+    for name, lo, hi, flag in [("--min-delay", args.min_delay, args.delay, "--delay"),
+                               ("--min-swaps", args.min_swaps, args.swaps, "--swaps")]:
+        if lo is not None and not 0 <= lo <= hi:
+            raise ValueError(f"{name} must be in [0, {flag}={hi}], got {lo}")
+
+
 def success_sweeps(args) -> list[dict]:
     from ..demo import DemoSettings, run_sweep
 
@@ -234,9 +250,12 @@ def success_sweeps(args) -> list[dict]:
         if task == "remember-color":
             s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
             s.longer = {"delay": 3 * args.delay}
+            if args.min_delay is not None:
+                s.data_options = {"delay": args.min_delay, "max_delay": args.delay}
         elif task == "shell-game":
-            s.options = {"n_swaps": 3, "swap_steps": args.swap_steps}
-            s.longer = {"n_swaps": 9}
+            s.options = {"n_swaps": args.swaps, "swap_steps": args.swap_steps}
+            s.longer = {"n_swaps": 3 * args.swaps}
+            s.data_options = {"n_swaps": args.min_swaps, "max_swaps": args.swaps}
         res = run_sweep(Path(args.out) / task, s, progress=not args.no_progress,
                         overwrite=True, report=False)
         if task == "remember-color":
@@ -255,6 +274,7 @@ def run(args) -> int:
     from ..utils import atomic_write_json
     from .timing import format_table, torch_info
 
+    _check_ranges(args)  # before minutes of timing
     cost = [latency_cost("tiny", [], args.repeats),
             latency_cost("smolvla-450m", ["model.text.depth=2", "model.expert.depth=2",
                                           "model.vision.depth=2"], max(5, args.repeats // 5))]

@@ -51,8 +51,10 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     per episode) or "fixed" (the same places every episode, only the colours move). The
     choice phase opens with ``ready_steps`` frames (default 8) in which the discs are
     shown but the effector is held (a go signal: a chunk planned before the discs
-    appeared is not executed blind). Chance 1/n_colors.
-    Max steps cue_steps + delay + ready_steps + 25.
+    appeared is not executed blind). ``colors`` "shuffled" (default) or "fixed" (each
+    place keeps its colour). ``max_delay`` (default None): each episode draws its delay
+    from [delay, max_delay]. Chance 1/n_colors.
+    Max steps cue_steps + max(delay, max_delay) + ready_steps + 25.
     The choice colours and positions do not depend on the cue, so the frames after the
     cue are identical whatever it was. ``reset(options={"cue": i})`` forces choice object
     i as the cue. Twin: the cue colour stays in a top-left corner patch.
@@ -60,10 +62,12 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     Three raised cups with a red ball under one for ``cue_steps`` frames (default 4), the
     cups come down (2 frames), then ``n_swaps`` swaps (0..100, default 3) of two cups,
     each animated over ``swap_steps`` frames (default 4; one cup arcs over, one under);
-    then touch the ball's cup. Chance 1/3. Max steps cue_steps + 2 + n_swaps·swap_steps +
-    25. The swaps are drawn independently of the ball, so the frames after the cover are
-    identical whatever cup hid it. ``reset(options={"cue": slot})`` forces the ball's cup.
-    Twin: the ball stays visible over its cup.
+    then touch the ball's cup, after ``ready_steps`` held frames (default 8).
+    ``max_swaps`` (default None): each episode draws its number of swaps from [n_swaps,
+    max_swaps]. Chance 1/3. Max steps cue_steps + 2 + max(n_swaps, max_swaps)·swap_steps +
+    ready_steps + 25. The swaps are drawn independently of the ball, so the frames after
+    the cover are identical whatever cup hid it. ``reset(options={"cue": slot})`` forces
+    the ball's cup. Twin: the ball stays visible over its cup.
 ``seq-of-colors`` (``memvla/SeqOfColors-v0``)
     ``n_items`` colours (1..9, default 3) shown one after another at the centre,
     ``item_steps`` frames each (default 3), ``delay`` empty frames (default 10), then discs

@@ -28,6 +28,8 @@ CORNER = 0.12  # side of the memoryless twin's cue patch (top-left corner, outsi
 class RememberColorEnv(TaskEnv):
     """Cue disc at the centre for ``cue_steps`` frames, ``delay`` empty frames, then
     ``n_colors`` discs on a ring; touching the cue's colour succeeds, another fails.
+    With ``max_delay`` set, every episode draws its delay uniformly from [delay,
+    max_delay] (training on varied delays; ``episode_delay`` is the episode's).
 
     The colours are drawn from the first ``palette_size`` palette entries (all nine by
     default; with ``palette_size = n_colors`` every episode shows the same colours and
@@ -53,26 +55,30 @@ class RememberColorEnv(TaskEnv):
     option_keys = ("cue",)
 
     def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30,
-                 ready_steps: int = 8, palette_size: int = len(render.PALETTE),
-                 layout: str = "random", colors: str = "shuffled", **kwargs):
+                 max_delay: int | None = None, ready_steps: int = 8,
+                 palette_size: int = len(render.PALETTE), layout: str = "random",
+                 colors: str = "shuffled", **kwargs):
         self.palette_size = check_int("palette_size", palette_size, 2, len(render.PALETTE),
                                       render.PALETTE_NOTE)
         self.n_colors = check_int("n_colors", n_colors, 2, self.palette_size,
                                   "at most palette_size")
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
+        self.max_delay = self.delay if max_delay is None else check_int(
+            "max_delay", max_delay, self.delay, 10_000, "at least delay, or None")
+        self.episode_delay = self.delay
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.layout = check_layout(layout)
         self.colors = check_choice("colors", colors, COLOR_ORDERS)
         self.cue_end = self.cue_steps
-        self.choice_start = self.cue_steps + self.delay
+        self.choice_start = self.cue_steps + self.delay  # of the current episode
         super().__init__(**kwargs)
         self.positions = np.zeros((self.n_colors, 2))  # (n, 2)
         self.color_ids = np.zeros(self.n_colors, dtype=np.int64)  # (n,) palette indices
         self.target = 0
 
     def default_max_steps(self) -> int:
-        return self.choice_start + self.ready_steps + 25
+        return self.cue_steps + self.max_delay + self.ready_steps + 25
 
     @property
     def chance_level(self) -> float:
@@ -88,6 +94,9 @@ class RememberColorEnv(TaskEnv):
         return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     def _reset_task(self, rng, options) -> None:
+        if self.max_delay > self.delay:  # no draw otherwise: fixed-delay episodes unchanged
+            self.episode_delay = int(rng.integers(self.delay, self.max_delay + 1))
+        self.choice_start = self.cue_steps + self.episode_delay
         self.color_ids = rng.choice(self.palette_size, size=self.n_colors, replace=False)
         if self.colors == "fixed":
             self.color_ids = np.arange(self.n_colors)

@@ -28,7 +28,9 @@ class ShellGameEnv(TaskEnv):
     """Three cups, raised, with the ball under one of them for ``cue_steps`` frames; the
     cups come down (``COVER_STEPS`` frames), then ``n_swaps`` swaps of two cups, each
     animated over ``swap_steps`` frames (one cup over the top, the other underneath).
-    Then touch the cup holding the ball; touching another fails. As in ``remember-color``,
+    Then touch the cup holding the ball; touching another fails. With ``max_swaps`` set,
+    every episode draws its number of swaps uniformly from [n_swaps, max_swaps]
+    (``len(self.swaps)``). As in ``remember-color``,
     the choice phase opens with ``ready_steps`` frames in which the effector is held
     (actions are ignored): without it, the effector's first steps would already point at
     the ball's cup in the next observation, and a policy with a history could learn to
@@ -44,14 +46,16 @@ class ShellGameEnv(TaskEnv):
 
     option_keys = ("cue",)
 
-    def __init__(self, *, n_swaps: int = 3, swap_steps: int = 4, cue_steps: int = 4,
-                 ready_steps: int = 8, **kwargs):
+    def __init__(self, *, n_swaps: int = 3, max_swaps: int | None = None, swap_steps: int = 4,
+                 cue_steps: int = 4, ready_steps: int = 8, **kwargs):
         self.n_swaps = check_int("n_swaps", n_swaps, 0, 100)
+        self.max_swaps = self.n_swaps if max_swaps is None else check_int(
+            "max_swaps", max_swaps, self.n_swaps, 100, "at least n_swaps, or None")
         self.swap_steps = check_int("swap_steps", swap_steps, 1, 50)
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
         self.cue_end = self.cue_steps + COVER_STEPS
-        self.choice_start = self.cue_end + self.n_swaps * self.swap_steps
+        self.choice_start = self.cue_end + self.n_swaps * self.swap_steps  # this episode's
         super().__init__(**kwargs)
         self._cup = render.cup_mask(render.px_len(CUP_HALF, self.image_size))
         self._ball = render.disc_mask(render.px_len(BALL_RADIUS, self.image_size))
@@ -60,7 +64,7 @@ class ShellGameEnv(TaskEnv):
         self.traj = np.zeros((self.choice_start + 1, 3, 2))  # (T, 3, 2) cup centres per frame
 
     def default_max_steps(self) -> int:
-        return self.choice_start + self.ready_steps + 25
+        return self.cue_end + self.max_swaps * self.swap_steps + self.ready_steps + 25
 
     @property
     def chance_level(self) -> float:
@@ -87,7 +91,11 @@ class ShellGameEnv(TaskEnv):
 
     def _reset_task(self, rng, options) -> None:
         pairs = np.array([[0, 1], [1, 2], [0, 2]])
-        self.swaps = pairs[rng.integers(3, size=self.n_swaps)]  # (n_swaps, 2)
+        n = self.n_swaps  # no draw for a fixed count: fixed-count episodes stay unchanged
+        if self.max_swaps > self.n_swaps:
+            n = int(rng.integers(self.n_swaps, self.max_swaps + 1))
+        self.swaps = pairs[rng.integers(3, size=n)]  # (n, 2)
+        self.choice_start = self.cue_end + n * self.swap_steps
         self.ball_cup = int(rng.integers(3))
         if "cue" in options:
             self.ball_cup = check_int("cue", options["cue"], 0, 2)
