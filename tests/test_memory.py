@@ -308,3 +308,26 @@ def test_bench_memory_rejects_bad_training_ranges_before_timing(flags, message, 
 
     assert main(["bench", "memory", "--success", *flags]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_bench_memory_sweep_settings_from_the_command_line():
+    import argparse
+
+    from memvla.bench.memory import add_arguments, sweep_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--min-delay", "10", "--opt", "cue_steps=2",
+                              "--set", "policy.context.write=norm"])
+    rc = sweep_settings(args, "remember-color")
+    assert rc.task_options(False)["delay"] == 30 and rc.task_options(False)["cue_steps"] == 2
+    assert rc.task_options(False, data=True)["delay"] == 10
+    assert rc.task_options(False, data=True)["max_delay"] == 30
+    assert rc.task_options(False, longer=True)["delay"] == 90
+    assert rc.overrides == ["policy.context.write=norm"]
+    sg = sweep_settings(args, "shell-game")
+    assert sg.task_options(True)["n_swaps"] == 3 and sg.task_options(True)["memoryless"]
+    assert (sg.task_options(False, data=True)["n_swaps"],
+            sg.task_options(False, data=True)["max_swaps"]) == (0, 3)
+    assert sg.task_options(False, longer=True)["n_swaps"] == 9
+    assert "max_swaps" not in sg.task_options(False, longer=True)

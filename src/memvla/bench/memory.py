@@ -59,6 +59,12 @@ def add_arguments(parser) -> None:
                         help="perturbed demonstrations (DART) of the expert data (0)")
     parser.add_argument("--variants", default="memory-bptt,plain-twin,memory-k0,plain",
                         help="comma-separated subset of the demo's variants")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option of every task, data and evaluation (repeatable), "
+                        "e.g. --opt cue_steps=2")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override of every variant (repeatable), e.g. "
+                        "--set policy.context.write=norm")
     parser.add_argument("--out", default="outputs/bench_memory", help="sweep directory")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -237,25 +243,35 @@ def _check_ranges(args) -> None:
             raise ValueError(f"{name} must be in [0, {flag}={hi}], got {lo}")
 
 
+def sweep_settings(args, task: str):
+    """The :class:`memvla.demo.DemoSettings` of one task's sweep, from the CLI arguments."""
+    from ..commands.datagen import parse_options
+    from ..demo import DemoSettings
+
+    s = DemoSettings(task=task, episodes=args.episodes, steps=args.steps,
+                     eval_episodes=args.eval_episodes, delay=args.delay, image_size=32,
+                     episode_batch=8, action_noise=args.action_noise,
+                     variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+                     overrides=list(args.set))
+    if task == "remember-color":
+        s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
+        s.longer = {"delay": 3 * args.delay}
+        if args.min_delay is not None:
+            s.data_options = {"delay": args.min_delay, "max_delay": args.delay}
+    elif task == "shell-game":
+        s.options = {"n_swaps": args.swaps, "swap_steps": args.swap_steps}
+        s.longer = {"n_swaps": 3 * args.swaps}
+        s.data_options = {"n_swaps": args.min_swaps, "max_swaps": args.swaps}
+    s.options.update(parse_options(args.opt))
+    return s
+
+
 def success_sweeps(args) -> list[dict]:
-    from ..demo import DemoSettings, run_sweep
+    from ..demo import run_sweep
 
     results = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        s = DemoSettings(task=task, episodes=args.episodes, steps=args.steps,
-                         eval_episodes=args.eval_episodes, delay=args.delay, image_size=32,
-                         episode_batch=8,
-                         action_noise=args.action_noise,
-                         variants=[v.strip() for v in args.variants.split(",") if v.strip()])
-        if task == "remember-color":
-            s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
-            s.longer = {"delay": 3 * args.delay}
-            if args.min_delay is not None:
-                s.data_options = {"delay": args.min_delay, "max_delay": args.delay}
-        elif task == "shell-game":
-            s.options = {"n_swaps": args.swaps, "swap_steps": args.swap_steps}
-            s.longer = {"n_swaps": 3 * args.swaps}
-            s.data_options = {"n_swaps": args.min_swaps, "max_swaps": args.swaps}
+        s = sweep_settings(args, task)
         res = run_sweep(Path(args.out) / task, s, progress=not args.no_progress,
                         overwrite=True, report=False)
         if task == "remember-color":
