@@ -302,3 +302,30 @@ def test_varied_delay_and_swaps_are_drawn_per_episode(name, low, high, draw):
     same = envs.make(name, **low, **{k: next(iter(low.values())) for k in high}).unwrapped
     same.reset(seed=5)
     assert np.array_equal(fixed.render(), same.render()) and fixed.choice_start == same.choice_start
+
+
+@pytest.mark.parametrize("name", ["remember-color", "shell-game", "seq-of-colors"])
+def test_expert_waits_while_held_unless_told_to_aim(name):
+    """``ready_actions=wait`` (default): zero motion while held, so an action chunk that
+    overlaps the start of the choice holds still before it; ``aim``: already moving."""
+    for mode, moving in [("wait", False), ("aim", True)]:
+        env = envs.make(name, ready_actions=mode)
+        env.reset(seed=1)
+        u = env.unwrapped
+        expert = u.make_expert()
+        held = []
+        for _ in range(u.max_episode_steps):
+            a = expert.act()
+            if u._frozen():
+                held.append(np.abs(a[:2]).max())
+            _, _, terminated, truncated, info = env.step(a)
+            if terminated or truncated:
+                break
+        assert info["is_success"] and len(held) == u.ready_steps
+        assert (min(held) > 0.1) == moving and (max(held) == 0.0) == (not moving)
+
+
+def test_bad_ready_actions_option():
+    with pytest.raises(ValueError,
+                       match=r"'ready_actions' must be one of \['wait', 'aim'\], got 'go'"):
+        envs.make("shell-game", ready_actions="go")

@@ -39,6 +39,11 @@ Common to every task
   the current phase; ``env.unwrapped.cue_end``: the first frame index without the cue.
 * Options of every task: ``image_size`` (16..512, default 64), ``max_episode_steps``,
   ``memoryless`` (bool), ``render_mode`` (None or "rgb_array").
+* remember-color, shell-game and seq-of-colors open the choice phase with ``ready_steps``
+  held frames; ``ready_actions`` says what their expert sends meanwhile: ``wait``
+  (default, no motion) or ``aim`` (already the motion toward the target, ignored while
+  held). With ``wait`` no action chunk predicted before the choice contains a move,
+  whenever the choice starts.
 
 Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registered twin
 ``X-memoryless`` = ``make(X, memoryless=True)`` in which the cue stays visible)

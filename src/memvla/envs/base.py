@@ -49,6 +49,7 @@ def check_action(action: Any) -> np.ndarray:
     return np.clip(a, -1.0, 1.0)  # (Da,)
 
 
+READY_ACTIONS = ("wait", "aim")  # what experts send while held (see check_ready_actions)
 LAYOUTS = ("random", "fixed")  # object placement of the ring tasks (see ring_positions)
 
 
@@ -57,6 +58,16 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"option {name!r} must be one of {list(choices)}, got {value!r}")
     return str(value)
+
+
+def check_ready_actions(value: Any) -> str:
+    """Option ``ready_actions`` of the tasks whose choice opens with a hold: what the
+    scripted expert sends while the effector is held. ``wait`` (default): no motion, so an
+    action chunk predicted before the choice holds still whenever the choice starts. ``aim``:
+    already the motion toward the target (ignored while held); a chunk that overlaps the
+    start of the choice then ends with moves, which a policy that cannot tell when the
+    choice starts (a longer or varied delay) executes before it."""
+    return check_choice("ready_actions", value, READY_ACTIONS)
 
 
 def check_layout(layout: Any) -> str:

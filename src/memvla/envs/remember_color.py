@@ -11,9 +11,10 @@ from memvla.envs.base import (
     check_choice,
     check_int,
     check_layout,
+    check_ready_actions,
     ring_positions,
 )
-from memvla.envs.experts import Expert, move_to, reach_choice
+from memvla.envs.experts import Expert, hold, move_to, reach_choice, waits
 
 INSTRUCTIONS = (
     "remember the color and touch it later",
@@ -55,7 +56,7 @@ class RememberColorEnv(TaskEnv):
     option_keys = ("cue",)
 
     def __init__(self, *, n_colors: int = 3, cue_steps: int = 4, delay: int = 30,
-                 max_delay: int | None = None, ready_steps: int = 8,
+                 max_delay: int | None = None, ready_steps: int = 8, ready_actions: str = "wait",
                  palette_size: int = len(render.PALETTE), layout: str = "random",
                  colors: str = "shuffled", **kwargs):
         self.palette_size = check_int("palette_size", palette_size, 2, len(render.PALETTE),
@@ -68,6 +69,7 @@ class RememberColorEnv(TaskEnv):
             "max_delay", max_delay, self.delay, 10_000, "at least delay, or None")
         self.episode_delay = self.delay
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
+        self.ready_actions = check_ready_actions(ready_actions)
         self.layout = check_layout(layout)
         self.colors = check_choice("colors", colors, COLOR_ORDERS)
         self.cue_end = self.cue_steps
@@ -131,12 +133,12 @@ class RememberColorEnv(TaskEnv):
 
 
 class RememberColorExpert(Expert):
-    """Parks at the centre during cue and delay, then goes straight to the cued colour
-    (already while the effector is held at the start of the choice phase: those commands
-    are ignored, and they make every choice frame's action chunk point at the target)."""
+    """Parks at the centre during cue and delay, waits while the effector is held at the
+    start of the choice phase (with ``ready_actions=aim`` it already aims: those commands
+    are ignored), then goes straight to the cued colour."""
 
     def act(self, obs=None) -> np.ndarray:
         env = self.env
         if env.phase != "choice":
             return move_to(env.eff, CENTER)
-        return reach_choice(env)
+        return hold() if waits(env) else reach_choice(env)

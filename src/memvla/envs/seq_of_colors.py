@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import CENTER, TaskEnv, check_int, ring_positions
-from memvla.envs.experts import Expert, goto_avoiding, move_to
+from memvla.envs.base import CENTER, TaskEnv, check_int, check_ready_actions, ring_positions
+from memvla.envs.experts import Expert, goto_avoiding, hold, move_to, waits
 
 INSTRUCTIONS = (
     "touch the objects in the order the colors were shown",
@@ -34,11 +34,12 @@ class SeqOfColorsEnv(TaskEnv):
     option_keys = ("cue",)
 
     def __init__(self, *, n_items: int = 3, item_steps: int = 3, delay: int = 10,
-                 ready_steps: int = 8, **kwargs):
+                 ready_steps: int = 8, ready_actions: str = "wait", **kwargs):
         self.n_items = check_int("n_items", n_items, 1, len(render.PALETTE), render.PALETTE_NOTE)
         self.item_steps = check_int("item_steps", item_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
+        self.ready_actions = check_ready_actions(ready_actions)
         self.cue_end = self.n_items * self.item_steps
         self.choice_start = self.cue_end + self.delay
         super().__init__(**kwargs)
@@ -121,6 +122,8 @@ class SeqOfColorsExpert(Expert):
         env = self.env
         if env.phase != "choice" or env.n_done >= env.n_items:
             return move_to(env.eff, CENTER)
+        if waits(env):
+            return hold()
         target = env.order[env.n_done]
         others = env.positions[[i for i in env.remaining if i != target]]  # (m, 2)
         return goto_avoiding(env.eff, env.positions[target], others, CENTER)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import TaskEnv, check_int
-from memvla.envs.experts import Expert, goto_avoiding, hold
+from memvla.envs.base import TaskEnv, check_int, check_ready_actions
+from memvla.envs.experts import Expert, goto_avoiding, hold, waits
 
 INSTRUCTIONS = (
     "find the ball under the cups",
@@ -47,13 +47,14 @@ class ShellGameEnv(TaskEnv):
     option_keys = ("cue",)
 
     def __init__(self, *, n_swaps: int = 3, max_swaps: int | None = None, swap_steps: int = 4,
-                 cue_steps: int = 4, ready_steps: int = 8, **kwargs):
+                 cue_steps: int = 4, ready_steps: int = 8, ready_actions: str = "wait", **kwargs):
         self.n_swaps = check_int("n_swaps", n_swaps, 0, 100)
         self.max_swaps = self.n_swaps if max_swaps is None else check_int(
             "max_swaps", max_swaps, self.n_swaps, 100, "at least n_swaps, or None")
         self.swap_steps = check_int("swap_steps", swap_steps, 1, 50)
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
         self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
+        self.ready_actions = check_ready_actions(ready_actions)
         self.cue_end = self.cue_steps + COVER_STEPS
         self.choice_start = self.cue_end + self.n_swaps * self.swap_steps  # this episode's
         super().__init__(**kwargs)
@@ -150,7 +151,7 @@ class ShellGameExpert(Expert):
 
     def act(self, obs=None) -> np.ndarray:
         env = self.env
-        if env.phase != "choice":
+        if env.phase != "choice" or waits(env):
             return hold()
         cups = env.cups  # (3, 2)
         others = np.delete(cups, env.ball_cup, axis=0)  # (2, 2)
