@@ -326,7 +326,8 @@ class ContextConfig:
     change it; keep the bound above the RMS the memory reaches within the trained horizon).
     ``norm``: the output of the backbone's final RMSNorm (its scale is fixed by that norm's
     weight, so the memory's norm stays flat however long the episode; but every update
-    rescales what is carried, and a cue did not survive 8 updates that way, see README).
+    rescales what is carried: in a synthetic task a cue did not survive 8 updates that way,
+    while remember-color learnt with either write, see README).
     """
 
     kind: str = "none"
