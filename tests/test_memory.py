@@ -331,3 +331,5 @@ def test_bench_memory_sweep_settings_from_the_command_line():
             sg.task_options(False, data=True)["max_swaps"]) == (0, 3)
     assert sg.task_options(False, longer=True)["n_swaps"] == 9
     assert "max_swaps" not in sg.task_options(False, longer=True)
+    default = sweep_settings(parser.parse_args([]), "remember-color")  # delays 0..30
+    assert default.data_options == {"delay": 0, "max_delay": 30}

@@ -10,7 +10,9 @@ model and learning rate (expert data; plain VLA, memory tokens with k = 0, memor
 with BPTT through the episode, and the plain VLA on the memoryless twin as the ceiling;
 chance as the floor), each evaluated on the same seeds, and again with a 3× longer delay
 (remember-color, fixed layout and colours by default) or 3× more swaps (shell-game) than
-trained. For the memory variants on remember-color, :func:`cue_sensitivity` says whether the written
+the longest training episode. The expert data varies the delay (0..--delay) or the number
+of swaps (0..--swaps) per episode, so the memory learns short holds first; evaluation is
+at --delay / --swaps. For the memory variants on remember-color, :func:`cue_sensitivity` says whether the written
 memory depends on the cue at all.
 """
 
@@ -35,10 +37,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=10000, help="training steps per variant")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--delay", type=int, default=30, help="remember-color delay")
-    parser.add_argument("--min-delay", type=int, default=None,
+    parser.add_argument("--min-delay", type=int, default=0,
                         help="remember-color: draw each training episode's delay from "
-                        "[MIN_DELAY, --delay] (default: every episode at --delay); evaluation "
-                        "stays at --delay")
+                        "[MIN_DELAY, --delay] (default 0; with --delay every episode has the "
+                        "same); evaluation stays at --delay")
     parser.add_argument("--palette-size", type=int, default=3,
                         help="remember-color: colours drawn from the first N of the palette (3)")
     parser.add_argument("--layout", default="fixed", choices=["fixed", "random"],
@@ -239,7 +241,7 @@ def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 
 def _check_ranges(args) -> None:
     for name, lo, hi, flag in [("--min-delay", args.min_delay, args.delay, "--delay"),
                                ("--min-swaps", args.min_swaps, args.swaps, "--swaps")]:
-        if lo is not None and not 0 <= lo <= hi:
+        if not 0 <= lo <= hi:
             raise ValueError(f"{name} must be in [0, {flag}={hi}], got {lo}")
 
 
