@@ -12,8 +12,8 @@ chance as the floor), each evaluated on the same seeds, and again with a 3× lon
 (remember-color, fixed layout and colours by default) or 3× more swaps (shell-game) than
 the longest training episode. The expert data varies the delay (0..--delay) or the number
 of swaps (0..--swaps) per episode, so the memory learns short holds first; evaluation is
-at --delay / --swaps. For the memory variants on remember-color, :func:`cue_sensitivity` says whether the written
-memory depends on the cue at all.
+at --delay / --swaps. For the memory variants on remember-color, :func:`cue_sensitivity`
+says whether the written memory depends on the cue at all.
 """
 
 from __future__ import annotations
@@ -258,8 +258,7 @@ def sweep_settings(args, task: str):
     if task == "remember-color":
         s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
         s.longer = {"delay": 3 * args.delay}
-        if args.min_delay is not None:
-            s.data_options = {"delay": args.min_delay, "max_delay": args.delay}
+        s.data_options = {"delay": args.min_delay, "max_delay": args.delay}
     elif task == "shell-game":
         s.options = {"n_swaps": args.swaps, "swap_steps": args.swap_steps}
         s.longer = {"n_swaps": 3 * args.swaps}
