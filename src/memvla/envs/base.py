@@ -49,7 +49,7 @@ def check_action(action: Any) -> np.ndarray:
     return np.clip(a, -1.0, 1.0)  # (Da,)
 
 
-READY_ACTIONS = ("wait", "aim")  # what experts send while held (see check_ready_actions)
+READY_ACTIONS = ("wait", "aim")  # what experts send while held (see HeldChoiceTask)
 LAYOUTS = ("random", "fixed")  # object placement of the ring tasks (see ring_positions)
 
 
@@ -58,16 +58,6 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"option {name!r} must be one of {list(choices)}, got {value!r}")
     return str(value)
-
-
-def check_ready_actions(value: Any) -> str:
-    """Option ``ready_actions`` of the tasks whose choice opens with a hold: what the
-    scripted expert sends while the effector is held. ``wait`` (default): no motion, so an
-    action chunk predicted before the choice holds still whenever the choice starts. ``aim``:
-    already the motion toward the target (ignored while held); a chunk that overlaps the
-    start of the choice then ends with moves, which a policy that cannot tell when the
-    choice starts (a longer or varied delay) executes before it."""
-    return check_choice("ready_actions", value, READY_ACTIONS)
 
 
 def check_layout(layout: Any) -> str:
@@ -275,3 +265,28 @@ class TaskEnv(gym.Env):
         """Discs at ``positions`` (n, 2) with palette ``colors`` (n, 3)."""
         for (x, y), c in zip(positions, colors, strict=True):
             render.stamp(img, self._disc, x, y, c)
+
+
+class HeldChoiceTask(TaskEnv):
+    """A task whose choice phase (from ``choice_start``, set by the subclass) opens with
+    ``ready_steps`` frames in which the effector is held (actions are ignored).
+
+    ``ready_actions`` says what the scripted expert sends meanwhile. ``wait``: no motion, so
+    an action chunk predicted before the choice holds still whenever the choice starts.
+    ``aim``: already the motion toward the target (ignored while held); a chunk that
+    overlaps the start of the choice then ends with moves, which a policy that cannot tell
+    when the choice starts (a longer or varied delay) executes before it.
+    """
+
+    choice_start = 0
+
+    def _init_hold(self, ready_steps: Any, ready_actions: Any) -> None:
+        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
+        self.ready_actions = check_choice("ready_actions", ready_actions, READY_ACTIONS)
+
+    def _frozen(self) -> bool:
+        return self.choice_start <= self.t < self.choice_start + self.ready_steps
+
+    def expert_waits(self) -> bool:
+        """True while held with ``ready_actions=wait``: the expert then holds still."""
+        return self._frozen() and self.ready_actions == "wait"

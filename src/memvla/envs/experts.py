@@ -41,12 +41,6 @@ def move_to(pos: np.ndarray, target: np.ndarray, gripper: float = -1.0) -> np.nd
     return np.array([v[0], v[1], gripper], dtype=np.float32)  # (Da,)
 
 
-def waits(env) -> bool:
-    """True while the effector is held at the start of the choice and the task's
-    ``ready_actions`` is ``wait``: the expert then sends :func:`hold`."""
-    return env._frozen() and getattr(env, "ready_actions", "aim") == "wait"
-
-
 def hold(gripper: float = -1.0) -> np.ndarray:
     """Action (Da,) that keeps the effector still."""
     a = np.zeros(ACTION_DIM, dtype=np.float32)  # (Da,)

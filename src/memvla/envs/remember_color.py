@@ -7,14 +7,13 @@ import numpy as np
 from memvla.envs import render
 from memvla.envs.base import (
     CENTER,
-    TaskEnv,
+    HeldChoiceTask,
     check_choice,
     check_int,
     check_layout,
-    check_ready_actions,
     ring_positions,
 )
-from memvla.envs.experts import Expert, hold, move_to, reach_choice, waits
+from memvla.envs.experts import Expert, hold, move_to, reach_choice
 
 INSTRUCTIONS = (
     "remember the color and touch it later",
@@ -26,7 +25,7 @@ COLOR_ORDERS = ("shuffled", "fixed")
 CORNER = 0.12  # side of the memoryless twin's cue patch (top-left corner, outside the ring)
 
 
-class RememberColorEnv(TaskEnv):
+class RememberColorEnv(HeldChoiceTask):
     """Cue disc at the centre for ``cue_steps`` frames, ``delay`` empty frames, then
     ``n_colors`` discs on a ring; touching the cue's colour succeeds, another fails.
     With ``max_delay`` set, every episode draws its delay uniformly from [delay,
@@ -68,8 +67,7 @@ class RememberColorEnv(TaskEnv):
         self.max_delay = self.delay if max_delay is None else check_int(
             "max_delay", max_delay, self.delay, 10_000, "at least delay, or None")
         self.episode_delay = self.delay
-        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
-        self.ready_actions = check_ready_actions(ready_actions)
+        self._init_hold(ready_steps, ready_actions)
         self.layout = check_layout(layout)
         self.colors = check_choice("colors", colors, COLOR_ORDERS)
         self.cue_end = self.cue_steps
@@ -91,9 +89,6 @@ class RememberColorEnv(TaskEnv):
         if self.t < self.cue_steps:
             return "cue"
         return "delay" if self.t < self.choice_start else "choice"
-
-    def _frozen(self) -> bool:
-        return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     def _reset_task(self, rng, options) -> None:
         if self.max_delay > self.delay:  # no draw otherwise: fixed-delay episodes unchanged
@@ -141,4 +136,4 @@ class RememberColorExpert(Expert):
         env = self.env
         if env.phase != "choice":
             return move_to(env.eff, CENTER)
-        return hold() if waits(env) else reach_choice(env)
+        return hold() if env.expert_waits() else reach_choice(env)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import CENTER, TaskEnv, check_int, check_ready_actions, ring_positions
-from memvla.envs.experts import Expert, goto_avoiding, hold, move_to, waits
+from memvla.envs.base import CENTER, HeldChoiceTask, check_int, ring_positions
+from memvla.envs.experts import Expert, goto_avoiding, hold, move_to
 
 INSTRUCTIONS = (
     "touch the objects in the order the colors were shown",
@@ -18,7 +18,7 @@ INSTRUCTIONS = (
 CELL = 0.05  # memoryless twin: sequence drawn as a grid of 3 cells per row, top-left corner
 
 
-class SeqOfColorsEnv(TaskEnv):
+class SeqOfColorsEnv(HeldChoiceTask):
     """``n_items`` colours shown at the centre one after another (``item_steps`` frames
     each), ``delay`` empty frames, then discs of those colours on a ring: touch them in
     the order shown. A touched disc disappears; touching one out of order fails. As in
@@ -38,8 +38,7 @@ class SeqOfColorsEnv(TaskEnv):
         self.n_items = check_int("n_items", n_items, 1, len(render.PALETTE), render.PALETTE_NOTE)
         self.item_steps = check_int("item_steps", item_steps, 1, 1000)
         self.delay = check_int("delay", delay, 0, 10_000)
-        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
-        self.ready_actions = check_ready_actions(ready_actions)
+        self._init_hold(ready_steps, ready_actions)
         self.cue_end = self.n_items * self.item_steps
         self.choice_start = self.cue_end + self.delay
         super().__init__(**kwargs)
@@ -60,9 +59,6 @@ class SeqOfColorsEnv(TaskEnv):
         if self.t < self.cue_end:
             return "cue"
         return "delay" if self.t < self.choice_start else "choice"
-
-    def _frozen(self) -> bool:
-        return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     @property
     def remaining(self) -> np.ndarray:
@@ -122,7 +118,7 @@ class SeqOfColorsExpert(Expert):
         env = self.env
         if env.phase != "choice" or env.n_done >= env.n_items:
             return move_to(env.eff, CENTER)
-        if waits(env):
+        if env.expert_waits():
             return hold()
         target = env.order[env.n_done]
         others = env.positions[[i for i in env.remaining if i != target]]  # (m, 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import TaskEnv, check_int, check_ready_actions
-from memvla.envs.experts import Expert, goto_avoiding, hold, waits
+from memvla.envs.base import HeldChoiceTask, check_int
+from memvla.envs.experts import Expert, goto_avoiding, hold
 
 INSTRUCTIONS = (
     "find the ball under the cups",
@@ -24,7 +24,7 @@ HOME = np.array([0.5, 0.85])  # effector start area, below the swap arcs
 BALL_COLOR = render.COLORS[render.COLOR_NAMES.index("red")]
 
 
-class ShellGameEnv(TaskEnv):
+class ShellGameEnv(HeldChoiceTask):
     """Three cups, raised, with the ball under one of them for ``cue_steps`` frames; the
     cups come down (``COVER_STEPS`` frames), then ``n_swaps`` swaps of two cups, each
     animated over ``swap_steps`` frames (one cup over the top, the other underneath).
@@ -53,8 +53,7 @@ class ShellGameEnv(TaskEnv):
             "max_swaps", max_swaps, self.n_swaps, 100, "at least n_swaps, or None")
         self.swap_steps = check_int("swap_steps", swap_steps, 1, 50)
         self.cue_steps = check_int("cue_steps", cue_steps, 1, 1000)
-        self.ready_steps = check_int("ready_steps", ready_steps, 0, 1000)
-        self.ready_actions = check_ready_actions(ready_actions)
+        self._init_hold(ready_steps, ready_actions)
         self.cue_end = self.cue_steps + COVER_STEPS
         self.choice_start = self.cue_end + self.n_swaps * self.swap_steps  # this episode's
         super().__init__(**kwargs)
@@ -78,9 +77,6 @@ class ShellGameEnv(TaskEnv):
         if self.t < self.cue_end:
             return "cover"
         return "swap" if self.t < self.choice_start else "choice"
-
-    def _frozen(self) -> bool:
-        return self.choice_start <= self.t < self.choice_start + self.ready_steps
 
     @property
     def cups(self) -> np.ndarray:
@@ -151,7 +147,7 @@ class ShellGameExpert(Expert):
 
     def act(self, obs=None) -> np.ndarray:
         env = self.env
-        if env.phase != "choice" or waits(env):
+        if env.phase != "choice" or env.expert_waits():
             return hold()
         cups = env.cups  # (3, 2)
         others = np.delete(cups, env.ball_cup, axis=0)  # (2, 2)
