@@ -1,5 +1,5 @@
-"""``memvla datagen`` and ``memvla bench envs``: with a small fake task (always) and with the
-built-in tasks of ``memvla.envs``."""
+"""``memvla datagen`` (:mod:`memvla.data.record`) and ``memvla bench envs``: with a small fake
+task (always) and with the built-in tasks of ``memvla.envs``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from memvla import envs
 from memvla.cli import main
-from memvla.commands.datagen import parse_options
 from memvla.data.lerobot_v3 import LeRobotV3Dataset, load_stats, read_info
+from memvla.data.record import generate_dataset, record_episode
 
 IMG = "observation.images.top"
 
@@ -71,13 +71,13 @@ def fake_envs(monkeypatch):
 
 
 def test_parse_options():
-    assert parse_options(["delay=30", "n-colors=3", "p=0.5", "flag=true", "name=red",
+    assert envs.parse_options(["delay=30", "n-colors=3", "p=0.5", "flag=true", "name=red",
                           "xs=[1, 2]", "up=True"]) == {
         "delay": 30, "n_colors": 3, "p": 0.5, "flag": True, "name": "red", "xs": [1, 2],
         "up": True,
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_options(["delay"])
+        envs.parse_options(["delay"])
 
 
 def test_datagen_keeps_successful_episodes(fake_envs, tmp_path, capsys):
@@ -188,8 +188,6 @@ def test_datagen_builtin_task(task, tmp_path):
 def test_perturbed_demonstrations_record_the_experts_action():
     """DART: the environment executes expert action + noise, the dataset records the
     expert's own action; the noise is seeded and leaves the gripper alone."""
-    from memvla.commands.datagen import record_episode
-
     class Spy(gym.Wrapper):
         def step(self, action):
             self.executed.append(np.array(action))
@@ -211,6 +209,17 @@ def test_perturbed_demonstrations_record_the_experts_action():
     again, executed2, _ = run(0.3)
     np.testing.assert_array_equal(executed, executed2)  # seeded
     with pytest.raises(ValueError, match="action_noise"):
-        from memvla.commands.datagen import generate_dataset
-
         generate_dataset("remember-color", 1, "/nonexistent/never", action_noise=-1.0)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"episodes": 0}, "--episodes must be at least 1, got 0"),
+    ({"keep": "best"}, r"keep must be one of \['success', 'all'\], got 'best'"),
+    ({"workers": 0}, "--workers must be at least 1, got 0"),
+    ({"max_attempts": 0}, "--max-attempts must be at least 1, got 0"),
+])
+def test_generate_dataset_rejects_bad_requests_before_writing(kwargs, message, tmp_path):
+    args = {"episodes": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate_dataset("reach-color", out=tmp_path / "ds", progress=False, **args)
+    assert not list(tmp_path.iterdir())

@@ -133,6 +133,27 @@ def test_several_files_and_episode_subset(tmp_path, dataset_dir):
         LeRobotV3Dataset(root, episodes=[7])
 
 
+def test_episode_index_ranges_match_the_data(tmp_path, dataset_dir):
+    """LeRobot v3.0: an episode's frames are the data rows whose ``index`` is in
+    ``range(dataset_from_index, dataset_to_index)`` (``to`` exclusive), all in the data file
+    that ``data/chunk_index`` and ``data/file_index`` name; in one file and across several."""
+    small = tmp_path / "small_files"
+    write_dataset(small, data_files_size_in_mb=1e-4, chunks_size=2)
+    for root in (dataset_dir[0], small):
+        info = read_info(root)
+        episodes = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+        assert [e["episode_index"] for e in episodes] == list(range(len(LENGTHS)))
+        for e in episodes:
+            path = root / info["data_path"].format(chunk_index=e["data/chunk_index"],
+                                                   file_index=e["data/file_index"])
+            data = pq.read_table(path, columns=["episode_index", "index"]).to_pydict()
+            index = [i for ep, i in zip(data["episode_index"], data["index"], strict=True)
+                     if ep == e["episode_index"]]
+            assert index == list(range(e["dataset_from_index"], e["dataset_to_index"]))
+            assert e["dataset_to_index"] - e["dataset_from_index"] == e["length"]
+        assert episodes[-1]["dataset_to_index"] == info["total_frames"]
+
+
 def test_history_and_action_chunk(dataset_dir):
     root, episodes = dataset_dir
     deltas = {IMG: [-2, -1, 0], "action": [0, 1, 2, 3]}

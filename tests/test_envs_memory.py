@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from memvla import envs
+from memvla.envs import render
 from memvla.envs.experts import goto_avoiding, move_to
+from memvla.envs.render import to_px
 from memvla.envs.shell_game import SLOTS_X
 
 MEMORY_TASKS = ["remember-color", "shell-game", "seq-of-colors", "take-it-back"]
@@ -133,6 +135,40 @@ def test_frames_after_cue_do_not_depend_on_cue(name, options, seed):
     for other in episodes[1:]:
         assert not np.array_equal(first[:cue_end], other[:cue_end])  # the cue is shown...
         assert np.array_equal(first[cue_end:], other[cue_end:])  # ...and then never again
+
+
+def colours_near(image: np.ndarray, x: float, y: float, radius_px: int) -> set[tuple]:
+    """The colours painted within ``radius_px`` - 1 pixels of world point (x, y), without
+    the background and the effector's grey."""
+    s = image.shape[0]
+    yy, xx = np.mgrid[:s, :s]
+    inside = (yy - to_px(y, s)) ** 2 + (xx - to_px(x, s)) ** 2 <= (radius_px - 1) ** 2
+    return {tuple(int(v) for v in c) for c in image[inside]} - {
+        tuple(int(v) for v in render.BACKGROUND), tuple(int(v) for v in render.EFFECTOR)}
+
+
+@pytest.mark.parametrize("memoryless", [False, True])
+def test_remember_color_cue_has_the_colour_of_the_disc_that_succeeds(memoryless):
+    """The cue frame shows one colour, the colour of the choice disc whose touch succeeds
+    (and of none other); the twin's corner patch shows it throughout."""
+    for seed, cue_option in [(s, {}) for s in range(6)] + [(7, {"cue": i}) for i in range(3)]:
+        env = envs.make("remember-color", delay=2, memoryless=memoryless)
+        obs, _ = env.reset(seed=seed, options=cue_option)
+        u = env.unwrapped
+        cue = colours_near(obs["observation.images.top"], 0.5, 0.5, u.r_px)
+        assert len(cue) == 1
+        expert = u.make_expert()
+        while u.phase != "choice":
+            obs, *_ = env.step(expert.act())
+        image = obs["observation.images.top"]
+        discs = [colours_near(image, x, y, u.r_px) for x, y in u.positions]
+        assert [d == cue for d in discs] == [i == u.target for i in range(len(discs))]
+        assert ({tuple(int(v) for v in image[1, 1])} == cue) is memoryless  # the twin's patch
+        while True:  # the expert touches that disc: success
+            obs, _, terminated, truncated, info = env.step(expert.act())
+            if terminated or truncated:
+                break
+        assert info["is_success"]
 
 
 @pytest.mark.parametrize("name", ["remember-color", "shell-game"])

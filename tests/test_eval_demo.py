@@ -3,6 +3,7 @@ evaluations, mismatch errors, the Wilson interval, and the demo end to end (redu
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,8 @@ def test_expert_through_the_evaluation_path():
 
 
 def _tiny_policy(tmp_path):
+    """An untrained tiny flow policy: its actions are mostly its noise, so its episodes
+    differ (some touch the right disc, some a wrong one, some run out of steps)."""
     policy = make_policy(get_preset("tiny", ["model.num_steps=2"]))
     policy.save_pretrained(tmp_path / "ckpt")
     return tmp_path / "ckpt"
@@ -38,14 +41,61 @@ def test_two_evaluations_of_a_checkpoint_agree(tmp_path):
     ckpt = _tiny_policy(tmp_path)
     for out in ("a", "b"):
         assert main(["eval", "--checkpoint", str(ckpt), "--task", "reach-color", "--episodes",
-                     "4", "--batch", "2", "--out", str(tmp_path / out), "--record", "1",
-                     "--no-progress"]) == 0
+                     "8", "--batch", "3", "--out", str(tmp_path / out), "--record", "1",
+                     "--device", "cpu", "--no-progress"]) == 0
     a = json.loads((tmp_path / "a" / "eval.json").read_text())
     b = json.loads((tmp_path / "b" / "eval.json").read_text())
+    episodes = a["per_episode"]
+    assert [e["seed"] for e in episodes] == list(range(8))
+    outcomes = {e["success"] for e in episodes}
+    assert outcomes == {True, False}  # the episodes differ: agreement means something
+    assert len({e["length"] for e in episodes}) > 2
+    assert episodes == b["per_episode"]
     for key in ("success_rate", "ci95", "mean_episode_length", "episodes", "task_options"):
         assert a[key] == b[key]
-    assert set(a["latency_ms"]) == {"p50", "p90", "p99"}
+    assert a["successes"] == sum(e["success"] for e in episodes)
+    assert a["mean_episode_length"] == pytest.approx(np.mean([e["length"] for e in episodes]))
+    assert a["device"] == "cpu" and a["policy"] == str(ckpt)
+    assert set(a["chunk_latency_ms"]) == {"p50", "p90", "p99"}
+    assert 0 < a["step_latency_ms"] < a["chunk_latency_ms"]["p50"]
     assert (tmp_path / "a" / "rollout_00.gif").stat().st_size > 0
+
+
+def test_episode_outcomes_do_not_depend_on_the_batch_nor_the_global_rng():
+    """Each episode draws its noise from its own generator: the same outcomes and actions
+    whether it runs alone or beside others, whatever the global RNG, which stays as it
+    was."""
+    policy = make_policy(get_preset("tiny", ["model.num_steps=2"])).eval()
+    runs = []
+    for batch, global_seed in ((1, 1), (4, 2)):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        res, recs = evaluate("reach-color", 6, policy, batch=batch, seed=3, record=6,
+                             progress=False)
+        assert torch.equal(torch.get_rng_state(), before)  # untouched
+        runs.append((res, recs))
+    (one, recs_one), (four, recs_four) = runs
+    assert one["per_episode"] == four["per_episode"]
+    assert {e["success"] for e in one["per_episode"]} == {True, False}
+    for a, b in zip(recs_one, recs_four, strict=True):
+        assert a["seed"] == b["seed"] and len(a["actions"]) == len(b["actions"])
+        np.testing.assert_allclose(np.stack(a["actions"]), np.stack(b["actions"]), atol=1e-5)
+        np.testing.assert_array_equal(np.stack(a["frames"]), np.stack(b["frames"]))
+
+
+def test_a_timed_out_episode_is_a_failure(tmp_path):
+    """The expert needs more than 5 steps: every episode runs out of steps (truncated,
+    never terminated) and counts as a failure; with the default limit it succeeds."""
+    for limit, expected in ((5, False), (None, True)):
+        opts = [] if limit is None else ["--opt", f"max_episode_steps={limit}"]
+        out = tmp_path / str(limit)
+        assert main(["eval", "--policy", "expert", "--task", "remember-color", "--episodes",
+                     "3", "--out", str(out), "--record", "0", "--no-progress", *opts]) == 0
+        res = json.loads((out / "eval.json").read_text())
+        assert [e["success"] for e in res["per_episode"]] == [expected] * 3
+        assert res["successes"] == (3 if expected else 0)
+        if limit is not None:
+            assert [e["length"] for e in res["per_episode"]] == [limit] * 3
 
 
 def test_checkpoint_that_does_not_fit_the_task(tmp_path, capsys):
@@ -66,7 +116,8 @@ def test_checkpoint_that_does_not_fit_the_task_api(tmp_path):
 def test_missing_or_corrupt_checkpoint(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--task", "reach-color",
                  "--out", str(tmp_path / "o")]) == 2
-    assert "neither a checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a memvla checkpoint?" in err and "nor is it a training run" in err
     ckpt = _tiny_policy(tmp_path)
     (ckpt / "model.safetensors").write_bytes(b"\x00" * 10)
     assert main(["eval", "--checkpoint", str(ckpt), "--task", "reach-color",
@@ -81,20 +132,47 @@ def test_unknown_task_did_you_mean(tmp_path, capsys):
 
 
 def test_demo_reduced_budget_end_to_end(tmp_path):
+    """What the demo must produce: the data of the task and of its twin, every variant
+    trained on its data for the budget and evaluated on the same seeds as the expert (the
+    ceiling: 100%), the plots, the rollouts, and a report with a row per variant."""
+    from memvla.data.lerobot_v3 import read_info
+
     torch.manual_seed(0)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    names = [r["variant"] for r in results["variants"]]
-    assert names == ["plain", "memory-k0", "memory-bptt", "plain-twin"]
-    for r in results["variants"]:
-        assert 0.0 <= r["eval"]["success_rate"] <= 1.0
-        assert r["eval"]["episodes"] == 4 and r["parameters"] > 0
-    assert results["expert"]["success_rate"] >= 0.75
+    rows = {r["variant"]: r for r in results["variants"]}
+    assert list(rows) == ["plain", "memory-k0", "memory-bptt", "plain-twin"]
+    # data: the task and its memoryless twin, 12 expert episodes each
+    for name, twin in (("remember-color", False), ("remember-color-twin", True)):
+        info = read_info(out / "data" / name)
+        assert info["total_episodes"] == 12 == results["datasets"][name]["episodes"]
+        assert info["memvla"]["options"]["memoryless"] is twin
+    # every variant: trained for the budget on its data, evaluated on the same 4 seeds
+    seeds = [10_000 + i for i in range(4)]
+    expert = results["expert"]
+    assert [e["seed"] for e in expert["per_episode"]] == seeds
+    assert expert["success_rate"] == 1.0 and all(e["success"] for e in expert["per_episode"])
+    assert results["chance_level"] == pytest.approx(1 / 3)
     report = (out / "report.md").read_text()
-    assert "| memory-bptt |" in report and "chance" in report
+    for name, r in rows.items():
+        e = r["eval"]
+        run = json.loads((out / r["run"] / "run.json").read_text())
+        assert run["dataset"].endswith("remember-color-twin" if r["twin"] else "remember-color")
+        assert r["train_steps"] == 3 and (out / r["run"] / "metrics.jsonl").read_text()
+        assert [x["seed"] for x in e["per_episode"]] == seeds and e["episodes"] == 4
+        assert e["task_options"] == {**expert["task_options"], "memoryless": r["twin"]}
+        assert e["successes"] == sum(x["success"] for x in e["per_episode"])
+        assert e["device"] == "cpu" and e["chunk_latency_ms"]["p50"] > e["step_latency_ms"] > 0
+        assert len(e["videos"]) == 2 and all((out / v).stat().st_size > 0 for v in e["videos"])
+        assert (f"| {name} | {r['label']} | {e['success_rate']:.1%} | "
+                f"{e['ci95'][0]:.1%}–{e['ci95'][1]:.1%} | {e['chunk_latency_ms']['p50']:.2f} | "
+                f"{e['step_latency_ms']:.2f} | {r['parameters']:,} |") in report
+    assert "| expert | scripted | 100.0% |" in report
+    assert "| chance | 1 / colours | 33.3% |" in report
+    assert "chunk ms: one policy call that predicts an action chunk for 4 environments" in report
     for png in ("training_curves.png", "success.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
     # never overwritten unless asked
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
 

@@ -96,12 +96,56 @@ def test_suffix_block_structure():
         assert set(flags[len(want_first):]) == {want_rest}
 
 
-def test_training_loss_is_deterministic_given_noise_and_time():
+def test_training_loss_is_the_flow_matching_loss_of_the_given_noise_and_time():
+    from memvla.layers.flow_matching import interpolate
+
     cfg = narrow_config("tiny")
     model = FlowMatchingVLA(cfg.model)
     images, ids, pad, state = model_inputs(cfg)
     actions = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
     noise, t = torch.randn_like(actions), torch.tensor([0.5, 0.1])
-    l1, _ = model(images, ids, pad, state, actions, noise, t)
-    l2, _ = model(images, ids, pad, state, actions, noise, t)
-    assert torch.equal(l1, l2) and l1.shape == actions.shape
+    losses, _ = model(images, ids, pad, state, actions, noise, t)
+    # (v(x_t, t) - (noise - actions))² with x_t = t·noise + (1 - t)·actions, by hand
+    cache, _ = model.prefill(images, ids, pad, state)
+    v = model.velocity(cache, state, t[:, None, None] * noise + (1 - t[:, None, None]) *
+                        actions, t)
+    torch.testing.assert_close(losses, (v - (noise - actions)) ** 2)
+    torch.testing.assert_close(interpolate(actions, noise, t),
+                               t[:, None, None] * noise + (1 - t[:, None, None]) * actions)
+    # without them, noise and time are drawn: another draw gives another loss
+    torch.manual_seed(5)
+    drawn, _ = model(images, ids, pad, state, actions)
+    torch.manual_seed(5)
+    again, _ = model(images, ids, pad, state, actions)
+    torch.manual_seed(6)
+    other, _ = model(images, ids, pad, state, actions)
+    assert torch.equal(drawn, again) and not torch.allclose(drawn, other)
+
+
+@pytest.mark.parametrize("name", ["tiny", "smolvla-450m"])
+def test_prefill_into_a_non_empty_cache_continues_the_sequence(name):
+    # two prefills into one cache == one prefill of both parts, cut where a block starts
+    # (the state token): positions and block ids go on from the cached ones
+    from memvla.layers.kv_cache import KVCache
+
+    cfg = narrow_config(name)
+    model = FlowMatchingVLA(cfg.model).eval()
+    images, ids, pad, state = model_inputs(cfg)
+    parts = model.embed_prefix(images, ids, pad, state)
+    assert parts[-1].flags[0, 0] == 1  # the state token opens a block of its own
+    first, second = TokenSegment.cat(parts[:-1]), TokenSegment.cat(parts[-1:])
+    vwe = model.vlm_with_expert
+    whole_cache = KVCache(cfg.model.text.depth)
+    whole = vwe.prefill(TokenSegment.cat(parts), whole_cache)
+    cache = KVCache(cfg.model.text.depth)
+    h1 = vwe.prefill(first, cache)
+    h2 = vwe.prefill(second, cache)
+    real = torch.cat([first.pad, second.pad], 1)
+    got = torch.cat([h1, h2], 1)
+    torch.testing.assert_close(got[real], whole[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.key_pos, whole_cache.key_pos)
+    assert torch.equal(cache.key_block, whole_cache.key_block)
+    for layer in range(cfg.model.text.depth):  # the real keys/values (padding: never read)
+        for a, b in zip(cache.get(layer), whole_cache.get(layer), strict=True):
+            torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real],
+                                       atol=1e-5, rtol=1e-5)

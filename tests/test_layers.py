@@ -83,8 +83,12 @@ def test_positions_skip_padding():
     assert positions_from_pad(pad).tolist() == [[0, 1, 1, 2]]
 
 
+@pytest.mark.parametrize("gqa", [True, False], ids=["enable_gqa", "repeated_heads"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_attention_fast_matches_slow_twin(heads, kv_heads):
+def test_attention_fast_matches_slow_twin(heads, kv_heads, gqa, monkeypatch):
+    from memvla.layers import attention
+
+    monkeypatch.setattr(attention, "SDPA_HAS_GQA", gqa)  # torch < 2.5 has no enable_gqa
     g = torch.Generator().manual_seed(1)
     b, n, l, d = 2, 5, 7, 8
     q = torch.randn(b, heads, n, d, generator=g, requires_grad=True)
@@ -195,6 +199,13 @@ def test_flow_matching_time_convention():
     torch.manual_seed(0)
     t = sample_time(20_000)
     assert t.min() >= 0.001 and t.max() <= 1.0
+    # exactly time_min + (1 - time_min) · Beta(α, β): the same draws, mapped
+    torch.manual_seed(3)
+    mapped = sample_time(1000, 1.5, 1.0, time_min=0.25)
+    torch.manual_seed(3)
+    beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0)).sample((1000,))
+    torch.testing.assert_close(mapped, 0.25 + 0.75 * beta)
+    assert mapped.min() >= 0.25
     # Beta(1.5, 1) has mean 0.6
     assert abs(t.mean().item() - (0.001 + 0.999 * 0.6)) < 0.01
     a, n = torch.randn(4, 3, 2), torch.randn(4, 3, 2)

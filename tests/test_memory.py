@@ -202,12 +202,9 @@ def test_bad_memory_configs_and_batches():
         memory_config(extra=["context.max_rms=0"])
     policy = make_policy(memory_config())
     ep = episode_batch(policy.config, s=2)
-    with pytest.raises(ValueError, match=r"bptt_depth \(5\) is larger than the number of "
-                       r"segments \(2\)"):
-        policy(ep, bptt_depth=5)
     ep.frame_index[0, 1] = 3
-    with pytest.raises(ValueError, match=r"starts at frame 3, not at 8: episodes must be cut "
-                       r"at multiples of chunk_size=8"):
+    with pytest.raises(ValueError, match=r"starts at frame 3, not at 8: the policy predicts a "
+                       r"chunk every n_action_steps=8 frames"):
         policy(ep)
     cfg = apply_overrides(memory_config(), ["context.kind=none"])
     assert not make_policy(cfg).is_recurrent
@@ -222,6 +219,122 @@ def test_segment_curriculum():
     policy = make_policy(memory_config())
     _, info = policy(episode_batch(policy.config, s=3), max_segments=2)
     assert info["segments"] == 2 and info["valid_steps"] == 2 * 2 * 8
+
+
+def _episode_grads(policy, ep, **kw):
+    policy.zero_grad(set_to_none=True)
+    images = ep.observation["observation.images.top"].clone().requires_grad_(True)
+    ep = SegmentBatch({**ep.observation, "observation.images.top": images}, ep.action,
+                      ep.action_is_pad, ep.segment_is_pad, ep.frame_index, ep.episode_index,
+                      ep.length, ep.task)
+    torch.manual_seed(1)
+    loss, info = policy(ep, **kw)
+    loss.backward()
+    return loss.item(), images.grad.clone(), info
+
+
+def test_bptt_depth_beyond_the_segments_of_a_batch_is_the_whole_episode():
+    # episodes of 3 and 1 segments: a depth past the batch's segments (varied episode
+    # lengths, or a curriculum that cuts them) trains on the whole episode, not an error
+    policy = make_policy(memory_config())
+    ep = episode_batch(policy.config, s=3, lengths=[24, 5])
+    whole = _episode_grads(policy, ep, bptt_depth=-1)
+    for k in (2, 3, 5):
+        loss, grad, info = _episode_grads(policy, ep, bptt_depth=k)
+        assert loss == whole[0] and torch.equal(grad, whole[1]) and info["segments"] == 3
+    # with the curriculum (2 segments) and k > 0
+    short = _episode_grads(policy, ep, bptt_depth=-1, max_segments=2)
+    loss, grad, info = _episode_grads(policy, ep, bptt_depth=4, max_segments=2)
+    assert loss == short[0] and torch.equal(grad, short[1]) and info["segments"] == 2
+    assert grad[:, 2].abs().sum() == 0 and grad[0, 0].abs().sum() > 0
+    # k = 1 detaches before segment 2 (2 % 2 == 0): its loss no longer reaches 0 and 1
+    only_last = episode_batch(policy.config, s=3, lengths=[24, 5])
+    only_last.action_is_pad[:, :2] = True
+    _, grad, _ = _episode_grads(policy, only_last, bptt_depth=1)
+    assert grad[0, :2].abs().sum() == 0 and grad[0, 2].abs().sum() > 0
+    _, grad, _ = _episode_grads(policy, only_last, bptt_depth=2)
+    assert grad[0, 0].abs().sum() > 0
+
+
+def _write_episode(root, cfg, length: int, seed: int = 0):
+    import numpy as np
+
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset, LeRobotV3Writer
+
+    rng = np.random.default_rng(seed)
+    c, h, w = cfg.image_shape
+    frames = {"observation.images.top": rng.integers(0, 256, (length, h, w, c), np.uint8),
+              "observation.state": rng.normal(size=(length, cfg.state_dim)).astype(np.float32),
+              "action": rng.normal(size=(length, cfg.action_dim)).astype(np.float32)}
+    with LeRobotV3Writer(root, fps=10) as writer:
+        writer.add_episode(frames, task="remember the colour and touch it later")
+    return LeRobotV3Dataset(root)
+
+
+def test_a_memory_policy_replanning_every_n_steps_trains_as_it_runs(tmp_path):
+    # n_action_steps = 3 < chunk_size = 8: at inference the policy predicts (and writes its
+    # memory) every 3 frames; training must cut the episode the same way
+    from memvla.data.segments import EpisodeSegmentLoader
+
+    torch.manual_seed(0)
+    policy = make_policy(memory_config(extra=["n_action_steps=3"])).eval()
+    a, n, length = 8, 3, 13
+    ds = _write_episode(tmp_path / "ds", policy.config, length)
+    ep = EpisodeSegmentLoader(ds, a, 1, shuffle=False, stride=n).collate([0])
+    assert ep.frame_index.tolist() == [[0, 3, 6, 9, 12]]
+    assert ep.action_is_pad[0].sum(1).tolist() == [0, 0, 1, 4, 7]  # chunks overlap
+    assert torch.equal(ep.action[0, 1, :5], ep.action[0, 0, 3:])
+    memories, memory = [], None
+    for s in range(ep.num_segments):
+        _, _, memory = policy._segment_losses(ep.segment(s), memory)
+        memories.append(memory)
+    policy.reset()
+    writes = 0
+    for t in range(length):
+        item = ds[t]
+        obs = {"observation.images.top": item["observation.images.top"][None],
+               "observation.state": item["observation.state"][None], "task": [item["task"]]}
+        predicts = policy.queued_actions == 0
+        policy.select_action(obs)
+        if predicts:
+            assert (policy.memory - memories[writes]).abs().max().item() <= 1e-5, t
+            writes += 1
+    assert writes == ep.num_segments == 5
+    with pytest.raises(ValueError, match=r"starts at frame 8, not at 3: the policy predicts a "
+                       r"chunk every n_action_steps=3 frames.*stride=3"):
+        policy(EpisodeSegmentLoader(ds, a, 1, shuffle=False).collate([0]))
+
+
+def test_the_rmt_action_expert_reads_the_write_tokens(monkeypatch):
+    # rmt layout: no prefix token sees the write tokens, the action expert does
+    from memvla.layers import memory_tokens
+
+    torch.manual_seed(0)
+    policy = make_policy(memory_config("rmt")).eval()
+    seg = episode_batch(policy.config).segment(0)
+    inputs = policy.encode_observation(seg)
+    noise = torch.randn(2, policy.config.model.chunk_size, policy.config.model.max_action_dim)
+    memory = policy.model.initial_memory(2)
+    base, _ = policy.model.sample_actions(*inputs, noise=noise, memory=memory)
+    real = memory_tokens.insert_memory
+
+    def other_write(parts, mem, layout):
+        out = real(parts, mem, layout)
+        last = out[-1]
+        return [*out[:-1], TokenSegment(last.embs + 1.0, last.pad, last.flags)]
+
+    monkeypatch.setattr(memory_tokens, "insert_memory", other_write)
+    changed, _ = policy.model.sample_actions(*inputs, noise=noise, memory=memory)
+    assert (changed - base).abs().max().item() > 1e-4  # the suffix attends the write tokens
+    # ... while the prefix does not: its read-token and image hidden states are unchanged
+    prefix = prefix_of(policy, seg, memory)
+    cache = KVCache(policy.config.model.text.depth)
+    h_changed = policy.model.vlm_with_expert.prefill(prefix, cache)
+    monkeypatch.setattr(memory_tokens, "insert_memory", real)
+    prefix = prefix_of(policy, seg, memory)
+    h_base = policy.model.vlm_with_expert.prefill(prefix, KVCache(cache.num_layers))
+    real_tokens = prefix.pad[:, :-M]  # padding queries see every key; never read
+    torch.testing.assert_close(h_changed[:, :-M][real_tokens], h_base[:, :-M][real_tokens])
 
 
 def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
@@ -333,3 +446,24 @@ def test_bench_memory_sweep_settings_from_the_command_line():
     assert "max_swaps" not in sg.task_options(False, longer=True)
     default = sweep_settings(parser.parse_args([]), "remember-color")  # delays 0..30
     assert default.data_options == {"delay": 0, "max_delay": 30}
+
+
+def test_uint8_segments_train_as_float_ones(tmp_path):
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset
+    from memvla.data.segments import EpisodeSegmentLoader
+
+    policy = make_policy(memory_config())
+    root = tmp_path / "ds"
+    floats = _write_episode(root, policy.config, 13)
+    raw = LeRobotV3Dataset(root, images_as="uint8")
+    f = EpisodeSegmentLoader(floats, 8, 1, shuffle=False).collate([0])
+    u = EpisodeSegmentLoader(raw, 8, 1, shuffle=False).collate([0])
+    assert u.observation["observation.images.top"].dtype == torch.uint8
+    assert u.observation["observation.images.top"].shape[-1] == 3  # (B, S, H, W, C)
+    torch.manual_seed(0)
+    loss_f, _ = policy(f)
+    torch.manual_seed(0)
+    loss_u, _ = policy(u)
+    torch.testing.assert_close(loss_u, loss_f)
+    with pytest.raises(ValueError, match=r"images_as must be one of \('float', 'uint8'\)"):
+        LeRobotV3Dataset(root, images_as="half")

@@ -59,7 +59,7 @@ def test_forward_shapes_gradients_and_round_trip(extra, tmp_path):
     chunk = policy.predict_action_chunk(obs)
     assert chunk.shape == (2, cfg.model.chunk_size, cfg.action_dim) and torch.isfinite(chunk).all()
     policy.save_pretrained(tmp_path / "ckpt")
-    loaded = load_policy(tmp_path / "ckpt").eval()
+    loaded = load_policy(tmp_path / "ckpt", device="cpu").eval()
     assert isinstance(loaded, ParallelVLAPolicy) and loaded.config == cfg
     assert torch.equal(loaded.predict_action_chunk(obs), chunk)
     assert policy.memory is None and not policy.is_recurrent
@@ -164,6 +164,50 @@ def test_pruner_num_patches_mismatch_says_what_to_set():
         model.encode(images + images, ids, pad, state)
     two = make_policy(apply_overrides(base, ['cameras=["top", "wrist"]']))
     assert two.model.pruner.num_patches == 2 * n  # 0 = derived from the cameras
+
+
+def test_every_prompt_token_is_kept_with_or_without_a_tokenizer_bos():
+    # the model puts its own BOS first; a tokenizer's BOS is dropped from the prompt, and a
+    # tokenizer without one loses no real token
+    policy = _policy()
+    obs, (images, ids, pad, state) = _inputs(policy)
+    raw, raw_pad = policy.tokenizer(obs["task"])
+    assert torch.equal(ids, raw[:, 1:]) and torch.equal(pad, raw_pad[:, 1:])
+    seq = policy.model.encode(images, ids, pad, state)
+    prompt = seq.kinds == PROMPT
+    assert torch.equal(prompt.sum(1), raw_pad.sum(1) - 1)  # every real token but BOS
+    bos = policy.model.decoder.embed(torch.tensor([[policy.config.model.bos_token_id]]))
+    assert torch.equal(seq.embs[:, 0], bos[:, 0].expand(2, -1))
+
+    words = policy.tokenizer
+
+    class NoBos:  # a tokenizer that adds no BOS (e.g. GPT-2 style)
+        bos_id = None
+
+        def __call__(self, texts):
+            i, p = words(texts)
+            return i[:, 1:], p[:, 1:]
+
+    policy.tokenizer = NoBos()
+    _, (_, ids2, pad2, _) = _inputs(policy)
+    assert torch.equal(ids2, ids) and torch.equal(pad2, pad)  # nothing more dropped
+    seq2 = policy.model.encode(images, ids2, pad2, state)
+    assert torch.equal((seq2.kinds == PROMPT).sum(1), pad2.sum(1))
+    mixed = torch.stack([raw[0], raw[1].roll(-1)])
+    from memvla.policies.parallel_policy import drop_bos
+
+    with pytest.raises(ValueError, match=r"BOS \(id 1\) before 1 of 2 prompts"):
+        drop_bos(mixed, raw_pad, 1)
+
+
+def test_predict_prunes_as_at_inference_even_in_train_mode():
+    policy = _policy(PRUNE + ["model.pruner.noise_scale=1.0"]).train()
+    obs, inputs = _inputs(policy, uniform_first=True)
+    chunk = policy.model.predict(*inputs)
+    assert policy.model.pruner.training  # the mode is restored
+    assert int(policy.model.pruner.last_kept.max()) < policy.model.pruner.num_patches
+    policy.eval()
+    torch.testing.assert_close(policy.model.predict(*inputs), chunk)
 
 
 def test_training_progress_drives_the_pruner_noise():

@@ -23,6 +23,16 @@ def test_preset_parameter_count(name):
         assert abs(n - target) / target <= tol, f"{name}: {n:,} vs published {target:,.0f}"
 
 
+@pytest.mark.parametrize("extra, added", [
+    (["context.kind=memory_tokens", "context.num_tokens=5"], 5 * 64),  # M × D
+    (["model.pruner.enabled=true", "model.pruner.action_context=prev_chunk"], 8 * 64 + 64),
+])
+def test_parameter_counts_include_the_context_and_the_pruner(extra, added):
+    cfg = get_preset("tiny", extra)
+    assert count_parameters(cfg) - count_parameters(get_preset("tiny")) == added
+    assert count_parameters(cfg) == sum(p.numel() for p in make_policy(cfg).parameters())
+
+
 def test_tiny_is_tiny():
     assert count_parameters(get_preset("tiny")) < 1_000_000
     assert count_parameters(get_preset("tiny-oft")) < 1_000_000
@@ -77,7 +87,7 @@ def test_preset_forward_backward_and_round_trip(name, tmp_path):
     assert torch.isfinite(chunk).all()
 
     policy.save_pretrained(tmp_path / "ckpt")
-    loaded = load_policy(tmp_path / "ckpt")
+    loaded = load_policy(tmp_path / "ckpt", device="cpu")
     assert type(loaded) is type(policy)
     torch.manual_seed(7)
     again = loaded.predict_action_chunk(obs)

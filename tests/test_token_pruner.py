@@ -102,6 +102,7 @@ def test_task_queries_equal_their_reference():
 
 
 @pytest.mark.parametrize("kw", [{}, {"query": "residual", "temperature": 0.5},
+                                {"query": "residual", "residual_scale": 3.0},
                                 {"min_keep": 12}, {"max_keep": 4}, {"min_keep": 6, "max_keep": 6}])
 def test_batched_inference_equals_per_sample_and_reference(kw):
     patches, positions, task, valid = random_inputs()
@@ -167,7 +168,8 @@ def test_short_prompt_collapses_and_residual_query_fixes_it():
 
 def test_errors_are_actionable():
     patches, positions, task, valid = random_inputs(p=128)
-    with pytest.raises(ValueError, match=r"pruner.num_patches is 64 .* 128 .*num_patches=128"):
+    with pytest.raises(ValueError, match=r"pruner.num_patches is 64 .* give 128; set "
+                       r"model.pruner.num_patches=128"):
         pruner(64)(patches, positions, task, valid)
     with pytest.raises(ValueError, match="task_valid must be a bool"):
         pruner()(patches, positions, task, valid.long())
@@ -175,7 +177,8 @@ def test_errors_are_actionable():
         PrunerConfig(min_keep=8, max_keep=4)
     with pytest.raises(ValueError, match=r"num_patches=16 \(or 0"):
         get_preset("tiny", ["model.pruner.enabled=true", "model.pruner.num_patches=32"])
-    with pytest.raises(ValueError, match="cameras × 16 tokens per image"):
+    with pytest.raises(ValueError, match=r"num_patches is 20 .* 1 camera\(s\) × 16 tokens = "
+                       r"16 visual tokens; set model.pruner.num_patches=16"):
         get_preset("tiny", ["model.pruner.enabled=true", "model.pruner.num_patches=20"])
 
 
@@ -303,7 +306,7 @@ def test_policy_reports_stats_decays_noise_and_keeps_the_previous_chunk(tmp_path
     policy.reset()
     assert policy._prev_chunk is None
     # load_policy returns a train-mode policy: sampling prunes as at inference anyway
-    loaded = load_policy(policy.save_pretrained(tmp_path / "ckpt"))
+    loaded = load_policy(policy.save_pretrained(tmp_path / "ckpt"), device="cpu")
     assert loaded.config == policy.config
     assert torch.equal(loaded.predict_action_chunk(obs, noise=torch.zeros(2, 8, 8)), first)
     batch["prev_action"] = torch.randn(2, 8, policy.config.action_dim)
@@ -317,8 +320,8 @@ def test_flow_vla_patch_count_mismatch_is_actionable():
     cfg.model.pruner.num_patches = 32  # edited after validation, as a stale config would be
     model = FlowMatchingVLA(cfg.model)
     images, ids, pad, state, _ = model_inputs(cfg)
-    with pytest.raises(ValueError, match=r"num_patches is 32 .* 16 visual tokens \(1 camera"
-                                         r"\(s\) × 16\); set model.pruner.num_patches=16"):
+    with pytest.raises(ValueError, match=r"num_patches is 32 .* the images give 16; set "
+                                         r"model.pruner.num_patches=16"):
         model.prefill(images, ids, pad, state)
 
 
@@ -378,3 +381,94 @@ def test_training_loop_drives_the_noise_decay(tmp_path, monkeypatch):
                  "--out", str(tmp_path / "run"), "--no-progress", "train.batch_size=4",
                  "train.num_workers=0", "policy.model.pruner.enabled=true"]) == 0
     assert fracs == [0.0, 0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("ctx", ["placeholders", "keys"])
+def test_training_pruner_keys_see_what_inference_sees_not_the_target(ctx, monkeypatch):
+    # at inference the prefix is built before denoising: the action placeholders / keys are
+    # the initial noise. Training must feed the same, not x_t (close to the target at small t)
+    cfg = pruned_config(f"model.pruner.action_context={ctx}")
+    model = FlowMatchingVLA(cfg.model)
+    images, ids, pad, state, _ = model_inputs(cfg)
+    seen = []
+    real = model.prefill
+
+    def spy(*args, **kw):
+        seen.append(kw["pruner_actions"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "prefill", spy)
+    noise = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
+    for actions in (torch.randn_like(noise), torch.randn_like(noise)):
+        model(images, ids, pad, state, actions, noise, torch.tensor([0.01, 0.2]))
+    assert torch.equal(seen[0], noise) and torch.equal(seen[1], noise)
+    model.eval()
+    model.sample_actions(images, ids, pad, state, noise=noise)
+    assert torch.equal(seen[2], noise)
+
+
+def test_prev_chunk_trains_its_projection_from_frames(tmp_path):
+    # frame training reads the actions before each frame from the dataset, so the
+    # projection of the previous chunk learns (and DDP sees every parameter used)
+    import numpy as np
+
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset, LeRobotV3Writer
+    from memvla.policies.frames import FrameCollate, frame_delta_indices
+
+    cfg = pruned_config("model.pruner.action_context=prev_chunk", "n_action_steps=4")
+    rng = np.random.default_rng(0)
+    with LeRobotV3Writer(tmp_path / "ds", fps=10) as w:
+        for length in (6, 11):
+            w.add_episode({"observation.images.top":
+                           rng.integers(0, 256, (length, 64, 64, 3), np.uint8),
+                           "observation.state": rng.normal(size=(length, 3)).astype(np.float32),
+                           "action": rng.normal(size=(length, 3)).astype(np.float32)},
+                          task="go left")
+    deltas = frame_delta_indices(cfg)
+    assert deltas == {"action": list(range(-4, cfg.model.chunk_size))}
+    ds = LeRobotV3Dataset(tmp_path / "ds", delta_indices=deltas)
+    frames = [0, 2, 9]  # episode 0 at 0 and 2; episode 1 (from frame 6) at its frame 3
+    batch = FrameCollate(cfg)([ds[i] for i in frames])
+    assert batch["action"].shape == (3, cfg.model.chunk_size, 3)
+    assert batch["prev_action"].shape == (3, 4, 3)
+    assert batch["prev_action_is_pad"].tolist() == [[True] * 4, [True, True, False, False],
+                                                    [True, False, False, False]]
+    actions = ds.get_numpy("action", np.arange(len(ds)))
+    np.testing.assert_array_equal(batch["prev_action"][2, 1:].numpy(), actions[6:9])
+    np.testing.assert_array_equal(batch["action"][1, 0].numpy(), actions[2])
+    policy = make_policy(cfg)
+    loss, _ = policy(batch)
+    loss.backward()
+    assert policy.model.pruner_key_proj.weight.grad.abs().sum() > 0
+    assert frame_delta_indices(pruned_config()) == {"action": list(range(8))}
+    assert frame_delta_indices(pruned_config("context.kind=memory_tokens")) is None
+
+
+@pytest.fixture
+def count_host_syncs(monkeypatch):
+    """Counts reads of tensor values by the host (.item, .tolist, bool/int/float, .cpu,
+    .numpy): on a GPU each one waits for the device."""
+    calls: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("kw", [{}, {"min_keep": 6, "max_keep": 20}])
+def test_pruner_host_synchronisations_are_what_the_algorithm_needs(kw, count_host_syncs):
+    patches, positions, task, valid = random_inputs()
+    m = pruner(**kw)
+    m.train()(patches, positions, task, valid)
+    assert count_host_syncs == []  # training keeps the length: nothing to read
+    out = m.eval()(patches, positions, task, valid)
+    assert count_host_syncs == ["__int__"]  # the padded kept length, a shape
+    count_host_syncs.clear()
+    stats = out.stats
+    assert count_host_syncs == ["tolist"] and set(stats) == {"kept", "keep_ratio",
+                                                              "query_std", "top_vote_share"}

@@ -103,10 +103,12 @@ class PrunerConfig:
     ``temperature`` divides the scores; ``min_keep`` / ``max_keep`` keep at least / at
     most that many patches at inference (most-voted first; 0 = no bound; both equal = a
     fixed count, e.g. for timing). They do not act in training, which keeps the length.
-    ``action_context`` (flow-matching family only): what
-    the pruner sees of the action: nothing, the noisy-action placeholders in the prefix
-    (option A), action features as extra keys only (option B), the previously executed
-    chunk, or the state.
+    ``action_context`` (flow-matching family only): what the pruner sees of the action:
+    nothing, noisy-action placeholders in the prefix (option A) or the same features as
+    extra keys only (option B) — both read the initial noise (x at t = 1), in training as
+    at inference, where the prefix precedes denoising — the previously executed chunk
+    (in training: the dataset's actions before the frame, or the previous segment's), or
+    the state.
     """
 
     enabled: bool = False
@@ -199,10 +201,6 @@ class FlowVLAConfig:
                  f"side ({self.vision.grid} = image_size / patch_size)")
         _require(0.0 <= self.time_min < 1.0, f"model.time_min must be in [0, 1), got "
                  f"{self.time_min}")
-        ti = self.tokens_per_image
-        _require(not self.pruner.enabled or self.pruner.num_patches % ti == 0,
-                 f"model.pruner.num_patches ({self.pruner.num_patches}) must be cameras × "
-                 f"{ti} tokens per image; set it to that, or 0 to derive it")
 
     @property
     def tokens_per_image(self) -> int:
@@ -226,8 +224,11 @@ class ParallelVLAConfig:
     ``max_action_dim``: the action dimensions the model predicts (OFT's ACTION_DIM);
     there are ``chunk_size × max_action_dim`` placeholders; a policy's action_dim may be
     smaller (the rest is zero-padded and not in the loss). ``head_hidden`` 0 = the decoder
-    width. ``stop_token_id``: the id whose embedding closes the sequence (Llama's and the
-    built-in tokenizer's EOS is 2). ``pruner``: LightVLA's token pruner after the projector.
+    width. ``bos_token_id``: the id whose embedding opens the sequence (Llama's and the
+    built-in tokenizer's BOS is 1; the policy drops the tokenizer's own BOS from the prompt,
+    and a tokenizer that adds none loses no token). ``stop_token_id``: the id whose
+    embedding closes the sequence (Llama's and the built-in tokenizer's EOS is 2).
+    ``pruner``: LightVLA's token pruner after the projector.
     """
 
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
@@ -243,6 +244,7 @@ class ParallelVLAConfig:
     head_hidden: int = 0
     head_blocks: int = 2
     use_proprio: bool = True
+    bos_token_id: int = 1
     stop_token_id: int = 2
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
@@ -256,9 +258,10 @@ class ParallelVLAConfig:
                  f"{self.head_hidden}, {self.head_blocks}")
         _require(self.text.vocab_size > 0, "model.text.vocab_size must be > 0 (the decoder "
                  "embeds the prompt)")
-        _require(0 <= self.stop_token_id < self.text.vocab_size,
-                 f"model.stop_token_id ({self.stop_token_id}) must be a token id below "
-                 f"model.text.vocab_size ({self.text.vocab_size})")
+        for name in ("bos_token_id", "stop_token_id"):
+            value = getattr(self, name)
+            _require(0 <= value < self.text.vocab_size, f"model.{name} ({value}) must be a "
+                     f"token id below model.text.vocab_size ({self.text.vocab_size})")
         f = self.vision_fused
         if f is not None:
             _require((f.image_size, f.grid, f.channels) == (self.vision.image_size,
@@ -317,7 +320,10 @@ class ContextConfig:
     ``none``: nothing (each chunk sees the current observation only).
     ``memory_tokens``: ``num_tokens`` recurrent memory tokens in the prefix, in the
     ``smolvla`` (read = write at the start) or ``rmt`` (read at the start, write at the
-    end) layout; trained through the episode (see ``train.bptt_depth``).
+    end; no prefix token sees the write tokens, the action expert does) layout; trained
+    through the episode (see ``train.bptt_depth``), one memory update per predicted chunk:
+    training cuts episodes into segments every ``n_action_steps`` frames (how often the
+    policy predicts a chunk at inference), each with its ``chunk_size`` actions.
 
     ``write``: what bounds the written memory over a long episode. ``clip`` (default): the
     backbone's residual stream at the write positions, scaled down per token where its RMS

@@ -4,7 +4,8 @@
    memoryless policy cannot know the colour) and of its memoryless twin (the cue stays
    visible: the ceiling);
 2. trains every variant of :data:`VARIANTS` on the same data and budget;
-3. evaluates each in closed loop on the same seeds, beside the scripted expert and chance;
+3. evaluates each in closed loop on the same seeds (on ``DemoSettings.device``), beside the
+   scripted expert and chance;
 4. prints a comparison table and writes ``DIR/report.md`` (table, training curves and a
    success plot as PNG) and ``DIR/results.json``.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from .utils import atomic_write_json
 
 TASK = "remember-color"  # the demo's task; sweeps may use any built-in task
+EVAL_BATCH = 25  # evaluation environments in lockstep (the outcomes do not depend on it)
 
 
 @dataclass
@@ -72,12 +74,19 @@ class DemoSettings:
     variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS])
     overrides: list[str] = field(default_factory=list)  # extra dotted overrides, every run
     lanes: int = 2  # variants trained at the same time, one process (and thread) each
+    device: str | None = None  # where the trained policies are evaluated (None: CUDA if any)
 
     @staticmethod
     def quick() -> DemoSettings:
         """A few seconds end to end: for tests, not for conclusions."""
         return DemoSettings(episodes=12, delay=3, steps=3, frame_batch=8, episode_batch=4,
                             eval_episodes=4, overrides=["policy.model.num_steps=2"], lanes=1)
+
+    @property
+    def eval_seed(self) -> int:
+        """Evaluation episode i of every variant (and of the expert) uses seed eval_seed + i,
+        apart from the data's seeds."""
+        return 10_000 + self.seed
 
     def task_options(self, twin: bool, longer: bool = False, data: bool = False) -> dict:
         opts = {"image_size": self.image_size, "memoryless": twin}
@@ -116,10 +125,11 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
               variants: list[Variant] | None = None) -> dict:
     """Data, training and evaluation of every variant of ``settings`` in ``out``
     (``variants``: other variants than the demo's, e.g. those of a benchmark)."""
-    from .commands.datagen import generate_dataset
-    from .evaluate import evaluate, format_results
+    from .evaluate import format_results
+    from .policies import policy_device
 
     s = settings or DemoSettings()
+    policy_device(s.device)  # a bad device fails before minutes of work
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass "
@@ -131,36 +141,12 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
         s.variants = [v.name for v in variants]
     t0 = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
-
-    # 1. data
-    datasets, data_summaries = {}, {}
-    for twin in sorted({v.twin for v in variants}):
-        name = f"{s.task}-twin" if twin else s.task
-        say(f"[demo] recording {s.episodes} expert episodes of {name}")
-        summary = generate_dataset(s.task, s.episodes, out / "data" / name, seed=s.seed,
-                                   options=s.task_options(twin, data=True), overwrite=True,
-                                   progress=progress, action_noise=s.action_noise)
-        datasets[twin], data_summaries[name] = out / "data" / name, summary
-
-    # 2. training, 3. evaluation: each variant in its own process, `lanes` at a time
-    # (one thread each: on a small CPU this beats one process using every core)
-    jobs = [(str(out), asdict(s), asdict(v), str(datasets[v.twin]), i % max(1, s.lanes),
-             progress) for i, v in enumerate(variants)]
-    if s.lanes > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        say(f"[demo] training and evaluating {len(jobs)} variants, {s.lanes} at a time")
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=s.lanes, mp_context=ctx) as pool:
-            rows = list(pool.map(train_and_evaluate, *zip(*jobs, strict=True)))
-    else:
-        rows = [train_and_evaluate(*job) for job in jobs]
+    datasets, data_summaries = record_data(out, s, variants, progress, say)
+    rows = train_variants(out, s, variants, datasets, progress, say)
     for r in rows:
         say(f"[demo] {r['variant']}: " + format_results(r["eval"]))
     say("[demo] evaluating the scripted expert")
-    expert, _ = evaluate(s.task, s.eval_episodes, None, batch=25, seed=10_000 + s.seed,
-                         task_options=s.task_options(False), progress=progress)
+    expert = evaluate_expert(s, progress)
     results = {"task": s.task, "settings": asdict(s), "variants": rows, "expert": expert,
                "chance_level": expert["chance_level"], "datasets": data_summaries,
                "wall_seconds": time.perf_counter() - t0}
@@ -171,6 +157,50 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
     say(format_table(results))
     say(f"[demo] wrote {out / 'results.json'} ({results['wall_seconds']:.0f} s)")
     return results
+
+
+def record_data(out: Path, s: DemoSettings, variants: list[Variant], progress: bool,
+                say) -> tuple[dict[bool, Path], dict[str, dict]]:
+    """1. The expert data: one dataset of the task (and one of its twin if a variant trains
+    there) -> ({twin: dataset directory}, {dataset name: datagen summary})."""
+    from .data.record import generate_dataset
+
+    datasets, summaries = {}, {}
+    for twin in sorted({v.twin for v in variants}):
+        name = f"{s.task}-twin" if twin else s.task
+        say(f"[demo] recording {s.episodes} expert episodes of {name}")
+        summaries[name] = generate_dataset(s.task, s.episodes, out / "data" / name, seed=s.seed,
+                                           options=s.task_options(twin, data=True),
+                                           overwrite=True, progress=progress,
+                                           action_noise=s.action_noise)
+        datasets[twin] = out / "data" / name
+    return datasets, summaries
+
+
+def train_variants(out: Path, s: DemoSettings, variants: list[Variant],
+                   datasets: dict[bool, Path], progress: bool, say) -> list[dict]:
+    """2. training and 3. evaluation: each variant in its own process, ``lanes`` at a time
+    (one thread each: on a small CPU this beats one process using every core)."""
+    jobs = [(str(out), asdict(s), asdict(v), str(datasets[v.twin]), i % max(1, s.lanes),
+             progress) for i, v in enumerate(variants)]
+    if s.lanes <= 1 or len(jobs) <= 1:
+        return [train_and_evaluate(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    say(f"[demo] training and evaluating {len(jobs)} variants, {s.lanes} at a time")
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=s.lanes, mp_context=ctx) as pool:
+        return list(pool.map(train_and_evaluate, *zip(*jobs, strict=True)))
+
+
+def evaluate_expert(s: DemoSettings, progress: bool) -> dict:
+    """The scripted expert on the variants' evaluation seeds: the ceiling of the task."""
+    from .evaluate import evaluate
+
+    expert, _ = evaluate(s.task, s.eval_episodes, None, batch=EVAL_BATCH, seed=s.eval_seed,
+                         task_options=s.task_options(False), progress=progress)
+    return expert
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True,
@@ -185,7 +215,7 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
     (runs in a worker process)."""
     import torch
 
-    from .evaluate import evaluate, resolve_checkpoint, save_recordings
+    from .evaluate import evaluate, save_recordings
     from .policies import load_policy
     from .presets import count_parameters, get_preset
     from .training.loop import create_run, make_run_config, read_run_config, train
@@ -206,18 +236,17 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
     t_train = time.perf_counter()
     summary = train(run, progress=progress, desc=f"train {v.name}", position=lane)
     train_s = time.perf_counter() - t_train
-    policy = load_policy(resolve_checkpoint(run)).eval()
-    res, recs = evaluate(s.task, s.eval_episodes, policy, batch=min(25, s.eval_episodes),
-                         seed=10_000 + s.seed, task_options=s.task_options(v.twin),
-                         record=2, progress=False)
+    policy = load_policy(run, device=s.device).eval()
+    res, recs = evaluate(s.task, s.eval_episodes, policy, batch=EVAL_BATCH, seed=s.eval_seed,
+                         task_options=s.task_options(v.twin), record=2, progress=False)
+    res["device"] = str(policy.device)
     vid_dir = out / "rollouts" / v.name
     vid_dir.mkdir(parents=True, exist_ok=True)
     res["videos"] = [str(Path("rollouts") / v.name / p) for p in save_recordings(recs, vid_dir)]
     longer = None
     if s.longer:
-        longer, _ = evaluate(s.task, s.eval_episodes, policy, min(25, s.eval_episodes),
-                             10_000 + s.seed, s.task_options(v.twin, longer=True),
-                             progress=False)
+        longer, _ = evaluate(s.task, s.eval_episodes, policy, EVAL_BATCH, s.eval_seed,
+                             s.task_options(v.twin, longer=True), progress=False)
     return {"variant": v.name, "label": v.label, "twin": v.twin,
             "parameters": count_parameters(read_run_config(run).policy),
             "train_seconds": train_s, "train_steps": s.steps,
@@ -227,50 +256,70 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
             "run": str(run.relative_to(out))}
 
 
+def latency_note(results: dict) -> str:
+    wave = min(EVAL_BATCH, results["settings"]["eval_episodes"])
+    return (f"chunk ms: one policy call that predicts an action chunk for {wave} environments "
+            "in lockstep (median); step ms: the policy's time per environment step, averaged "
+            "(one chunk call every n_action_steps steps, queue pops in between)")
+
+
 def format_table(results: dict) -> str:
-    head = f"{'variant':<14}{'trained on':<12}{'success':>9}{'95% CI':>15}{'p50 ms':>8}" \
-           f"{'params':>10}{'train s':>9}"
+    head = (f"{'variant':<14}{'trained on':<12}{'success':>9}{'95% CI':>15}{'chunk ms':>10}"
+            f"{'step ms':>9}{'params':>10}{'train s':>9}")
     lines = [head, "-" * len(head)]
     for r in results["variants"]:
         e = r["eval"]
         lo, hi = e["ci95"]
         lines.append(f"{r['variant']:<14}{'twin' if r['twin'] else 'memory task':<12}"
                      f"{e['success_rate']:>9.1%}{f'{lo:.0%}-{hi:.0%}':>15}"
-                     f"{e['latency_ms']['p50']:>8.2f}{r['parameters']:>10,}"
-                     f"{r['train_seconds']:>9.0f}")
+                     f"{e['chunk_latency_ms']['p50']:>10.2f}{e['step_latency_ms']:>9.2f}"
+                     f"{r['parameters']:>10,}{r['train_seconds']:>9.0f}")
     ex = results["expert"]
     lines.append(f"{'expert':<14}{'-':<12}{ex['success_rate']:>9.1%}")
     lines.append(f"{'chance':<14}{'-':<12}{results['chance_level']:>9.1%}")
-    return "\n".join(lines)
+    return "\n".join([*lines, latency_note(results)])
 
 
 def write_report(out: Path, results: dict) -> None:
+    """``report.md`` (the table, the plots, the rollouts), ``training_curves.png``,
+    ``success.png`` and ``results.json`` in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
+    plot_training_curves(out, results)
+    plot_success(out, results)
+    (out / "report.md").write_text(report_markdown(results))
+    atomic_write_json(out / "results.json", results)
+
+
+def plot_training_curves(out: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
-    # training curves
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in results["variants"]:
         lines = (out / r["run"] / "metrics.jsonl").read_text().splitlines()
         recs = [json.loads(x) for x in lines]
         ax.plot([x["step"] for x in recs], [x["loss"] for x in recs], label=r["variant"])
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
+    ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=120)
     plt.close(fig)
 
-    # success per variant with 95% intervals, chance and expert
+
+def plot_success(out: Path, results: dict) -> None:
+    """Success per variant with its 95% interval, chance and the expert."""
+    import matplotlib.pyplot as plt
+
+    evals = [r["eval"] for r in results["variants"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [r["variant"] for r in results["variants"]]
-    rates = [r["eval"]["success_rate"] for r in results["variants"]]
-    err = [[r["eval"]["success_rate"] - r["eval"]["ci95"][0] for r in results["variants"]],
-           [r["eval"]["ci95"][1] - r["eval"]["success_rate"] for r in results["variants"]]]
-    ax.bar(names, rates, yerr=err, capsize=4, color="#4c72b0")
+    rates = [e["success_rate"] for e in evals]
+    err = [[e["success_rate"] - e["ci95"][0] for e in evals],
+           [e["ci95"][1] - e["success_rate"] for e in evals]]
+    ax.bar([r["variant"] for r in results["variants"]], rates, yerr=err, capsize=4,
+           color="#4c72b0")
     ax.axhline(results["chance_level"], color="red", ls="--", label="chance")
     ax.axhline(results["expert"]["success_rate"], color="green", ls=":", label="expert")
     ax.set_ylim(0, 1.05)
@@ -281,6 +330,8 @@ def write_report(out: Path, results: dict) -> None:
     fig.savefig(out / "success.png", dpi=120)
     plt.close(fig)
 
+
+def report_markdown(results: dict) -> str:
     s = results["settings"]
     md = [f"# memvla demo: {results['task']}", "",
           f"Cue {s['cue_steps']} steps, delay {s['delay']} steps, {s['n_colors']} colours, "
@@ -288,17 +339,19 @@ def write_report(out: Path, results: dict) -> None:
           f"dataset; {s['steps']} training steps per variant (preset `{s['preset']}`); "
           f"{s['eval_episodes']} evaluation episodes per variant on the same seeds. "
           f"Wall time {results['wall_seconds']:.0f} s.", "",
-          "| variant | what | success | 95% CI | latency p50 (ms) | parameters | train (s) |",
-          "|---|---|---|---|---|---|---|"]
+          "| variant | what | success | 95% CI | chunk ms (p50) | step ms (mean) | parameters "
+          "| train (s) |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in results["variants"]:
         e = r["eval"]
         md.append(f"| {r['variant']} | {r['label']} | {e['success_rate']:.1%} | "
-                  f"{e['ci95'][0]:.1%}–{e['ci95'][1]:.1%} | {e['latency_ms']['p50']:.2f} | "
-                  f"{r['parameters']:,} | {r['train_seconds']:.0f} |")
-    md += [f"| expert | scripted | {results['expert']['success_rate']:.1%} | | | | |",
-           f"| chance | 1 / colours | {results['chance_level']:.1%} | | | | |", "",
+                  f"{e['ci95'][0]:.1%}–{e['ci95'][1]:.1%} | {e['chunk_latency_ms']['p50']:.2f} | "
+                  f"{e['step_latency_ms']:.2f} | {r['parameters']:,} | "
+                  f"{r['train_seconds']:.0f} |")
+    md += [f"| expert | scripted | {results['expert']['success_rate']:.1%} | | | | | |",
+           f"| chance | 1 / colours | {results['chance_level']:.1%} | | | | | |", "",
+           f"Latency: {latency_note(results)}.", "",
            "![training curves](training_curves.png)", "", "![success](success.png)", "",
            "Rollouts: " + ", ".join(f"[{p}]({p})" for r in results["variants"]
                                     for p in r["eval"]["videos"]), ""]
-    (out / "report.md").write_text("\n".join(md))
-    atomic_write_json(out / "results.json", results)
+    return "\n".join(md)

@@ -1,22 +1,32 @@
 """Closed-loop evaluation: ``memvla eval``.
 
 Episodes run in waves of ``batch`` gymnasium environments stepped in lockstep, with one
-batched policy call per step; episode i is reset with seed ``seed + i``, and the policy's
-noise comes from a generator seeded with ``seed``, so two evaluations of the same
-checkpoint agree. Environments that finish early keep feeding their last observation
-(their actions are ignored) so that the batch stays aligned with the policy's action queue.
+batched policy call per action chunk (:class:`PolicyRunner`); episode i is reset with seed
+``seed + i`` and draws its policy noise from its own generator seeded with ``seed + i``,
+so an episode's outcome does not depend on ``batch`` nor on the episodes that share its
+wave, and two evaluations of the same checkpoint agree. The global random number
+generators are neither read nor changed. Environments that finish early keep feeding their
+last observation (their actions are ignored) so that the wave stays in lockstep.
+
+Latency, as reported: ``chunk_latency_ms`` is one policy call that predicts an action
+chunk for the whole wave (inputs to the device, the chunk back on the host);
+``step_latency_ms`` is the policy time per environment step, averaged over the evaluation
+(the chunk calls and the queue pops between them).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .utils import atomic_write_json
+
+IMAGE_KEY = "observation.images.top"  # the camera the recordings show
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -30,41 +40,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    from .bench.timing import percentile
-
-    if not values:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-    return {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
+def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    """``{"p50": ..., ...}`` with linear interpolation (NaN without values)."""
+    return {f"p{q}": float(np.percentile(values, q)) if values else float("nan") for q in qs}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a training run (its last checkpoint)."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "run.json").is_file():
-        from .training.state import last_checkpoint
-
-        return last_checkpoint(p)
-    raise FileNotFoundError(f"{p}: neither a checkpoint (no config.json) nor a training run "
-                            "(no run.json)")
-
-
-class ExpertPolicy:
-    """The tasks' scripted experts behind the policy interface (one per environment)."""
-
-    def __init__(self, envs):
-        from .envs import make_expert
-
-        self.experts = [make_expert(e) for e in envs]
-
-    def reset(self) -> None:
-        for e in self.experts:
-            e.reset()
-
-    def act(self, observations: list[dict]) -> np.ndarray:
-        return np.stack([e.act(o) for e, o in zip(self.experts, observations, strict=True)])
+def stack_observations(observations: list[dict], device: torch.device | str | None = None
+                       ) -> dict:
+    """Environment observations -> one policy batch on ``device``: every array stacked
+    along a new batch axis B, ``task`` a list of B strings."""
+    batch = {k: torch.from_numpy(np.stack([o[k] for o in observations])).to(device)
+             for k in observations[0] if k != "task"}  # (B, ...) each
+    batch["task"] = [o["task"] for o in observations]
+    return batch
 
 
 def check_compatible(policy, env) -> None:
@@ -90,113 +78,202 @@ def check_compatible(policy, env) -> None:
         raise ValueError("the checkpoint does not fit the task: " + "; ".join(problems))
 
 
-def _stack(observations: list[dict]) -> dict:
-    batch = {k: torch.from_numpy(np.stack([o[k] for o in observations]))
-             for k in observations[0] if k != "task"}
-    batch["task"] = [o["task"] for o in observations]
-    return batch
+# -- who acts: the scripted experts or a policy --------------------------------------------------
+class ExpertPolicy:
+    """The tasks' scripted experts behind the actor interface (one per environment)."""
+
+    def __init__(self, envs):
+        from .envs import make_expert
+
+        self.experts = [make_expert(e) for e in envs]
+        for e in self.experts:
+            e.reset()
+
+    @property
+    def predicts(self) -> bool:
+        """Every call computes its actions (the expert has no chunk)."""
+        return True
+
+    def act(self, observations: list[dict], running: list[bool]) -> np.ndarray:
+        return np.stack([e.act(o) for e, o in zip(self.experts, observations, strict=True)])
 
 
-def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 0,
-             task_options: dict | None = None, record: int = 0,
-             progress: bool = True) -> tuple[dict, list[dict]]:
-    """Roll out ``episodes`` episodes; ``policy=None`` runs the scripted expert.
-    Returns (results, recordings) where a recording holds frames, instruction, success."""
-    from tqdm.auto import tqdm
+class PolicyRunner:
+    """A policy acting in a wave of environments: every ``n_action_steps`` steps one batched
+    :meth:`predict_action_chunk` call predicts the next actions of every episode, and the
+    steps in between pop them. Each episode's noise (B, chunk_size, max_action_dim) comes
+    from its own generator on the policy's device, seeded with the episode's seed, one draw
+    per chunk, so the noise an episode sees does not depend on the others (the parallel
+    family ignores it: its chunks are regressed). ``kept`` collects the visual tokens a
+    token pruner kept, per running episode and chunk."""
 
-    from .envs import make
+    def __init__(self, policy, seeds: list[int]):
+        self.policy = policy
+        self.n = policy.config.n_action_steps
+        self.generators = [torch.Generator(device=policy.device).manual_seed(s) for s in seeds]
+        self.t = 0
+        self.queue: np.ndarray | None = None  # (B, n, Da) the actions of the current chunk
+        self.kept: list[int] = []
+        policy.reset()
 
-    task_options = dict(task_options or {})
-    results_success, lengths, step_ms, chunk_ms = [], [], [], []
-    kept: list[int] = []  # visual tokens a token pruner kept, per episode and chunk
-    recordings: list[dict] = []
-    bar = tqdm(total=episodes, desc=f"eval {task}", disable=not progress, dynamic_ncols=True)
-    gen_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    chance = None
-    try:
-        for first in range(0, episodes, batch):
-            n = min(batch, episodes - first)
-            envs = [make(task, **task_options) for _ in range(n)]
-            chance = getattr(envs[0].unwrapped, "chance_level", None)
-            if policy is not None:
-                check_compatible(policy, envs[0])
-                policy.reset()
-                actor = None
-            else:
-                actor = ExpertPolicy(envs)
-                actor.reset()
-            obs = [e.reset(seed=seed + first + i)[0] for i, e in enumerate(envs)]
-            done = [False] * n
-            success = [False] * n
-            length = [0] * n
-            frames = [[o["observation.images.top"]] for o in obs[: max(0, record - first)]]
-            while not all(done):
-                t0 = time.perf_counter()
-                if policy is None:
-                    actions = actor.act(obs)
-                else:
-                    queued = policy.queued_actions > 0
-                    actions = policy.select_action(_stack(obs)).cpu().numpy()
-                ms = (time.perf_counter() - t0) * 1000
-                step_ms.append(ms)
-                if policy is not None and not queued:
-                    chunk_ms.append(ms)
-                    kept += _pruner_kept(policy, done)
-                for i, env in enumerate(envs):
-                    if done[i]:
-                        continue
-                    o, _, term, trunc, info = env.step(actions[i].astype(np.float32))
-                    obs[i] = o
-                    length[i] += 1
-                    if i < len(frames):
-                        frames[i].append(o["observation.images.top"])
-                    if term or trunc:
-                        done[i] = True
-                        success[i] = bool(info.get("is_success", False))
-                        bar.update(1)
-            for i in range(n):
-                results_success.append(success[i])
-                lengths.append(length[i])
-                if i < len(frames):
-                    recordings.append({"frames": frames[i], "task": obs[i]["task"],
-                                       "success": success[i], "seed": seed + first + i})
-            for e in envs:
-                e.close()
-    finally:
-        torch.set_rng_state(gen_state)
-        bar.close()
-    k, n = int(sum(results_success)), len(results_success)
-    lo, hi = wilson_interval(k, n)
-    results = {
-        "task": task, "task_options": task_options, "episodes": n, "successes": k,
-        "success_rate": k / n if n else float("nan"), "ci95": [lo, hi],
-        "chance_level": chance, "mean_episode_length": float(np.mean(lengths)),
-        "latency_ms": percentiles(step_ms), "chunk_latency_ms": percentiles(chunk_ms),
-        "seed": seed, "batch": batch,
-    }
-    if kept:
-        from .bench.timing import percentile
+    @property
+    def predicts(self) -> bool:
+        """True when the next :meth:`act` predicts a chunk."""
+        return self.t % self.n == 0
 
-        pruner = policy.model.pruner
-        results["pruner_kept"] = {"visual_tokens": pruner.last_num_patches,
-                                  "mean": float(np.mean(kept)), "min": int(min(kept)),
-                                  "max": int(max(kept)),
-                                  **{f"p{q}": percentile(kept, q) for q in (10, 50, 90)},
-                                  "histogram": np.bincount(kept).tolist()}
-    return results, recordings
+    def noise(self) -> torch.Tensor:
+        m, dev = self.policy.config.model, self.policy.device
+        draws = [torch.randn(1, m.chunk_size, m.max_action_dim, generator=g, device=dev)
+                 for g in self.generators]  # B × (1, A, Da')
+        return torch.cat(draws).to(self.policy.dtype)  # (B, A, Da')
+
+    def act(self, observations: list[dict], running: list[bool]) -> np.ndarray:
+        if self.predicts:
+            obs = stack_observations(observations, self.policy.device)
+            chunk = self.policy.predict_action_chunk(obs, noise=self.noise())  # (B, A, Da)
+            self.queue = chunk[:, : self.n].float().cpu().numpy()  # (B, n, Da)
+            self.kept += pruner_kept(self.policy, running)
+        actions = self.queue[:, self.t % self.n]  # (B, Da)
+        self.t += 1
+        return actions
 
 
-def _pruner_kept(policy, done: list[bool]) -> list[int]:
+def pruner_kept(policy, running: list[bool]) -> list[int]:
     """Visual tokens the policy's token pruner kept in its last call, for the episodes
     still running (none without a pruner)."""
     pruner = getattr(getattr(policy, "model", None), "pruner", None)
     last = getattr(pruner, "last_kept", None)
     if last is None:
         return []
-    return [int(k) for k, d in zip(last.tolist(), done, strict=True) if not d]
+    return [int(k) for k, r in zip(last.tolist(), running, strict=True) if r]
 
 
+# -- one wave of episodes ------------------------------------------------------------------------
+@dataclass
+class Wave:
+    """What a wave of lockstep episodes gave: per-episode results (seed, success, length),
+    the recordings of the first few, the policy's timed calls and the lockstep steps."""
+
+    episodes: list[dict]
+    recordings: list[dict] = field(default_factory=list)
+    chunk_ms: list[float] = field(default_factory=list)  # the calls that predicted actions
+    policy_ms: float = 0.0  # every call, queue pops included
+    steps: int = 0
+    kept: list[int] = field(default_factory=list)
+
+
+def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: int = 0,
+             on_done=None) -> Wave:
+    """Run one episode per seed in lockstep (``policy=None``: the scripted experts);
+    record the frames and actions of the first ``record`` episodes. An episode succeeds
+    only when it terminates with ``info["is_success"]``: running out of steps (truncation)
+    is a failure."""
+    from .envs import make
+
+    envs = [make(task, **options) for _ in seeds]
+    try:
+        actor = ExpertPolicy(envs) if policy is None else PolicyRunner(policy, seeds)
+        obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+        wave = Wave([{"seed": s, "success": False, "length": 0} for s in seeds])
+        wave.recordings = [{"frames": [o[IMAGE_KEY]], "actions": [], "task": o["task"],
+                            "seed": s, "success": False}
+                           for o, s in zip(obs[:record], seeds, strict=False)]
+        running = [True] * len(envs)
+        while any(running):
+            predicts = actor.predicts
+            t0 = time.perf_counter()
+            actions = actor.act(obs, running)  # (B, Da)
+            ms = (time.perf_counter() - t0) * 1000
+            wave.policy_ms += ms
+            if predicts:
+                wave.chunk_ms.append(ms)
+            wave.steps += 1
+            for i, env in enumerate(envs):
+                if running[i]:
+                    running[i] = _step(env, actions[i], i, obs, wave, on_done)
+        wave.kept = getattr(actor, "kept", [])
+        return wave
+    finally:
+        for env in envs:
+            env.close()
+
+
+def _step(env, action: np.ndarray, i: int, obs: list[dict], wave: Wave, on_done) -> bool:
+    """Step episode i of the wave; returns whether it is still running."""
+    o, _, terminated, truncated, info = env.step(action.astype(np.float32))
+    obs[i] = o
+    episode = wave.episodes[i]
+    episode["length"] += 1
+    if i < len(wave.recordings):
+        wave.recordings[i]["frames"].append(o[IMAGE_KEY])
+        wave.recordings[i]["actions"].append(np.array(action, dtype=np.float32))
+    if not (terminated or truncated):
+        return True
+    episode["success"] = bool(terminated and info.get("is_success", False))
+    if i < len(wave.recordings):
+        wave.recordings[i]["success"] = episode["success"]
+    if on_done is not None:
+        on_done()
+    return False
+
+
+# -- the evaluation ------------------------------------------------------------------------------
+def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 0,
+             task_options: dict | None = None, record: int = 0,
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Roll out ``episodes`` episodes, ``batch`` at a time; ``policy=None`` runs the
+    scripted expert. Returns (results, recordings): the results as :func:`summarize` gives
+    them; a recording holds the frames, actions, instruction, seed and success of one of
+    the first ``record`` episodes."""
+    from tqdm.auto import tqdm
+
+    from .envs import make
+
+    if episodes <= 0 or batch <= 0:
+        raise ValueError(f"episodes and batch must be > 0, got {episodes} and {batch}")
+    task_options = dict(task_options or {})
+    probe = make(task, **task_options)  # bad task names and options fail here
+    chance = getattr(probe.unwrapped, "chance_level", None)
+    if policy is not None:
+        check_compatible(policy, probe)
+    probe.close()
+    waves = []
+    with tqdm(total=episodes, desc=f"eval {task}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for first in range(0, episodes, batch):
+            seeds = list(range(seed + first, seed + min(first + batch, episodes)))
+            waves.append(run_wave(task, task_options, seeds, policy, max(0, record - first),
+                                  on_done=lambda: bar.update(1)))
+    results = summarize(waves, task=task, task_options=task_options, seed=seed, batch=batch,
+                        chance_level=chance)
+    if any(w.kept for w in waves):
+        results["pruner_kept"] = kept_summary(policy, [k for w in waves for k in w.kept])
+    return results, [r for w in waves for r in w.recordings]
+
+
+def summarize(waves: list[Wave], **meta) -> dict:
+    """Success rate with its 95% Wilson interval, mean episode length, latency and the
+    per-episode results (seed, success, length) of the waves, with ``meta`` (task, ...)."""
+    per_episode = [e for w in waves for e in w.episodes]
+    n = len(per_episode)
+    k = sum(e["success"] for e in per_episode)
+    steps = sum(w.steps for w in waves)
+    return {**meta, "episodes": n, "successes": k, "success_rate": k / n if n else float("nan"),
+            "ci95": list(wilson_interval(k, n)),
+            "mean_episode_length": float(np.mean([e["length"] for e in per_episode])),
+            "chunk_latency_ms": percentiles([ms for w in waves for ms in w.chunk_ms]),
+            "step_latency_ms": sum(w.policy_ms for w in waves) / steps if steps else float("nan"),
+            "per_episode": per_episode}
+
+
+def kept_summary(policy, kept: list[int]) -> dict:
+    """The distribution of the visual tokens a token pruner kept over every chunk."""
+    return {"visual_tokens": policy.model.pruner.last_num_patches,
+            "mean": float(np.mean(kept)), "min": int(min(kept)), "max": int(max(kept)),
+            **percentiles(kept, (10, 50, 90)), "histogram": np.bincount(kept).tolist()}
+
+
+# -- output ---------------------------------------------------------------------------------------
 def save_recordings(recordings: list[dict], out: Path, scale: int = 4) -> list[str]:
     """Write each recording as an animated GIF with its instruction written under it."""
     from PIL import Image, ImageDraw
@@ -229,13 +306,16 @@ def write_results(out: Path, results: dict, recordings: list[dict]) -> None:
 
 def format_results(r: dict) -> str:
     lo, hi = r["ci95"]
-    lat = r["latency_ms"]
+    chunk = r["chunk_latency_ms"]
     text = (f"{r['task']}: success {r['success_rate']:.1%} ({r['successes']}/{r['episodes']}, "
             f"95% CI {lo:.1%}-{hi:.1%})")
     if r.get("chance_level") is not None:
         text += f", chance {r['chance_level']:.1%}"
-    text += (f"; mean length {r['mean_episode_length']:.1f}; policy latency per step "
-             f"p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms")
+    wave = min(r["batch"], r["episodes"])
+    text += (f"; mean length {r['mean_episode_length']:.1f}; latency per chunk (one policy "
+             f"call for up to {wave} environments) p50 {chunk['p50']:.2f} / p90 "
+             f"{chunk['p90']:.2f} / p99 {chunk['p99']:.2f} ms, per step (average) "
+             f"{r['step_latency_ms']:.2f} ms")
     if "pruner_kept" in r:
         k = r["pruner_kept"]
         text += (f"; pruner kept {k['mean']:.1f} of {k['visual_tokens']} visual tokens "

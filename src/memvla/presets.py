@@ -144,21 +144,13 @@ def openvla_oft_7b() -> PolicyConfig:
                         tokenizer=TokenizerConfig(kind="words", max_length=48))
 
 
-def build_model(cfg: PolicyConfig):
-    """The model of ``cfg.family`` (no processors, no tokenizer)."""
-    if cfg.family == "parallel":
-        from .models.parallel_vla import ParallelVLA
-
-        return ParallelVLA(cfg.model, num_cameras=len(cfg.cameras))
-    from .models.flow_vla import FlowMatchingVLA
-
-    return FlowMatchingVLA(cfg.model)
-
-
 def count_parameters(cfg: PolicyConfig) -> int:
-    """Parameters of the preset's model, built on the meta device (no memory used)."""
+    """Parameters of the config's model with its temporal context (memory tokens, ...),
+    built on the meta device (no memory used) by the policy class that would run it."""
     import torch
 
+    from .policies import FAMILY_POLICIES
+
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = FAMILY_POLICIES[cfg.family].build_model(cfg)
     return sum(p.numel() for p in model.parameters())

@@ -1,12 +1,13 @@
-"""``memvla bench core``: CPU latency of the flow-matching VLA's inference path.
+"""``memvla bench core``: latency of the flow-matching VLA's inference path.
 
 For the ``tiny`` preset (as it is) and ``smolvla-450m`` at reduced depth (``--depth`` text
 and expert layers, ``--vision-depth`` SigLIP layers; the widths, the 512 px image and the
-token counts are the real ones), batch 1, one camera, on the CPU under
+token counts are the real ones), batch 1, one camera, on ``--device`` (default: CUDA when
+available, else the CPU; queued device work is waited for before each clock read) under
 ``torch.inference_mode()``, the median latency of
 
 - prefix: ``FlowMatchingVLA.prefill`` (vision tower, connector, backbone into the KV cache);
-- step: one denoising step, ``FlowMatchingVLA._velocity`` against the filled cache;
+- step: one denoising step, ``FlowMatchingVLA.velocity`` against the filled cache;
 - chunk: ``policy.predict_action_chunk(obs)`` end to end (uint8 image and a task string in,
   preprocessing, tokenising, prefix once, ``num_steps`` steps, unnormalising);
 - sample: ``FlowMatchingVLA.sample_actions`` on prepared inputs (the cached sampler alone);
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from .timing import format_table, time_interleaved, torch_info
 
-HELP = "CPU latency of prefix, denoising step and whole action chunk (cached vs uncached)"
+HELP = "latency of prefix, denoising step and whole action chunk (cached vs uncached)"
 
 PRESETS = ("tiny", "smolvla-450m")
 REDUCED = "smolvla-450m"  # the preset benchmarked at reduced depth
@@ -59,6 +60,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help=f"comma-separated presets ({','.join(PRESETS)})")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (0)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when "
+                        "available, else cpu)")
 
 
 def preset_overrides(name: str, depth: int, vision_depth: int | None) -> list[str]:
@@ -70,52 +73,58 @@ def preset_overrides(name: str, depth: int, vision_depth: int | None) -> list[st
     return overrides
 
 
-def make_observation(cfg, seed: int) -> dict:
-    """One observation (batch 1): uint8 HWC images per camera, a state and a task."""
+def make_observation(cfg, seed: int, device="cpu") -> dict:
+    """One observation (batch 1) on ``device``: uint8 HWC images per camera, a state and a
+    task."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     c, h, w = cfg.image_shape
-    obs = {key: torch.randint(0, 256, (1, h, w, c), dtype=torch.uint8, generator=gen)
+    obs = {key: torch.randint(0, 256, (1, h, w, c), dtype=torch.uint8, generator=gen,
+                              device=device)
            for key in cfg.image_keys}  # (1, H, W, C) per camera
-    obs["observation.state"] = torch.randn(1, cfg.state_dim, generator=gen)  # (1, Ds)
+    obs["observation.state"] = torch.randn(1, cfg.state_dim, generator=gen,
+                                           device=device)  # (1, Ds)
     obs["task"] = [TASK]
     return obs
 
 
-def bench_preset(name: str, args) -> dict:
+def bench_preset(name: str, args, device) -> dict:
     import torch
 
     from ..policies import make_policy
     from ..presets import get_preset
+    from .timing import cuda_sync
 
     overrides = preset_overrides(name, args.depth, args.vision_depth)
     cfg = get_preset(name, overrides)
     torch.manual_seed(args.seed)
-    policy = make_policy(cfg).eval()
+    policy = make_policy(cfg).to(device).eval()
     model = policy.model
     m = cfg.model
     steps = m.num_steps
-    obs = make_observation(cfg, args.seed)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    noise = torch.randn(1, m.chunk_size, m.max_action_dim, generator=gen)  # (1, A, Da')
+    obs = make_observation(cfg, args.seed, device)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    noise = torch.randn(1, m.chunk_size, m.max_action_dim, generator=gen,
+                        device=device)  # (1, A, Da')
     w, r, ru = args.warmup, args.repeats, args.uncached_repeats
 
     with torch.inference_mode():
         images, ids, pad, state = policy.encode_observation(obs)
         cache, _ = model.prefill(images, ids, pad, state)
-        t1 = torch.ones(1)  # (1,) the first (noisiest) time
+        t1 = torch.ones(1, device=device)  # (1,) the first (noisiest) time
 
         calls = {
             "prefix": lambda: model.prefill(images, ids, pad, state),
-            "step": lambda: model._velocity(cache, state, noise, t1),
+            "step": lambda: model.velocity(cache, state, noise, t1),
             "chunk": lambda: policy.predict_action_chunk(obs),
             "sample": lambda: model.sample_actions(images, ids, pad, state, noise),
             "uncached": lambda: model.sample_actions_uncached(images, ids, pad, state, noise),
         }
         # rounds of one run each, so that load changes hit every figure alike
         timings = time_interleaved(calls, {**dict.fromkeys(calls, r), "uncached": ru},
-                                   {**dict.fromkeys(calls, w), "uncached": min(w, 1)})
+                                   {**dict.fromkeys(calls, w), "uncached": min(w, 1)},
+                                   sync=cuda_sync if device.type == "cuda" else None)
         cached_actions, _ = model.sample_actions(images, ids, pad, state, noise)  # (1, A, Da')
         uncached_actions, _ = model.sample_actions_uncached(images, ids, pad, state, noise)
     med = {k: t.median_ms for k, t in timings.items()}
@@ -168,6 +177,9 @@ def render(results: list[dict]) -> str:
 def run(args) -> int:
     import torch
 
+    from ..policies import policy_device
+
+    device = policy_device(args.device)
     for flag in ("repeats", "uncached_repeats"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
@@ -183,14 +195,14 @@ def run(args) -> int:
     results = []
     for name in names:
         print(f"benchmarking {name} ...", flush=True)
-        results.append(bench_preset(name, args))
+        results.append(bench_preset(name, args, device))
     load_after = os.getloadavg()
 
     print()
     print(render(results))
     vd = "full" if args.vision_depth is None else args.vision_depth
     print(f"\nmedian of {args.repeats} runs ({args.uncached_repeats} uncached) after "
-          f"{args.warmup} warmup; batch 1, CPU, torch {info['torch']}, "
+          f"{args.warmup} warmup; batch 1, {device}, torch {info['torch']}, "
           f"{info['threads']} threads, load avg {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print(f"{REDUCED}: {args.depth} text + {args.depth} expert layers (of 16), vision depth "
           f"{vd} (of 12){' [reduced]' if args.vision_depth is not None else ''}; tiny at its "
@@ -209,7 +221,7 @@ def run(args) -> int:
     if args.json:
         figures = {
             "bench": "core",
-            "device": "cpu",
+            "device": str(device),
             "batch": 1,
             "repeats": args.repeats,
             "uncached_repeats": args.uncached_repeats,

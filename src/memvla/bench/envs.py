@@ -57,7 +57,7 @@ def env_steps_per_second(name: str, steps: int, repeats: int, seed: int = 0) -> 
 
 def datagen_speed(name: str, episodes: int, seed: int = 0) -> dict:
     """Episodes/s and frames/s of ``memvla datagen`` (every attempt kept) into a temp dir."""
-    from memvla.commands.datagen import generate_dataset
+    from memvla.data.record import generate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         s = generate_dataset(name, episodes, Path(tmp) / "ds", seed=seed, keep="all",

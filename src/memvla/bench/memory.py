@@ -14,6 +14,8 @@ the longest training episode. The expert data varies the delay (0..--delay) or t
 of swaps (0..--swaps) per episode, so the memory learns short holds first; evaluation is
 at --delay / --swaps. For the memory variants on remember-color, :func:`cue_sensitivity`
 says whether the written memory depends on the cue at all.
+
+Everything runs on ``--device`` (default: CUDA when available, else the CPU).
 """
 
 from __future__ import annotations
@@ -68,41 +70,58 @@ def add_arguments(parser) -> None:
                         help="dotted config override of every variant (repeatable), e.g. "
                         "--set policy.context.write=norm")
     parser.add_argument("--out", default="outputs/bench_memory", help="sweep directory")
+    parser.add_argument("--device", help="where the policies run: cpu, cuda or cuda:N "
+                        "(default: CUDA when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _policies(preset: str, overrides: list[str]):
-    from ..policies import make_policy
+def _policies(preset: str, overrides: list[str], device=None):
+    from ..policies import make_policy, policy_device
     from ..presets import get_preset
 
-    plain = make_policy(get_preset(preset, overrides)).eval()
+    device = policy_device(device)
+    plain = make_policy(get_preset(preset, overrides)).to(device).eval()
     mem_cfg = get_preset(preset, [*overrides, "context.kind=memory_tokens"])
-    memory = make_policy(mem_cfg).eval()
+    memory = make_policy(mem_cfg).to(device).eval()
     return plain, memory
 
 
-def _observation(cfg, b: int = 1):
+def _observation(cfg, device, b: int = 1):
+    """A random observation of ``b`` samples on ``device``."""
     import torch
 
     c, h, w = cfg.image_shape
-    g = torch.Generator().manual_seed(0)
-    obs = {k: torch.randint(0, 256, (b, h, w, c), dtype=torch.uint8, generator=g)
-           for k in cfg.image_keys}
-    obs["observation.state"] = torch.randn(b, cfg.state_dim, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    obs = {k: torch.randint(0, 256, (b, h, w, c), dtype=torch.uint8, generator=g,
+                            device=device) for k in cfg.image_keys}  # (B, H, W, C)
+    obs["observation.state"] = torch.randn(b, cfg.state_dim, generator=g,
+                                           device=device)  # (B, Ds)
     obs["task"] = ["remember the color and touch it later"] * b
     return obs
 
 
-def latency_cost(preset: str, overrides: list[str], repeats: int) -> dict:
+def _timed(fn) -> float:
+    """Seconds of one call, queued device work included."""
+    import time
+
+    from .timing import cuda_sync
+
+    cuda_sync()
+    t = time.perf_counter()
+    fn()
+    cuda_sync()
+    return time.perf_counter() - t
+
+
+def latency_cost(preset: str, overrides: list[str], repeats: int, device=None) -> dict:
     """Median predict_action_chunk latency with / without memory, timed alternately."""
     import statistics
-    import time
 
     import torch
 
-    plain, memory = _policies(preset, overrides)
+    plain, memory = _policies(preset, overrides, device)
     memory.model.load_state_dict(plain.model.state_dict(), strict=False)
-    obs = _observation(plain.config)
+    obs = _observation(plain.config, plain.device)
     times = {"plain": [], "memory": []}
     with torch.inference_mode():
         for p in (plain, memory):  # warmup
@@ -110,43 +129,41 @@ def latency_cost(preset: str, overrides: list[str], repeats: int) -> dict:
                 p.predict_action_chunk(obs)
         for _ in range(repeats):
             for name, p in (("plain", plain), ("memory", memory)):
-                t = time.perf_counter()
-                p.predict_action_chunk(obs)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(_timed(lambda p=p: p.predict_action_chunk(obs)))
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     m = memory.config.context.num_tokens
     return {"preset": preset, "overrides": overrides, "memory_tokens": m,
             "plain_ms": med["plain"], "memory_ms": med["memory"],
-            "ratio": med["memory"] / med["plain"], "repeats": repeats}
+            "ratio": med["memory"] / med["plain"], "repeats": repeats,
+            "device": str(plain.device)}
 
 
 def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
-                 overrides: tuple[str, ...] = ()) -> dict:
+                 overrides: tuple[str, ...] = (), device=None) -> dict:
     """Latency and memory norm of a memory policy over one long episode (select_action).
 
     The latencies near step 10 and near the last step are as recorded along the episode,
     so machine drift over the run enters their ratio. ``paired_ratio`` removes it: after
-    the episode, a chunk is predicted alternately from the memory carried to the last
-    step and from the memory of step 10 (``repeats`` times each), and the ratio of the two
-    medians says what the long episode itself costs. ``norm_bound`` is the largest norm a
+    the episode, the model samples a chunk alternately from the memory carried to the last
+    step and from the memory of step 10 (``repeats`` times each, on the same encoded
+    observation), and the ratio of the two medians says what the long episode itself
+    costs. ``norm_bound`` is the largest norm a
     memory token can have (:meth:`FlowMatchingVLA.memory_norm_bound`). Without a
     checkpoint: an untrained ``tiny`` memory policy with these config ``overrides``.
     """
     import statistics
-    import time
 
     import torch
 
     if checkpoint:
-        from ..evaluate import resolve_checkpoint
         from ..policies import load_policy
 
-        policy = load_policy(resolve_checkpoint(checkpoint)).eval()
+        policy = load_policy(checkpoint, device=device).eval()
         if not policy.is_recurrent:
             raise ValueError(f"{checkpoint}: not a memory policy (context.kind is none)")
     else:
-        _, policy = _policies("tiny", list(overrides))
-    obs = _observation(policy.config)
+        _, policy = _policies("tiny", list(overrides), device)
+    obs = _observation(policy.config, policy.device)
     n = policy.config.n_action_steps
     rec: dict[int, tuple[float, float]] = {}
     early_memory = None
@@ -155,21 +172,18 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
             policy.predict_action_chunk(obs)
         policy.reset()
         for step in range(1, steps + 1):
-            t = time.perf_counter()
-            policy.select_action(obs)
-            ms = 1e3 * (time.perf_counter() - t)
+            ms = 1e3 * _timed(lambda: policy.select_action(obs))
             if (step - 1) % n == 0:  # a chunk was predicted at this step
                 rec[step] = (ms, float(policy.memory.norm(dim=-1).max()))
                 if early_memory is None and step >= 10:
                     early_memory = policy.memory.clone()  # (1, M, D)
         late_memory = policy.memory.clone()  # (1, M, D)
+        inputs = policy.encode_observation(obs)  # images, ids, pad, state
         paired: dict[str, list[float]] = {"early": [], "late": []}
         for _ in range(repeats):
             for name, mem in (("early", early_memory), ("late", late_memory)):
-                policy._memory = mem
-                t = time.perf_counter()
-                policy.predict_action_chunk(obs)
-                paired[name].append(time.perf_counter() - t)
+                paired[name].append(_timed(
+                    lambda mem=mem: policy.model.sample_actions(*inputs, memory=mem)))
         policy.reset()
     chunk_steps = sorted(rec)
 
@@ -186,7 +200,7 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
                 paired["early"]),
             "norm_ratio": late["memory_norm"] / early["memory_norm"],
             "max_norm": max(v[1] for v in rec.values()),
-            "norm_bound": policy.model.memory_norm_bound()}
+            "norm_bound": policy.model.memory_norm_bound(), "device": str(policy.device)}
 
 
 def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 10_000) -> dict:
@@ -205,7 +219,7 @@ def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 
     import torch
 
     from ..envs import make
-    from ..evaluate import _stack
+    from ..evaluate import stack_observations
 
     if not policy.is_recurrent:
         raise ValueError("cue_sensitivity needs a memory policy (context.kind=memory_tokens)")
@@ -222,7 +236,7 @@ def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 
             for t in range(u.choice_start + n):
                 if t % n == 0:
                     with torch.no_grad():
-                        policy.predict_action_chunk(_stack([obs]))
+                        policy.predict_action_chunk(stack_observations([obs], policy.device))
                     written.append(policy.memory[0].clone())  # (M, D)
                     if t >= u.choice_start:
                         break
@@ -247,14 +261,14 @@ def _check_ranges(args) -> None:
 
 def sweep_settings(args, task: str):
     """The :class:`memvla.demo.DemoSettings` of one task's sweep, from the CLI arguments."""
-    from ..commands.datagen import parse_options
     from ..demo import DemoSettings
+    from ..envs import parse_options
 
     s = DemoSettings(task=task, episodes=args.episodes, steps=args.steps,
                      eval_episodes=args.eval_episodes, delay=args.delay, image_size=32,
                      episode_batch=8, action_noise=args.action_noise,
                      variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-                     overrides=list(args.set))
+                     overrides=list(args.set), device=args.device)
     if task == "remember-color":
         s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
         s.longer = {"delay": 3 * args.delay}
@@ -276,11 +290,11 @@ def success_sweeps(args) -> list[dict]:
         res = run_sweep(Path(args.out) / task, s, progress=not args.no_progress,
                         overwrite=True, report=False)
         if task == "remember-color":
-            from ..evaluate import resolve_checkpoint
             from ..policies import load_policy
 
             for r in res["variants"]:
-                policy = load_policy(resolve_checkpoint(Path(args.out) / task / r["run"]))
+                policy = load_policy(Path(args.out) / task / r["run"],
+                                     device=args.device)
                 if policy.is_recurrent:
                     r["cue_sensitivity"] = cue_sensitivity(policy.eval(), s.task_options(False))
         results.append(res)
@@ -288,17 +302,20 @@ def success_sweeps(args) -> list[dict]:
 
 
 def run(args) -> int:
+    from ..policies import policy_device
     from ..utils import atomic_write_json
     from .timing import format_table, torch_info
 
     _check_ranges(args)  # before minutes of timing
-    cost = [latency_cost("tiny", [], args.repeats),
+    device = policy_device(args.device)
+    cost = [latency_cost("tiny", [], args.repeats, device),
             latency_cost("smolvla-450m", ["model.text.depth=2", "model.expert.depth=2",
-                                          "model.vision.depth=2"], max(5, args.repeats // 5))]
+                                          "model.vision.depth=2"], max(5, args.repeats // 5),
+                         device)]
     print(format_table(["preset", "M", "plain ms", "memory ms", "memory / plain"],
                        [[c["preset"], c["memory_tokens"], f"{c['plain_ms']:.2f}",
                          f"{c['memory_ms']:.2f}", f"{c['ratio']:.3f}"] for c in cost]))
-    long = long_episode(args.long_steps, args.checkpoint, args.repeats)
+    long = long_episode(args.long_steps, args.checkpoint, args.repeats, device=device)
     print(f"\nlong episode ({long['steps']} steps, a chunk every {long['chunk_every']}): "
           f"latency {long['early']['latency_ms']:.2f} ms near step 10 vs "
           f"{long['late']['latency_ms']:.2f} ms near step {long['steps']} "

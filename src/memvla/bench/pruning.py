@@ -5,8 +5,9 @@ expert layers, ``--vision-depth`` SigLIP layers) with 512 visual tokens: 2 camer
 512 px, patch 16 (a 32×32 grid), pixel shuffle 2 instead of 4 -> 16×16 = 256 tokens per
 image (``--cameras`` / ``--connector-scale`` change this). The pruned variant keeps a forced
 ``--keep`` share of them (``pruner.min_keep = pruner.max_keep = round(keep · 512)``: the
-most-voted patches), the same weights otherwise. Batch 1, CPU, ``torch.inference_mode()``,
-calls timed alternately in rounds (:func:`memvla.bench.timing.time_interleaved`); medians of
+most-voted patches), the same weights otherwise. Batch 1, on ``--device`` (default: CUDA
+when available, else the CPU), ``torch.inference_mode()``, calls timed alternately in
+rounds (:func:`memvla.bench.timing.time_interleaved`); medians of
 
 - backbone: the backbone over the embedded prefix into a KV cache (for the pruned variant
   the pruner's own time is measured apart and added: ``backbone+pruner``);
@@ -63,6 +64,8 @@ def add_arguments(parser) -> None:
                         help="random images / Gaussian samples per collapse row (4)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when "
+                        "available, else cpu)")
     parser.add_argument("--success", action="store_true",
                         help="also train both families with and without pruning on a built-in "
                              "task and compare success and kept counts (long: tens of minutes)")
@@ -105,23 +108,27 @@ def build_models(args):
                                              f"model.pruner.min_keep={k}",
                                              f"model.pruner.max_keep={k}"])
     torch.manual_seed(args.seed)
-    full = FlowMatchingVLA(base.model).eval()
-    pruned = FlowMatchingVLA(pruned_cfg.model).eval()
+    full = FlowMatchingVLA(base.model).to(args.device).eval()
+    pruned = FlowMatchingVLA(pruned_cfg.model).to(args.device).eval()
     pruned.load_state_dict(full.state_dict())
     return base, full, pruned, p, k
 
 
-def model_inputs(cfg, prompt: str, batch: int, seed: int):
+def model_inputs(cfg, prompt: str, batch: int, seed: int, device):
+    """Model inputs on ``device``: random images per camera, the prompt's ids and padding,
+    a random state."""
     import torch
 
     from ..data.tokenizers import make_tokenizer
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     s = cfg.model.vision.image_size
-    images = [torch.rand(batch, 3, s, s, generator=g) * 2 - 1 for _ in cfg.cameras]
+    images = [torch.rand(batch, 3, s, s, generator=g, device=device) * 2 - 1
+              for _ in cfg.cameras]  # (B, 3, S, S) each
     ids, pad = make_tokenizer(cfg.tokenizer)([prompt] * batch)  # (B, Nl)
-    state = torch.randn(batch, cfg.model.max_state_dim, generator=g)
-    return images, ids, pad, state
+    state = torch.randn(batch, cfg.model.max_state_dim, generator=g,
+                        device=device)  # (B, Ds')
+    return images, ids.to(device), pad.to(device), state
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------
@@ -150,10 +157,10 @@ def cost(args, models) -> dict:
 
     from ..layers.kv_cache import KVCache
     from ..layers.tokens import TokenSegment
-    from .timing import Timing
+    from .timing import Timing, cuda_sync
 
     base, full, pruned, p, k = models
-    images, ids, pad, state = model_inputs(base, LONG_PROMPT, 1, args.seed)
+    images, ids, pad, state = model_inputs(base, LONG_PROMPT, 1, args.seed, args.device)
     depth = base.model.text.depth
     with torch.inference_mode():
         prefix_full = TokenSegment.cat(full.embed_prefix(images, ids, pad, state))
@@ -161,7 +168,7 @@ def cost(args, models) -> dict:
         # the pruner's inputs, as embed_prefix builds them
         patches = torch.cat([pruned.vlm_with_expert.embed_images(im) for im in images], 1)
         patches = patches * math.sqrt(base.model.text.width)  # (1, P, D)
-        positions = torch.arange(p)[None]  # (1, P)
+        positions = torch.arange(p, device=args.device)[None]  # (1, P)
         lang = pruned.vlm_with_expert.text_model.embed(ids) * math.sqrt(base.model.text.width)
 
     calls = {
@@ -171,8 +178,8 @@ def cost(args, models) -> dict:
         "prefill full": lambda: full.prefill(images, ids, pad, state),
         "prefill pruned": lambda: pruned.prefill(images, ids, pad, state),
     }
-    noise = torch.randn(1, base.model.chunk_size, base.model.max_action_dim,
-                        generator=torch.Generator().manual_seed(args.seed))
+    noise = torch.randn(1, base.model.chunk_size, base.model.max_action_dim, device=args.device,
+                        generator=torch.Generator(device=args.device).manual_seed(args.seed))
     if args.chunk_repeats > 0:
         calls["chunk full"] = lambda: full.sample_actions(images, ids, pad, state, noise=noise)
         calls["chunk pruned"] = lambda: pruned.sample_actions(images, ids, pad, state,
@@ -180,7 +187,8 @@ def cost(args, models) -> dict:
     reps = {n: (args.chunk_repeats if n.startswith("chunk") else args.repeats) for n in calls}
     with torch.inference_mode():
         flops = {n: count_flops(fn) for n, fn in calls.items()}
-        times: dict[str, Timing] = time_interleaved(calls, reps, args.warmup)
+        times: dict[str, Timing] = time_interleaved(
+            calls, reps, args.warmup, sync=cuda_sync if args.device.type == "cuda" else None)
     ms = {n: t.median_ms for n, t in times.items()}
     ms["backbone+pruner pruned"] = ms["backbone pruned"] + ms["pruner"]
     flops["backbone+pruner pruned"] = flops["backbone pruned"] + flops["pruner"]
@@ -229,22 +237,22 @@ def collapse(args, models) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for prompt in (SHORT_PROMPT, LONG_PROMPT):
-            images, ids, pad, _ = model_inputs(base, prompt, b, args.seed + 1)
+            images, ids, pad, _ = model_inputs(base, prompt, b, args.seed + 1, args.device)
             vwe = full.vlm_with_expert
             patches = torch.cat([vwe.embed_images(im) for im in images], 1) * math.sqrt(d)
             task = vwe.text_model.embed(ids) * math.sqrt(d)  # (B, Nl, D)
-            positions = torch.arange(p).expand(b, p)
+            positions = torch.arange(p, device=args.device).expand(b, p)  # (B, P)
             for name, query, masked in QUERY_VARIANTS:
                 valid = pad if masked else torch.ones_like(pad)
                 rows.append({"inputs": f"stack, {int(pad[0].sum())}-token prompt", "variant": name,
                              "visual_tokens": p, **_kept(query, patches, positions, task,
                                                           valid)})
-        g = torch.Generator().manual_seed(args.seed + 2)
-        patches = torch.randn(b, p, d, generator=g)
-        positions = torch.arange(p).expand(b, p)
+        g = torch.Generator(device=args.device).manual_seed(args.seed + 2)
+        patches = torch.randn(b, p, d, generator=g, device=args.device)  # (B, P, D)
+        positions = torch.arange(p, device=args.device).expand(b, p)  # (B, P)
         for t in (3, 20):
-            task = torch.randn(b, t, d, generator=g)
-            valid = torch.ones(b, t, dtype=torch.bool)
+            task = torch.randn(b, t, d, generator=g, device=args.device)  # (B, T, D)
+            valid = torch.ones(b, t, dtype=torch.bool, device=args.device)  # (B, T)
             for name, query, _ in QUERY_VARIANTS[1:]:
                 rows.append({"inputs": f"Gaussian, {t} task tokens",
                              "variant": name.replace(", pads masked", ""),
@@ -267,11 +275,12 @@ def action_contexts(args, models) -> list[dict]:
 
     base, full, _, _, _ = models
     b = args.collapse_samples
-    images, ids, pad, state = model_inputs(base, SHORT_PROMPT, b, args.seed + 3)
-    g = torch.Generator().manual_seed(args.seed + 4)
+    images, ids, pad, state = model_inputs(base, SHORT_PROMPT, b, args.seed + 3, args.device)
+    g = torch.Generator(device=args.device).manual_seed(args.seed + 4)
     m = base.model
-    noise = torch.randn(b, m.chunk_size, m.max_action_dim, generator=g)
-    prev = torch.randn(b, m.chunk_size, m.max_action_dim, generator=g)
+    shape = (b, m.chunk_size, m.max_action_dim)
+    noise = torch.randn(shape, generator=g, device=args.device)  # (B, A, Da')
+    prev = torch.randn(shape, generator=g, device=args.device)  # (B, A, Da')
     rows = []
     with torch.inference_mode():
         for ctx in PRUNER_ACTION_CONTEXTS:
@@ -280,9 +289,9 @@ def action_contexts(args, models) -> list[dict]:
                     *stack_overrides(args), "model.pruner.enabled=true",
                     f"model.pruner.query={query}", f"model.pruner.action_context={ctx}"])
                 torch.manual_seed(args.seed + 5)  # the same key projection for every query
-                model = FlowMatchingVLA(cfg.model).eval()
+                model = FlowMatchingVLA(cfg.model).to(args.device).eval()
                 model.load_state_dict(full.state_dict(), strict=False)
-                pa, _ = model._pruner_actions(noise, prev, None)
+                pa, _ = model.pruner_actions(noise, prev, None)
                 model.prefill(images, ids, pad, state, pruner_actions=pa)
                 st = model.last_prune_stats
                 rows.append({"action_context": ctx, "query": query, "kept_mean": st["kept"],
@@ -315,7 +324,7 @@ def success_with_and_without_pruning(args) -> dict:
     from ..demo import DemoSettings, run_sweep
 
     s = DemoSettings(task=args.task, episodes=args.episodes, steps=args.steps,
-                     eval_episodes=args.eval_episodes, image_size=32)
+                     eval_episodes=args.eval_episodes, image_size=32, device=str(args.device))
     res = run_sweep(args.out, s, progress=not args.no_progress, overwrite=True, report=False,
                     variants=success_variants(args.query))
     rows = []
@@ -343,10 +352,12 @@ def success_with_and_without_pruning(args) -> dict:
 def run(args) -> int:
     import torch
 
+    from ..policies import policy_device
     from ..utils import atomic_write_json
 
     if not 0.0 < args.keep <= 1.0:
         raise ValueError(f"--keep must be in (0, 1], got {args.keep}")
+    args.device = policy_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models(args)

@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
                         "policy must also match the remembered colour to a disc)")
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="where the trained policies are evaluated: cpu, cuda or "
+                        "cuda:N (default: CUDA when available, else cpu)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -33,7 +35,7 @@ def run(args) -> int:
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     for key in ("steps", "episodes", "eval_episodes", "delay", "seed", "layout", "palette_size",
-                "colors"):
+                "colors", "device"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.variants:

@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="task option (repeatable), e.g. --opt delay=30")
     parser.add_argument("--record", type=int, default=3, help="episodes saved as GIFs")
+    parser.add_argument("--device", help="where the policy runs: cpu, cuda or cuda:N "
+                        "(default: CUDA when available, else cpu)")
     parser.add_argument("--out", required=True, help="output directory (eval.json, GIFs)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -23,23 +25,21 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..evaluate import evaluate, format_results, resolve_checkpoint, write_results
-    from .datagen import parse_options
+    from ..envs import parse_options
+    from ..evaluate import evaluate, format_results, write_results
+    from ..policies import load_policy, policy_device, resolve_checkpoint
 
-    if args.episodes <= 0 or args.batch <= 0:
-        raise ValueError(f"--episodes and --batch must be > 0, got {args.episodes}, "
-                         f"{args.batch}")
+    device = policy_device(args.device)
     policy = None
     if args.policy == "checkpoint":
         if not args.checkpoint:
             raise ValueError("give --checkpoint RUN (or --policy expert)")
-        from ..policies import load_policy
-
-        ckpt = resolve_checkpoint(args.checkpoint)
-        policy = load_policy(ckpt).eval()
+        policy = load_policy(args.checkpoint, device=device).eval()
     results, recs = evaluate(args.task, args.episodes, policy, args.batch, args.seed,
                              parse_options(args.opt), args.record, not args.no_progress)
-    results["policy"] = args.policy if policy is None else str(ckpt)
+    results["policy"] = ("expert" if policy is None
+                         else str(resolve_checkpoint(args.checkpoint)))
+    results["device"] = None if policy is None else str(device)
     write_results(Path(args.out), results, recs)
     print(format_results(results))
     print(f"wrote {Path(args.out) / 'eval.json'}")

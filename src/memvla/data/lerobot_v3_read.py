@@ -76,8 +76,15 @@ def _column_numpy(column: pa.ChunkedArray, shape: tuple[int, ...], dtype: str) -
     return values.reshape(n) if tuple(shape) == (1,) else values.reshape(n, *shape)
 
 
-def _to_tensor(x: np.ndarray, image: bool) -> torch.Tensor:
-    """numpy -> torch; uint8 images (..., H, W, C) -> float32 (..., C, H, W) in [0, 1]."""
+IMAGE_FORMATS = ("float", "uint8")
+
+
+def to_tensor(x: np.ndarray, image: bool, images_as: str = "float") -> torch.Tensor:
+    """numpy -> torch; uint8 images (..., H, W, C) -> float32 (..., C, H, W) in [0, 1]
+    (``images_as="float"``, LeRobot's layout) or kept as they are (``"uint8"``: a quarter
+    of the bytes to collate and move to the device; memvla policies take both)."""
+    if image and images_as == "uint8":
+        return torch.from_numpy(np.ascontiguousarray(x))  # (..., H, W, C) uint8
     if image:
         chw = np.ascontiguousarray(np.moveaxis(x, -1, -3))  # (..., C, H, W)
         return torch.from_numpy(chw).float().div_(255.0)
@@ -93,6 +100,8 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
         delta_timestamps: the same in seconds (multiples of 1/fps), as in LeRobot.
         episodes: load only these episode indices (default: all).
         image_cache: keep decoded images in memory (see the module doc).
+        images_as: "float" (default, LeRobot's): images as float32 (C, H, W) in [0, 1];
+            "uint8": as stored, uint8 (H, W, C), converted later on the model's device.
 
     Raises FileNotFoundError or ValueError naming the file when a file is missing or
     corrupt, or when ``root`` is not a v3.0 dataset.
@@ -105,7 +114,11 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
         delta_timestamps: dict[str, Sequence[float]] | None = None,
         episodes: Sequence[int] | None = None,
         image_cache: bool = True,
+        images_as: str = "float",
     ):
+        if images_as not in IMAGE_FORMATS:
+            raise ValueError(f"images_as must be one of {IMAGE_FORMATS}, got {images_as!r}")
+        self.images_as = images_as
         self.root = Path(root)
         self.info = read_info(self.root)
         self.fps = self.info["fps"]
@@ -330,10 +343,12 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
                 item[key] = self._arrays[key][index]
             elif key in self.delta_indices:
                 wanted = index + self.delta_indices[key]  # (K,)
-                item[key] = _to_tensor(self.get_numpy(key, np.clip(wanted, start, end - 1)), image)
+                item[key] = to_tensor(self.get_numpy(key, np.clip(wanted, start, end - 1)), image,
+                                      self.images_as)
                 item[f"{key}_is_pad"] = torch.from_numpy((wanted < start) | (wanted >= end))
             else:
-                item[key] = _to_tensor(self.get_numpy(key, np.array(index)), image)
+                item[key] = to_tensor(self.get_numpy(key, np.array(index)), image,
+                                      self.images_as)
         item["task"] = self.task_at(index)
         return item
 

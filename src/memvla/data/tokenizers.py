@@ -99,6 +99,7 @@ class HFTokenizer:
                              f"from this local directory ({type(e).__name__}: {e})") from e
         self.max_length = max_length
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.bos_id = self.tok.bos_token_id  # None for tokenizers without one
 
     @property
     def vocab_size(self) -> int:

@@ -95,6 +95,9 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     ``layout`` as in remember-color. Chance 1/n_colors. Max steps 25.
     ``reset(options={"cue": i})`` forces the target.
 
+``parse_options(["delay=30", ...])`` reads ``KEY=VALUE`` task options as the command
+line's ``--opt`` gives them.
+
 Experts (:func:`make_expert`) read privileged state from ``env.unwrapped`` and move with a
 saturating proportional controller (smooth, imitable); during cue and delay they park at a
 fixed point that does not depend on the cue.
@@ -102,7 +105,15 @@ fixed point that does not depend on the cue.
 
 from memvla.envs.base import ACTION_DIM, STATE_DIM, TaskEnv
 from memvla.envs.experts import Expert
-from memvla.envs.registry import TASKS, TaskSpec, make, make_expert, register_gym_envs, task_names
+from memvla.envs.registry import (
+    TASKS,
+    TaskSpec,
+    make,
+    make_expert,
+    parse_options,
+    register_gym_envs,
+    task_names,
+)
 
 register_gym_envs()
 
@@ -115,6 +126,7 @@ __all__ = [
     "TaskSpec",
     "make",
     "make_expert",
+    "parse_options",
     "register_gym_envs",
     "task_names",
 ]

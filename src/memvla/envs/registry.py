@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 
@@ -95,6 +97,24 @@ def make(name: str, **options) -> TaskEnv:
             raise ValueError(f"task {name!r} is a memoryless twin; memoryless=False is invalid")
         options["memoryless"] = True
     return spec.env_class(**options)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """Task options from ``KEY=VALUE`` strings (``--opt`` of the command line):
+    ``["delay=30", "n-colors=3", "name=abc"]`` -> ``{"delay": 30, "n_colors": 3, ...}``.
+    VALUE is read as JSON (numbers, true/false, lists), else True/False/None, else a string;
+    dashes in KEY become underscores."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"task options are KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = {"True": True, "False": False, "None": None}.get(text, text)
+        options[key.strip().replace("-", "_")] = value
+    return options
 
 
 def make_expert(env: gym.Env) -> Expert:

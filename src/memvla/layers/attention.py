@@ -28,11 +28,22 @@ def _never_empty(mask: Tensor) -> Tensor:
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+# ``enable_gqa`` (key/value heads shared by groups of query heads without copies) came with
+# torch 2.5; older releases get the key/value heads repeated instead.
+SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def scaled_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, Hh, N, Dh), k/v (B, Hkv, L, Dh), mask (B, N, L) bool -> (B, Hh, N, Dh)."""
     _check(q, k, v, mask)
     mask = _never_empty(mask)[:, None]  # (B, 1, N, L)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1),
+                                          v.repeat_interleave(rep, dim=1), attn_mask=mask)
 
 
 def scaled_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

@@ -26,8 +26,9 @@ def sample_time(batch: int, alpha: float = 1.5, beta: float = 1.0, time_min: flo
 
 
 def interpolate(actions: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """x_t = t·noise + (1−t)·actions; t (B,) broadcast over (B, A, Da)."""
-    t = t[:, None, None]
+    """x_t = t·noise + (1−t)·actions; t (B,) broadcast over (B, A, Da), in the actions'
+    dtype."""
+    t = t[:, None, None].to(actions.dtype)  # (B, 1, 1)
     return t * noise + (1.0 - t) * actions
 
 

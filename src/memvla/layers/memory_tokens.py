@@ -8,6 +8,8 @@ positions become the next memory. Two layouts:
 - ``rmt``: read tokens at the start (seen by every token, in the first attention block) and
   write tokens, initialised with the same memory, at the end in a block of their own: they
   see the whole sequence and nothing of the sequence sees them (the RMT decoder layout).
+  What comes after the sequence may: the VLA's action expert reads the whole cached
+  prefix, write tokens included (a summary of the current step beside the read memory).
 
 What bounds the memory over a long episode is the model's choice (``context.write``): the
 backbone's residual stream at the write positions with its per-token RMS clipped to a
@@ -60,6 +62,18 @@ def clip_rms_reference(memory: Tensor, max_rms: float) -> Tensor:
             if rms > max_rms:
                 out[b, m] = memory[b, m] * (max_rms / rms)
     return out
+
+
+def truncates_before(segment: int, depth: int) -> bool:
+    """Truncated back-propagation through time of depth k = ``depth``: True when the
+    carried memory is detached before ``segment``, i.e. s > 0 and s % (k + 1) == 0, so
+    the loss of a segment back-propagates through at most k memory updates. k = 0 detaches
+    every segment; k = -1 (and any k at least the number of segments) keeps the whole
+    sequence. The one rule of the VLA's episodes and the text LM's segments."""
+    if depth < -1:
+        raise ValueError(f"back-propagation depth must be >= -1 (-1 = the whole sequence), "
+                         f"got {depth}")
+    return depth >= 0 and segment > 0 and segment % (depth + 1) == 0
 
 
 class MemoryTokens(nn.Module):

@@ -4,7 +4,7 @@ gaps (pruned tokens keep their original positions) and may differ across the bat
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -26,18 +26,3 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat([-x2, x1], dim=-1)  # (B, Hh, N, Dh)
     out = x * cos[:, None] + rotated * sin[:, None]  # (B, Hh, N, Dh)
     return out.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """Holds the base and head width; call with positions to get (cos, sin)."""
-
-    def __init__(self, head_dim: int, base: float = 10_000.0):
-        super().__init__()
-        self.head_dim = head_dim
-        self.base = base
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return rope_cos_sin(positions, self.head_dim, self.base)
-
-    def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}"

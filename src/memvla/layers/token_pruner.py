@@ -37,6 +37,7 @@ P' = kept slots.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -148,13 +149,17 @@ def gather_kept(patches: Tensor, positions: Tensor, mask: Tensor):
 
 def prune_reference(patches: Tensor, positions: Tensor, task: Tensor, task_valid: Tensor,
                     query: str = "lightvla", temperature: float = 1.0, min_keep: int = 0,
-                    max_keep: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Slow twin of the batched inference path: one sample at a time, Python sets and
-    sorts -> (tokens (B, K, D), valid (B, K), positions (B, K), kept (B,))."""
+                    max_keep: int = 0,
+                    residual_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Slow twin of the batched inference path: one sample at a time, the reference
+    queries (:func:`task_queries_ref`), Python sets and sorts -> (tokens (B, K, D),
+    valid (B, K), positions (B, K), kept (B,))."""
     rows = []
     for b in range(patches.shape[0]):
-        score, _ = prune_scores(patches[b:b + 1], task[b:b + 1], task_valid[b:b + 1], query,
-                                temperature)
+        p_n, t_n = plain_rms_norm(patches[b:b + 1]), plain_rms_norm(task[b:b + 1])
+        q = task_queries_ref(p_n, t_n, task_valid[b:b + 1], query, residual_scale)  # (1, P, D)
+        score = q.float() @ p_n.float().transpose(1, 2) / (
+            math.sqrt(p_n.shape[-1]) * temperature)  # (1, P, P)
         s = score[0]  # (P, P)
         p = s.shape[0]
         votes = s.argmax(-1).tolist()
@@ -200,13 +205,41 @@ def straight_through_weights(score: Tensor, noise_scale: float = 0.0,
 
 
 # -- module -----------------------------------------------------------------------------------
+@contextmanager
+def pruning_for_inference(pruner: TokenPruner | None):
+    """Inside: ``pruner`` prunes as at inference (drops tokens; no noise, no
+    straight-through mixing) even if its model is in train mode; its mode is restored
+    after. A no-op for None. Sampling / predicting a chunk is inference."""
+    was = pruner is not None and pruner.training
+    if was:
+        pruner.eval()
+    try:
+        yield
+    finally:
+        if was:
+            pruner.train()
+
+
+def stats_to_floats(stats: dict[str, Tensor]) -> dict[str, float]:
+    """0-dim statistic tensors -> floats, with one host synchronisation for all."""
+    if not stats:
+        return {}
+    values = torch.stack([v.float() for v in stats.values()]).tolist()
+    return dict(zip(stats, values, strict=True))
+
+
 @dataclass
 class PruneOutput:
     tokens: Tensor  # (B, P', D) kept (inference) or re-mixed (training) patches
     valid: Tensor  # (B, P') bool, False for padding slots
     positions: Tensor  # (B, P') long, the original positions of the kept patches
     kept: Tensor  # (B,) long, unique vote winners per sample (what inference keeps)
-    stats: dict[str, float] = field(default_factory=dict)
+    stat_tensors: dict[str, Tensor] = field(default_factory=dict)  # 0-dim, on the device
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The collapse statistics as floats (synchronises with the device)."""
+        return stats_to_floats(self.stat_tensors)
 
 
 class TokenPruner(nn.Module):
@@ -220,7 +253,7 @@ class TokenPruner(nn.Module):
         self.cfg = cfg
         self.num_patches = num_patches
         self.noise_scale: float = float(cfg.noise_scale)
-        self.last_kept: Tensor | None = None  # (B,) kept counts of the last call, on the CPU
+        self.last_kept: Tensor | None = None  # (B,) kept counts of the last call
         self.last_num_patches = 0  # P of the last call
 
     def set_progress(self, frac: float) -> None:
@@ -236,8 +269,10 @@ class TokenPruner(nn.Module):
                              f"got {tuple(patches.shape)} and {tuple(task.shape)}")
         b, p, d = patches.shape
         if self.num_patches and p != self.num_patches:
-            raise ValueError(f"pruner.num_patches is {self.num_patches} but the input has {p} "
-                             f"visual tokens; set pruner.num_patches={p} or 0 to derive it")
+            raise ValueError(f"model.pruner.num_patches is {self.num_patches} (the visual "
+                             f"tokens per sample the pruner was built for) but the images give "
+                             f"{p}; set model.pruner.num_patches={p} (or 0 to derive it from "
+                             "the cameras)")
         if task.shape[0] != b or task.shape[2] != d:
             raise ValueError(f"token pruner: task must be (B, T, D) = ({b}, T, {d}), got "
                              f"{tuple(task.shape)}")
@@ -267,21 +302,22 @@ class TokenPruner(nn.Module):
             tokens, valid, pos, kept = gather_kept(patches, positions, mask)
             counts = vote_counts(score)  # (B, P)
             out = PruneOutput(tokens, valid, pos, kept)
-        out.stats = self._stats(out.kept, counts, queries)
-        self.last_kept = out.kept.detach().cpu()
+        out.stat_tensors = self._stats(out.kept, counts, queries)
+        self.last_kept = out.kept.detach()  # on the device: read (a sync) only when wanted
         self.last_num_patches = patches.shape[1]
         return out
 
     @torch.no_grad()
-    def _stats(self, kept: Tensor, counts: Tensor, queries: Tensor) -> dict[str, float]:
-        """Collapse statistics: mean kept count, its share of P, the spread of the queries
-        across patches (≈ 0 when every patch asks the same question) and the share of the
-        votes won by the most-voted patch."""
+    def _stats(self, kept: Tensor, counts: Tensor, queries: Tensor) -> dict[str, Tensor]:
+        """Collapse statistics, as 0-dim tensors on the device (no host synchronisation):
+        mean kept count, its share of P, the spread of the queries across patches (≈ 0 when
+        every patch asks the same question) and the share of the votes won by the
+        most-voted patch."""
         p = counts.shape[1]
-        mean_kept = float(kept.float().mean())
-        return {"kept": mean_kept, "keep_ratio": mean_kept / p,
-                "query_std": float(queries.float().std(1).mean()) if p > 1 else 0.0,
-                "top_vote_share": float(counts.max(1).values.float().mean()) / p}
+        mean_kept = kept.float().mean()
+        spread = queries.float().std(1).mean() if p > 1 else mean_kept.new_zeros(())
+        return {"kept": mean_kept, "keep_ratio": mean_kept / p, "query_std": spread,
+                "top_vote_share": counts.max(1).values.float().mean() / p}
 
     def extra_repr(self) -> str:
         c = self.cfg

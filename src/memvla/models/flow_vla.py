@@ -23,7 +23,8 @@ continues after the largest cached position. Action contexts:
 - ``placeholders`` (option A of the source notes): the noisy actions, projected to the
   backbone width, are appended to the prefix as tokens the backbone never attends (padding
   to its mask) and that the pruner reads as keys. At inference the prefix is built before
-  denoising, so they are pure noise there (x at t = 1).
+  denoising, so they are pure noise there (x at t = 1); training feeds them the same noise,
+  not x_t, which at small t is close to the target actions (a leak inference lacks).
 - ``keys`` (option B): the same features given to the pruner only (not in the prefix).
 - ``prev_chunk``: the previously executed action chunk (normalised), which exists at
   inference; the policy keeps it between calls. Without one (episode start, or training
@@ -39,7 +40,6 @@ connector, text_model}``, ``vlm_with_expert.lm_expert``, ``state_proj``,
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -58,22 +58,12 @@ from ..layers.flow_matching import (
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
 from ..layers.memory_tokens import MemoryTokens, clip_rms
-from ..layers.token_pruner import TokenPruner
+from ..layers.token_pruner import TokenPruner, pruning_for_inference, stats_to_floats
 from ..layers.tokens import TokenSegment
 from ..layers.vision import VisionTransformer
 from .decoder import Decoder
 
 ACTION_KEY_CONTEXTS = ("placeholders", "keys", "prev_chunk")
-
-
-def check_pruner_patches(cfg: FlowVLAConfig, cameras: int) -> None:
-    """An actionable error when ``model.pruner.num_patches`` does not match the images."""
-    pc, ti = cfg.pruner, cfg.tokens_per_image
-    have = cameras * ti
-    if pc.enabled and pc.num_patches and pc.num_patches != have:
-        raise ValueError(f"model.pruner.num_patches is {pc.num_patches} but the images give "
-                         f"{have} visual tokens ({cameras} camera(s) × {ti}); set "
-                         f"model.pruner.num_patches={have} or 0 to derive it")
 
 
 class VLMInner(nn.Module):
@@ -168,9 +158,11 @@ class FlowMatchingVLA(nn.Module):
     """With ``context.kind = "memory_tokens"`` the prefix also holds recurrent memory tokens
     (:mod:`memvla.layers.memory_tokens`); ``prefill``, ``forward`` and ``sample_actions``
     then take the current memory (B, M, D) and return the next one beside their result
-    (``None`` without memory)."""
+    (``None`` without memory). ``num_cameras`` sets the visual tokens per sample the
+    pruner expects when ``model.pruner.num_patches`` is 0."""
 
-    def __init__(self, cfg: FlowVLAConfig, context: ContextConfig | None = None):
+    def __init__(self, cfg: FlowVLAConfig, context: ContextConfig | None = None,
+                 num_cameras: int = 1):
         super().__init__()
         self.cfg = cfg
         self.context = context or ContextConfig()
@@ -187,14 +179,19 @@ class FlowMatchingVLA(nn.Module):
             self.memory_tokens = MemoryTokens(c.num_tokens, d, c.layout, c.init_std)
         self.pruner: TokenPruner | None = None
         self.pruner_key_proj: nn.Linear | None = None  # action (or state) -> pruner key
-        self.last_prune_stats: dict[str, float] = {}  # of the last prefix built
+        self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last prefix built
         pc = cfg.pruner
         if pc.enabled:
-            self.pruner = TokenPruner(pc, pc.num_patches)
+            self.pruner = TokenPruner(pc, pc.num_patches or num_cameras * cfg.tokens_per_image)
             if pc.action_context in ACTION_KEY_CONTEXTS:
                 self.pruner_key_proj = nn.Linear(cfg.max_action_dim, d)
             elif pc.action_context == "state" and cfg.state_token == "suffix":
                 self.pruner_key_proj = nn.Linear(cfg.max_state_dim, d)
+
+    @property
+    def last_prune_stats(self) -> dict[str, float]:
+        """The pruner's collapse statistics of the last prefix built, as floats."""
+        return stats_to_floats(self.last_prune_stat_tensors)
 
     def initial_memory(self, batch: int) -> Tensor | None:
         return None if self.memory_tokens is None else self.memory_tokens.initial(batch)
@@ -301,14 +298,13 @@ class FlowMatchingVLA(nn.Module):
         last = first + len(image_parts)
         if any(p is not q for p, q in zip(parts[first:last], image_parts, strict=True)):
             raise RuntimeError("pruner: the image parts of the prefix must be contiguous")
-        check_pruner_patches(self.cfg, len(image_parts))
         patches = torch.cat([p.embs for p in image_parts], 1)  # (B, P, D)
         task, task_valid = lang_part.embs, lang_part.pad  # (B, Nl, D), (B, Nl)
         if keys is not None:
             task = torch.cat([task, keys[0]], 1)  # (B, Nl + K, D)
             task_valid = torch.cat([task_valid, keys[1]], 1)  # (B, Nl + K)
         out = self.pruner(patches, pos[:, starts[first]:starts[last]], task, task_valid)
-        self.last_prune_stats = out.stats
+        self.last_prune_stat_tensors = out.stat_tensors
         # image tokens have block flag 0 (one block with what precedes them)
         images = TokenSegment(out.tokens, out.valid, torch.zeros_like(out.positions),
                               positions=out.positions)
@@ -326,33 +322,17 @@ class FlowMatchingVLA(nn.Module):
             return TokenSegment.cat([st, actions])
         return actions
 
-    def _velocity(self, cache: KVCache, state: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def velocity(self, cache: KVCache, state: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The predicted velocity (B, A, Da') of the noisy chunk x_t at times t (B,), the
+        expert reading the filled prefix ``cache`` (one denoising step)."""
         suffix = self.embed_suffix(state, x_t, t)
         h = self.vlm_with_expert.expert(suffix, cache)  # (B, Ns, De)
         return self.action_out_proj(h[:, -self.cfg.chunk_size:])  # (B, A, Da)
 
     # -- pruner -----------------------------------------------------------------------------
-    def set_training_progress(self, frac: float) -> None:
-        """Training progress in [0, 1]: decays the pruner's noise (no-op without pruner)."""
-        if self.pruner is not None:
-            self.pruner.set_progress(frac)
-
-    @contextmanager
-    def _pruning_for_inference(self):
-        """Sampling is inference: the pruner drops tokens even if the model is in train
-        mode (no noise, no straight-through mixing); its mode is restored after."""
-        was = self.pruner is not None and self.pruner.training
-        if was:
-            self.pruner.eval()
-        try:
-            yield
-        finally:
-            if was:
-                self.pruner.train()
-
-    def _pruner_actions(self, x: Tensor, prev_actions: Tensor | None,
+    def pruner_actions(self, x: Tensor, prev_actions: Tensor | None,
                         prev_valid: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """What the pruner's action context reads: the noisy actions ``x`` (B, A, Da')
+        """What the pruner's action context reads: the initial noise ``x`` (B, A, Da')
         (placeholders / keys), the previous chunk (prev_chunk) or nothing."""
         ctx = self.cfg.pruner.action_context if self.pruner is not None else "none"
         if ctx in ("placeholders", "keys"):
@@ -390,10 +370,13 @@ class FlowMatchingVLA(nn.Module):
             time = sample_time(b, self.cfg.time_alpha, self.cfg.time_beta, self.cfg.time_min,
                                device=actions.device)  # (B,)
         x_t = interpolate(actions, noise, time)  # (B, A, Da)
-        pa, pv = self._pruner_actions(x_t, prev_actions, prev_valid)
+        # the pruner's action placeholders / keys read the noise, x at t = 1: what they see
+        # at inference, where the prefix is built before denoising (x_t would leak the
+        # target at small t)
+        pa, pv = self.pruner_actions(noise, prev_actions, prev_valid)
         cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory,
                                          pruner_actions=pa, pruner_actions_valid=pv)
-        v = self._velocity(cache, state, x_t, time)  # (B, A, Da)
+        v = self.velocity(cache, state, x_t, time)  # (B, A, Da)
         return F.mse_loss(v, target_velocity(actions, noise), reduction="none"), new_memory
 
     # -- inference ------------------------------------------------------------------------
@@ -407,11 +390,11 @@ class FlowMatchingVLA(nn.Module):
         action placeholders / keys see the initial noise (the prefix precedes denoising);
         the pruner prunes as at inference whatever the model's mode."""
         noise = self._noise(state) if noise is None else noise
-        pa, pv = self._pruner_actions(noise, prev_actions, prev_valid)
-        with self._pruning_for_inference():
+        pa, pv = self.pruner_actions(noise, prev_actions, prev_valid)
+        with pruning_for_inference(self.pruner):
             cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory,
                                              pruner_actions=pa, pruner_actions_valid=pv)
-        actions = euler_sample(lambda x, t: self._velocity(cache, state, x, t), noise,
+        actions = euler_sample(lambda x, t: self.velocity(cache, state, x, t), noise,
                                num_steps or self.cfg.num_steps)
         return actions, new_memory
 
@@ -422,17 +405,17 @@ class FlowMatchingVLA(nn.Module):
                                 prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Slow twin of :meth:`sample_actions`: recomputes the prefix at every step."""
         noise = self._noise(state) if noise is None else noise
-        pa, pv = self._pruner_actions(noise, prev_actions, prev_valid)
+        pa, pv = self.pruner_actions(noise, prev_actions, prev_valid)
 
         def prefill():
-            with self._pruning_for_inference():
+            with pruning_for_inference(self.pruner):
                 return self.prefill(images, lang_ids, lang_pad, state, memory,
                                     pruner_actions=pa, pruner_actions_valid=pv)
 
-        def velocity(x, t):
-            return self._velocity(prefill()[0], state, x, t)
+        def recomputed(x, t):
+            return self.velocity(prefill()[0], state, x, t)
 
-        actions = euler_sample(velocity, noise, num_steps or self.cfg.num_steps)
+        actions = euler_sample(recomputed, noise, num_steps or self.cfg.num_steps)
         return actions, prefill()[1]
 
     def _noise(self, state: Tensor) -> Tensor:

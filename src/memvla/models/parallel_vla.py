@@ -42,6 +42,7 @@ from ..configs import ParallelVLAConfig, VisionConfig
 from ..layers.action_head import L1RegressionActionHead
 from ..layers.connector import MLPProjector
 from ..layers.masks import block_mask
+from ..layers.token_pruner import TokenPruner, pruning_for_inference
 from ..layers.vision import VisionTransformer
 from .decoder import Decoder
 
@@ -63,7 +64,7 @@ class ParallelSequence:
     action_start: int
     num_actions: int
     kept: Tensor  # (B,) visual tokens kept per sample
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)  # the pruner's, 0-dim tensors
 
     @property
     def action_slice(self) -> slice:
@@ -217,8 +218,6 @@ class ParallelVLA(nn.Module):
                                                   cfg.max_action_dim, cfg.head_blocks)
         self.pruner = None
         if cfg.pruner.enabled:
-            from ..layers.token_pruner import TokenPruner
-
             self.pruner = TokenPruner(
                 cfg.pruner, cfg.pruner.num_patches or num_cameras * cfg.tokens_per_image)
 
@@ -236,31 +235,21 @@ class ParallelVLA(nn.Module):
         tokens = [self.projector(self.vision_backbone(img)) for img in images]  # (B, Ti, D)
         return torch.cat(tokens, 1)  # (B, P, D)
 
-    def _check_pruner(self, num_patches: int) -> None:
-        want = self.pruner.num_patches
-        if num_patches != want:
-            t = self.cfg.tokens_per_image
-            raise ValueError(f"the pruner expects {want} visual tokens per sample "
-                             f"(model.pruner.num_patches) but the images give {num_patches} "
-                             f"({num_patches // t} camera(s) × {t} tokens); set "
-                             f"model.pruner.num_patches={num_patches} (or 0 to derive it from "
-                             "the cameras)")
-
     def encode(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
                state: Tensor) -> ParallelSequence:
-        """Build the (pruned) sequence. ``lang_ids``/``lang_pad`` (B, Nl): the tokenizer's
-        output, whose first token (BOS) goes first, before the patches, as in OpenVLA."""
-        emb = self.decoder.embed(lang_ids)  # (B, Nl, D)
-        bos, prompt, prompt_pad = emb[:, :1], emb[:, 1:], lang_pad[:, 1:]
+        """Build the (pruned) sequence. ``lang_ids``/``lang_pad`` (B, Nl): the prompt
+        without BOS (the policy drops the tokenizer's); the BOS token
+        (``model.bos_token_id``) goes first, before the patches, as in OpenVLA."""
+        bos = self.decoder.embed(torch.full_like(lang_ids[:, :1], self.cfg.bos_token_id))
+        prompt, prompt_pad = self.decoder.embed(lang_ids), lang_pad  # (B, Nl, D), (B, Nl)
         patches = self.embed_patches(images)  # (B, P, D)
         b, p, _ = patches.shape
         pos = torch.arange(1, p + 1, device=patches.device).expand(b, p)  # (B, P)
         valid = torch.ones(b, p, dtype=torch.bool, device=patches.device)  # (B, P)
-        stats: dict[str, float] = {}
+        stats: dict[str, Tensor] = {}
         if self.pruner is not None:
-            self._check_pruner(p)
             out = self.pruner(patches, pos, prompt, prompt_pad)
-            patches, valid, pos, stats = out.tokens, out.valid, out.positions, dict(out.stats)
+            patches, valid, pos, stats = out.tokens, out.valid, out.positions, out.stat_tensors
         proprio = None if self.proprio_projector is None else self.proprio_projector(state)
         stop_ids = torch.full_like(lang_ids[:, :1], self.cfg.stop_token_id)  # (B, 1)
         seq = build_sequence(bos, patches, valid, pos, p, proprio, prompt, prompt_pad,
@@ -283,7 +272,8 @@ class ParallelVLA(nn.Module):
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor) -> tuple[Tensor, dict[str, float]]:
         """L1 losses per element (B, A, Da') of the regressed chunk against ``actions``
-        (normalised, padded to max_action_dim), and the pruner's statistics ({} without)."""
+        (normalised, padded to max_action_dim), and the pruner's statistics as 0-dim
+        tensors ({} without; :func:`~memvla.layers.token_pruner.stats_to_floats`)."""
         h, seq = self.action_hidden(images, lang_ids, lang_pad, state)
         pred = self.action_head(h)  # (B, A, Da')
         return F.l1_loss(pred, actions, reduction="none"), seq.stats
@@ -291,6 +281,8 @@ class ParallelVLA(nn.Module):
     @torch.no_grad()
     def predict(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
                 state: Tensor) -> Tensor:
-        """The action chunk (B, A, Da') in one parallel pass (no sampling)."""
-        h, _ = self.action_hidden(images, lang_ids, lang_pad, state)
+        """The action chunk (B, A, Da') in one parallel pass (no sampling). The pruner
+        prunes as at inference whatever the model's mode."""
+        with pruning_for_inference(self.pruner):
+            h, _ = self.action_hidden(images, lang_ids, lang_pad, state)
         return self.action_head(h)  # (B, A, Da')

@@ -14,8 +14,9 @@ and every query of the current segment sees all of them.
 
 Training through the segments uses truncated back-propagation through time over the
 memory: with ``mem_backprop_depth = k >= 0`` the carried memory is detached before every
-segment s > 0 with s % (k + 1) == 0 (the rule of ``FlowVLAPolicy.forward_episode``); k = 0
-detaches every segment, k = -1 keeps the whole sequence.
+segment s > 0 with s % (k + 1) == 0 (:func:`~memvla.layers.memory_tokens.truncates_before`,
+the rule of the VLA's episodes too); k = 0 detaches every segment, k = -1 or any k of at
+least the number of segments keeps the whole sequence.
 
 RoPE positions restart at 0 in every segment (cumsum of the real-token flags over
 [read memory, text, write memory]). Cached keys are rotated back by the segment's length N
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from ..configs import DecoderConfig, _positive, _require
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between, positions_from_pad
-from ..layers.memory_tokens import LAYOUTS, MemoryTokens
+from ..layers.memory_tokens import LAYOUTS, MemoryTokens, truncates_before
 from ..layers.rope import apply_rope
 from ..layers.tokens import TokenSegment
 from .decoder import Decoder
@@ -148,8 +149,7 @@ class SegmentRecurrentLM(nn.Module):
             raise ValueError(f"step_segment: tokens must be (B, T) with 1 <= T <= segment_len "
                              f"({cfg.segment_len}), got shape {tuple(tokens.shape)}")
         memory = state.memory
-        k = cfg.mem_backprop_depth
-        if memory is not None and k >= 0 and state.segment > 0 and state.segment % (k + 1) == 0:
+        if memory is not None and truncates_before(state.segment, cfg.mem_backprop_depth):
             memory = memory.detach()  # (B, M, D)
         if memory is not None and memory.shape[0] != tokens.shape[0]:
             raise ValueError(f"step_segment: state is for batch {memory.shape[0]}, tokens have "
@@ -207,11 +207,6 @@ class SegmentRecurrentLM(nn.Module):
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         seg = cfg.segment_len
         n_seg = cfg.num_segments(tokens.shape[1])
-        k = cfg.mem_backprop_depth
-        if k > n_seg:
-            raise ValueError(f"mem_backprop_depth ({k}) is larger than the number of segments "
-                             f"({n_seg}) of this {tokens.shape[1]}-token input (segment_len "
-                             f"{seg}); use at most {n_seg}, or -1 for the whole sequence")
         state = self.init_state(tokens.shape[0]) if state is None else state
         logits = []
         for s in range(n_seg):

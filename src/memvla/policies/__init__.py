@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..configs import PolicyConfig
 from .base import VLAPolicy
-from .checkpoint import read_config
+from .checkpoint import read_config, resolve_checkpoint
 from .flow_policy import FlowVLAPolicy
 from .inputs import batch_observation
 from .parallel_policy import ParallelVLAPolicy
@@ -26,14 +27,39 @@ def make_policy(config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None
     return FAMILY_POLICIES[config.family](config, stats)
 
 
-def load_policy(directory: str | Path, device: str = "cpu"):
-    """Load any memvla policy checkpoint directory."""
+def policy_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; None: CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, "
+                         f"got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r} "
+                         f"(memvla runs on the CPU and on CUDA GPUs)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: expected 'cpu' or None (CUDA is not available here), got "
+                         f"{device!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: expected a GPU index below {torch.cuda.device_count()} "
+                         f"(the GPUs here), got {device!r}")
+    return dev
+
+
+def load_policy(path: str | Path, device: str | torch.device | None = None):
+    """Load a memvla policy from a checkpoint directory or a training run directory (its
+    last checkpoint, see :func:`resolve_checkpoint`) onto ``device`` (None: CUDA when
+    available, else the CPU)."""
+    dev = policy_device(device)
+    directory = resolve_checkpoint(path)
     kind = read_config(directory)["type"]
     if kind not in POLICIES:
-        raise ValueError(f"{Path(directory) / 'config.json'}: unknown policy type {kind!r}; "
+        raise ValueError(f"{directory / 'config.json'}: unknown policy type {kind!r}; "
                          f"known: {sorted(POLICIES)}")
-    return POLICIES[kind].from_pretrained(directory, device)
+    return POLICIES[kind].from_pretrained(directory, dev)
 
 
 __all__ = ["FlowVLAPolicy", "POLICIES", "ParallelVLAPolicy", "VLAPolicy", "batch_observation",
-           "load_policy", "make_policy"]
+           "load_policy", "make_policy", "policy_device", "resolve_checkpoint"]

@@ -24,11 +24,12 @@ from .checkpoint import (
     PROCESSOR_FILE,
     WEIGHTS_FILE,
     check_keys,
+    checkpoint_files,
     read_config,
     read_tensors,
     write_checkpoint,
 )
-from .inputs import check_observation
+from .inputs import check_observation, images_to_float
 from .processor import Normalizer, resize_with_pad
 
 
@@ -60,7 +61,16 @@ class VLAPolicy(nn.Module):
         self._queue: deque[Tensor] = deque()
         self._memory: Tensor | None = None  # (B, M, D) carried between chunks
 
-    def build_model(self, config: PolicyConfig) -> nn.Module:
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` / ``.cuda()`` also place the normaliser's statistics (float32)."""
+        out = super()._apply(fn, recurse)
+        if any(True for _ in self.parameters()):
+            self.normalizer.to(self.device)
+        return out
+
+    @classmethod
+    def build_model(cls, config: PolicyConfig) -> nn.Module:
+        """The model of ``config`` (with its temporal context), no processors."""
         raise NotImplementedError
 
     @property
@@ -80,20 +90,35 @@ class VLAPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are; inputs are moved there."""
         return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's weights (float32, bfloat16, ...); inputs are
+        cast to it after normalisation (which runs in float32)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     # -- inputs ---------------------------------------------------------------------------
     def encode_observation(self, batch: dict):
-        """Validate and prepare model inputs: images per camera (B, C, S, S) in [-1, 1],
-        language ids/pad (B, Nl), normalised state padded to max_state_dim (B, Ds')."""
+        """Validate and prepare model inputs on the model's device and in its dtype: images
+        per camera (B, C, S, S) in [-1, 1], language ids/pad (B, Nl), normalised state
+        padded to max_state_dim (B, Ds'). uint8 images are moved as bytes and converted on
+        the device."""
         cfg = self.config
         images, state, tasks = check_observation(batch, cfg)
-        dev = self.device
+        dev, dtype = self.device, self.dtype
         size = cfg.model.vision.image_size
-        images = [resize_with_pad(img.to(dev), size, cfg.image_pad) * 2 - 1 for img in images]
-        ids, pad = self.tokenizer(tasks)  # (B, Nl)
+        images = [resize_with_pad(images_to_float(img.to(dev, non_blocking=True), dtype), size,
+                                  cfg.image_pad) * 2 - 1 for img in images]  # (B, C, S, S)
+        ids, pad = self.tokenize(tasks)  # (B, Nl)
         state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
-        return images, ids.to(dev), pad.to(dev), pad_last(state, cfg.model.max_state_dim)
+        state = pad_last(state, cfg.model.max_state_dim).to(dtype)  # (B, Ds')
+        return images, ids.to(dev), pad.to(dev), state
+
+    def tokenize(self, tasks: list[str]) -> tuple[Tensor, Tensor]:
+        """Task strings -> ids and real-token flags (B, Nl), on the CPU."""
+        return self.tokenizer(tasks)
 
     # -- training -------------------------------------------------------------------------
     def _reduce(self, losses: Tensor, valid: Tensor) -> Tensor:
@@ -112,12 +137,14 @@ class VLAPolicy(nn.Module):
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
-    def select_action(self, obs: dict) -> Tensor:
+    def select_action(self, obs: dict, noise: Tensor | None = None) -> Tensor:
         """-> the next action (B, action_dim); a new chunk is predicted every
-        ``n_action_steps`` calls. Every observation is validated, queued actions or not."""
+        ``n_action_steps`` calls. Every observation is validated, queued actions or not.
+        ``noise`` (B, chunk_size, max_action_dim) is the sampling noise of the chunk when
+        one is predicted (ignored otherwise, and by deterministic families)."""
         check_observation(obs, self.config)
         if not self._queue:
-            chunk = self.predict_action_chunk(obs)[:, : self.config.n_action_steps]
+            chunk = self.predict_action_chunk(obs, noise=noise)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
         return self._queue.popleft()
 
@@ -127,9 +154,14 @@ class VLAPolicy(nn.Module):
         self._memory = None
 
     # -- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return write_checkpoint(directory, self.policy_type, to_dict(self.config),
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """The policy's checkpoint files by name (config, weights, processor), serialised."""
+        return checkpoint_files(self.policy_type, to_dict(self.config),
                                 self.model.state_dict(), self.normalizer.state_dict())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write (or replace, as a whole and atomically) the checkpoint ``directory``."""
+        return write_checkpoint(directory, self.checkpoint_files())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):

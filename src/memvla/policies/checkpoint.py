@@ -1,6 +1,10 @@
-"""Checkpoints: ``config.json`` + ``model.safetensors`` + ``processor.safetensors``, each
-written atomically (never pickle). Loading names the file of any error, and the missing
-and unexpected keys when weights do not match their config."""
+"""Checkpoints: ``config.json`` + ``model.safetensors`` + ``processor.safetensors`` (never
+pickle). A checkpoint directory is replaced as a whole: written into a staging sibling,
+fsynced, then swapped in (:func:`memvla.utils.atomic_directory`), so that a process killed
+at any moment leaves the old checkpoint or the new one, never a mix; readers go through
+:func:`resolve_checkpoint`, which also finds the old one in the instant between the swap's
+two renames. Loading names the file of any error, and the missing and unexpected keys when
+weights do not match their config."""
 
 from __future__ import annotations
 
@@ -13,24 +17,50 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .. import __version__
-from ..utils import atomic_write_bytes, atomic_write_json
+from ..utils import atomic_directory, json_bytes, readable_directory, write_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "processor.safetensors"
 
 
-def write_checkpoint(directory: str | Path, policy_type: str, config: dict,
-                     weights: dict[str, Tensor], processor: dict[str, Tensor]) -> Path:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / WEIGHTS_FILE, st_save({k: v.contiguous() for k, v in weights.items()},
-                                                 metadata={"format": "pt"}))
-    atomic_write_bytes(d / PROCESSOR_FILE, st_save(processor, metadata={"format": "pt"}))
-    # the config goes last: a directory with a config.json is a complete checkpoint
-    atomic_write_json(d / CONFIG_FILE, {"type": policy_type, "memvla_version": __version__,
-                                        "config": config})
-    return d
+def checkpoint_files(policy_type: str, config: dict, weights: dict[str, Tensor],
+                     processor: dict[str, Tensor]) -> dict[str, bytes]:
+    """The files of a policy checkpoint, by name, serialised."""
+    return {
+        WEIGHTS_FILE: st_save({k: v.contiguous() for k, v in weights.items()},
+                              metadata={"format": "pt"}),
+        PROCESSOR_FILE: st_save(processor, metadata={"format": "pt"}),
+        CONFIG_FILE: json_bytes({"type": policy_type, "memvla_version": __version__,
+                                 "config": config}),
+    }
+
+
+def write_files(directory: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        write_file(directory / name, data)
+
+
+def write_checkpoint(directory: str | Path, files: dict[str, bytes]) -> Path:
+    """Write (or replace, as a whole) the checkpoint directory ``directory`` with ``files``
+    (see :func:`checkpoint_files`)."""
+    with atomic_directory(directory) as staging:
+        write_files(staging, files)
+    return Path(directory)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory to read for ``path``: a checkpoint directory, or a training
+    run (``RUN/run.json``), whose last checkpoint it is."""
+    p = readable_directory(path)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    from ..training.state import RUN_FILE, last_checkpoint
+
+    if (p / RUN_FILE).is_file():
+        return last_checkpoint(p)
+    raise FileNotFoundError(f"{p / CONFIG_FILE}: no such file; is {path} a memvla checkpoint? "
+                            f"(nor is it a training run: {p / RUN_FILE}: no such file)")
 
 
 def read_config(directory: str | Path) -> dict:

@@ -11,10 +11,12 @@ With the token pruner on, ``forward``'s info holds its collapse statistics of th
 (``pruner_kept``, ``pruner_keep_ratio``, ``pruner_query_std``, ``pruner_top_vote_share``).
 For ``pruner.action_context = "prev_chunk"`` the policy keeps the previously executed chunk
 (the first ``n_action_steps`` actions of its last prediction, normalised) between calls and
-forgets it in ``reset()``; in training it reads the previous segment's actions of an
-episode (recurrent policies), or an optional ``prev_action`` (B, A', action_dim) entry
-(with ``prev_action_is_pad``) of a frame batch; without one the pruner has no such key,
-as at the start of an episode.
+forgets it in ``reset()``; in training it reads the first ``n_action_steps`` actions of
+the previous segment of an episode (recurrent policies), or the ``prev_action``
+(B, A', action_dim) entry (with ``prev_action_is_pad``) of a frame batch, which
+``memvla train`` fills with the dataset's actions before each frame
+(:mod:`memvla.policies.frames`); without one the pruner has no such key, as at the start
+of an episode.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import torch
 from torch import Tensor
 
 from ..configs import PolicyConfig
+from ..layers.memory_tokens import truncates_before
 from ..models.flow_vla import FlowMatchingVLA
 from .base import VLAPolicy, pad_last
+from .frames import PREV_ACTION_KEY, reads_prev_chunk
 from .inputs import check_actions
 
 __all__ = ["FlowVLAPolicy", "pad_last"]
-
-PREV_ACTION_KEY = "prev_action"
 
 
 class FlowVLAPolicy(VLAPolicy):
@@ -40,8 +42,9 @@ class FlowVLAPolicy(VLAPolicy):
         super().__init__(config, stats)
         self._prev_chunk: tuple[Tensor, Tensor] | None = None  # (B, n, Da'), (B, n) executed
 
-    def build_model(self, config: PolicyConfig) -> FlowMatchingVLA:
-        return FlowMatchingVLA(config.model, config.context)
+    @classmethod
+    def build_model(cls, config: PolicyConfig) -> FlowMatchingVLA:
+        return FlowMatchingVLA(config.model, config.context, num_cameras=len(config.cameras))
 
     def _with_pruner_stats(self, info: dict) -> dict:
         if self.model.pruner is not None:
@@ -59,9 +62,14 @@ class FlowVLAPolicy(VLAPolicy):
                              f"tensor, got {getattr(prev, 'shape', type(prev).__name__)}")
         prev = self.normalizer.normalize("action", prev.to(device))  # (B, A', Da)
         is_pad = batch.get(f"{PREV_ACTION_KEY}_is_pad")
+        if is_pad is not None and (not isinstance(is_pad, Tensor) or is_pad.dtype != torch.bool
+                                   or tuple(is_pad.shape) != tuple(prev.shape[:2])):
+            raise ValueError(f"{PREV_ACTION_KEY}_is_pad: expected bool of shape "
+                             f"{tuple(prev.shape[:2])}, got {getattr(is_pad, 'dtype', None)} "
+                             f"{tuple(getattr(is_pad, 'shape', ()))}")
         valid = (torch.ones(prev.shape[:2], dtype=torch.bool, device=device) if is_pad is None
-                 else ~is_pad.to(device).bool())  # (B, A')
-        return pad_last(prev, self.config.model.max_action_dim), valid
+                 else ~is_pad.to(device))  # (B, A')
+        return pad_last(prev, self.config.model.max_action_dim).to(self.dtype), valid
 
     # -- training -------------------------------------------------------------------------
     def forward(self, batch, noise: Tensor | None = None, time: Tensor | None = None,
@@ -94,70 +102,74 @@ class FlowVLAPolicy(VLAPolicy):
 
     @property
     def _reads_prev_chunk(self) -> bool:
-        return self.model.pruner is not None and (
-            self.config.model.pruner.action_context == "prev_chunk")
+        return reads_prev_chunk(self.config)
 
     def _normalized_chunk(self, batch: dict) -> tuple[Tensor, Tensor]:
         """A batch's action chunk, normalised and padded (B, A, Da'), and its real steps."""
         b = batch["observation.state"].shape[0]
         actions, is_pad = check_actions(batch, self.config, b)
         actions = self.normalizer.normalize("action", actions.to(self.device))  # (B, A, Da)
-        return pad_last(actions, self.config.model.max_action_dim), ~is_pad.to(self.device)
+        padded = pad_last(actions, self.config.model.max_action_dim).to(self.dtype)  # (B,A,Da')
+        return padded, ~is_pad.to(self.device)
 
     def forward_episode(self, episodes, bptt_depth: int = -1,
                         max_segments: int | None = None) -> tuple[Tensor, dict]:
-        """Loss over whole episodes cut into chunk-aligned segments (a
-        :class:`memvla.data.segments.SegmentBatch`), carrying the memory from segment to
-        segment in lockstep across the batch.
+        """Loss over whole episodes cut into segments (a
+        :class:`memvla.data.segments.SegmentBatch` with a stride of ``n_action_steps``),
+        carrying the memory from segment to segment in lockstep across the batch: one
+        memory update per segment, as at inference one per predicted chunk.
 
-        Truncated back-propagation through time of depth k = ``bptt_depth``: the carried
-        memory is detached before segments s > 0 with s % (k + 1) == 0, so the loss of a
-        segment back-propagates through at most k memory updates; k = 0 detaches every
-        segment (independent samples), k = -1 keeps the whole episode.
+        Truncated back-propagation through time of depth k = ``bptt_depth``
+        (:func:`memvla.layers.memory_tokens.truncates_before`): the loss of a segment
+        back-propagates through at most k memory updates; k = 0 detaches every segment
+        (independent samples), k = -1, or any k of at least the batch's segments, keeps
+        the whole episode. ``max_segments`` (a curriculum) uses the first segments only.
         """
-        a = self.config.model.chunk_size
         s_total = episodes.num_segments if max_segments is None else min(
             max_segments, episodes.num_segments)
-        if bptt_depth < -1:
-            raise ValueError(f"bptt_depth must be >= -1, got {bptt_depth}")
-        if bptt_depth > s_total:
-            raise ValueError(f"bptt_depth ({bptt_depth}) is larger than the number of segments "
-                             f"({s_total}); use at most {s_total}, or -1 for the whole episode")
-        if episodes.action.shape[2] != a:
-            raise ValueError(f"segments hold chunks of {episodes.action.shape[2]} actions, the "
-                             f"policy's chunk_size is {a}; build them with "
-                             f"EpisodeSegmentLoader(chunk_size={a})")
-        starts = torch.arange(episodes.num_segments) * a  # (S,)
-        real = ~episodes.segment_is_pad  # (B, S)
-        misaligned = real & (episodes.frame_index != starts[None])
-        if misaligned.any():
-            b, s = misaligned.nonzero()[0].tolist()
-            raise ValueError(
-                f"segment {s} of episode {int(episodes.episode_index[b])} starts at frame "
-                f"{int(episodes.frame_index[b, s])}, not at {s * a}: episodes must be cut at "
-                f"multiples of chunk_size={a} from their first frame (use "
-                f"EpisodeSegmentLoader(chunk_size={a}))")
+        self._check_segments(episodes)
         memory = prev = None
         total, count = 0.0, 0.0
         for s in range(s_total):
-            if memory is not None and bptt_depth >= 0 and s % (bptt_depth + 1) == 0:
-                memory = memory.detach()
+            if memory is not None and truncates_before(s, bptt_depth):
+                memory = memory.detach()  # (B, M, D)
             seg = episodes.segment(s)
             losses, valid, new_memory = self._segment_losses(seg, memory, prev=prev)
-            if self._reads_prev_chunk:  # this segment's actions precede the next one
-                prev = self._normalized_chunk(seg)
+            if self._reads_prev_chunk:  # the actions executed before the next segment
+                actions, real = self._normalized_chunk(seg)  # (B, A, Da'), (B, A)
+                n = self.config.n_action_steps
+                prev = actions[:, :n], real[:, :n]
             total = total + (losses * valid[..., None]).sum()
             count = count + valid.sum() * self.config.action_dim
             if new_memory is not None:
                 keep = seg["segment_is_pad"].to(new_memory.device)[:, None, None]  # (B, 1, 1)
                 memory = torch.where(keep, memory if memory is not None else new_memory,
-                                     new_memory)
+                                     new_memory)  # (B, M, D)
         if count == 0:
             raise ValueError("action_is_pad: every action step of the episodes is padding")
         loss = total / count
         return loss, self._with_pruner_stats({
             "loss": loss.item(), "valid_steps": int(count / self.config.action_dim),
             "segments": s_total})
+
+    def _check_segments(self, episodes) -> None:
+        """Segments must hold chunks of chunk_size actions, one every n_action_steps
+        frames from the episode's first frame (what the policy does at inference)."""
+        a, r = self.config.model.chunk_size, self.config.n_action_steps
+        if episodes.action.shape[2] != a:
+            raise ValueError(f"segments hold chunks of {episodes.action.shape[2]} actions, the "
+                             f"policy's chunk_size is {a}; build them with "
+                             f"EpisodeSegmentLoader(chunk_size={a}, stride={r})")
+        frames = episodes.frame_index
+        starts = torch.arange(episodes.num_segments, device=frames.device) * r  # (S,)
+        misaligned = ~episodes.segment_is_pad.to(frames.device) & (frames != starts[None])
+        if misaligned.any():
+            b, s = misaligned.nonzero()[0].tolist()
+            raise ValueError(
+                f"segment {s} of episode {int(episodes.episode_index[b])} starts at frame "
+                f"{int(frames[b, s])}, not at {s * r}: the policy predicts a chunk every "
+                f"n_action_steps={r} frames, so its episodes must be cut every {r} frames "
+                f"from their first one (use EpisodeSegmentLoader(chunk_size={a}, stride={r}))")
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()

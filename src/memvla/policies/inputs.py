@@ -33,14 +33,16 @@ def _finite(key: str, x: Tensor) -> None:
 
 
 def check_images(key: str, value: Any, cfg: PolicyConfig) -> Tensor:
-    """uint8 (B, H, W, C) or float (B, C, H, W) in [0, 1] -> float (B, C, H, W) in [0, 1]."""
+    """uint8 (B, H, W, C) or float (B, C, H, W) in [0, 1] -> (B, C, H, W): a uint8 view
+    (no copy; it travels to the model's device as bytes, see :func:`images_to_float`) or
+    the float images as given."""
     c, h, w = cfg.image_shape
     x = _tensor(key, value)
     if x.dtype == torch.uint8:
         if x.dim() != 4 or tuple(x.shape[1:]) != (h, w, c):
             raise ValueError(f"{key}: expected uint8 images of shape (B, {h}, {w}, {c}) "
                              f"(HWC), got {tuple(x.shape)}")
-        return x.permute(0, 3, 1, 2).float() / 255.0  # (B, C, H, W)
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W) uint8
     if not x.is_floating_point():
         raise ValueError(f"{key}: expected uint8 (B, H, W, C) or float (B, C, H, W) images, "
                          f"got dtype {x.dtype}")
@@ -52,7 +54,14 @@ def check_images(key: str, value: Any, cfg: PolicyConfig) -> Tensor:
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{key}: expected float images in [0, 1], got values in "
                          f"[{lo:.3g}, {hi:.3g}]")
-    return x.float()
+    return x
+
+
+def images_to_float(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Checked images (B, C, H, W), uint8 or float in [0, 1] -> ``dtype`` in [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x.to(dtype) / 255.0  # (B, C, H, W)
+    return x.to(dtype)
 
 
 def check_vector(key: str, value: Any, dim: int, batch: int | None) -> Tensor:
@@ -80,6 +89,9 @@ def check_observation(batch: dict, cfg: PolicyConfig) -> tuple[list[Tensor], Ten
     """-> images per camera (B, C, H, W) in [0, 1], state (B, Ds), tasks (B strings)."""
     images = [check_images(k, _require_key(batch, k), cfg) for k in cfg.image_keys]
     b = images[0].shape[0]
+    if b == 0:
+        raise ValueError(f"{cfg.image_keys[0]}: expected a batch of at least 1 sample, got an "
+                         f"empty batch of shape {tuple(images[0].shape)}")
     for k, img in zip(cfg.image_keys, images, strict=True):
         if img.shape[0] != b:
             raise ValueError(f"{k}: batch size {img.shape[0]} differs from "

@@ -14,17 +14,38 @@ import torch
 from torch import Tensor
 
 from ..configs import PolicyConfig
+from ..layers.token_pruner import stats_to_floats
 from ..models.parallel_vla import ParallelVLA
 from .base import VLAPolicy, pad_last
 from .inputs import check_actions
+
+
+def drop_bos(ids: Tensor, pad: Tensor, bos_id: int | None) -> tuple[Tensor, Tensor]:
+    """ids/pad (B, Nl) -> (B, Nl - 1) without a leading BOS when every prompt has one;
+    unchanged when none has (or the tokenizer has no BOS)."""
+    if bos_id is None:
+        return ids, pad
+    first = (ids[:, 0] == bos_id) & pad[:, 0]  # (B,)
+    if bool(first.all()):
+        return ids[:, 1:], pad[:, 1:]
+    if bool(first.any()):
+        raise ValueError(f"task: the tokenizer put BOS (id {bos_id}) before "
+                         f"{int(first.sum())} of {len(first)} prompts; expected all or none")
+    return ids, pad
 
 
 class ParallelVLAPolicy(VLAPolicy):
     policy_type = "parallel_vla"
     family = "parallel"
 
-    def build_model(self, config: PolicyConfig) -> ParallelVLA:
+    @classmethod
+    def build_model(cls, config: PolicyConfig) -> ParallelVLA:
         return ParallelVLA(config.model, num_cameras=len(config.cameras))
+
+    def tokenize(self, tasks: list[str]) -> tuple[Tensor, Tensor]:
+        """The prompt without the tokenizer's BOS (the model puts its own first)."""
+        ids, pad = self.tokenizer(tasks)  # (B, Nl)
+        return drop_bos(ids, pad, getattr(self.tokenizer, "bos_id", None))
 
     def forward(self, batch: dict) -> tuple[Tensor, dict]:
         if not isinstance(batch, dict):
@@ -39,7 +60,7 @@ class ParallelVLAPolicy(VLAPolicy):
         valid = (~is_pad.to(state.device)).float()  # (B, A)
         loss = self._reduce(losses[..., : self.config.action_dim], valid)
         info = {"loss": loss.item(), "valid_steps": int(valid.sum().item())}
-        info.update({f"pruner_{k}": v for k, v in stats.items()})
+        info.update({f"pruner_{k}": v for k, v in stats_to_floats(stats).items()})
         return loss, info
 
     @torch.no_grad()

@@ -15,12 +15,17 @@ MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "identity"
 class Normalizer:
     """Per-feature normalisation: ``mean_std`` -> (x − mean) / std, ``min_max`` -> [−1, 1],
     ``identity``. ``stats`` maps feature -> {stat name -> tensor}; with ``stats=None``
-    every feature is left as it is (and :attr:`has_stats` is False)."""
+    every feature is left as it is (and :attr:`has_stats` is False).
+
+    Normalisation computes in float32 whatever the input dtype and returns float32. The
+    statistics are copied once to each device they are used on (see :meth:`to`), not on
+    every call."""
 
     def __init__(self, modes: dict[str, str], stats: dict[str, dict[str, Tensor]] | None = None):
         self.modes = dict(modes)
         self.has_stats = stats is not None
         self.stats: dict[str, dict[str, Tensor]] = {}
+        self._on_device: dict[tuple[str, torch.device], dict[str, Tensor]] = {}
         if stats is None:
             return
         for key, mode in self.modes.items():
@@ -37,12 +42,24 @@ class Normalizer:
             self.stats[key] = {s: torch.as_tensor(stats[key][s], dtype=torch.float32).flatten()
                                for s in need}
 
+    def to(self, device: torch.device | str) -> Normalizer:
+        """Place the statistics on ``device`` now (they are also placed on first use)."""
+        for key in self.stats:
+            self._stats_on(key, torch.device(device))
+        return self
+
+    def _stats_on(self, key: str, device: torch.device) -> dict[str, Tensor]:
+        cached = self._on_device.get((key, device))
+        if cached is None:
+            cached = {k: v.to(device) for k, v in self.stats[key].items()}
+            self._on_device[(key, device)] = cached
+        return cached
+
     def _get(self, key: str, x: Tensor) -> tuple[str, dict[str, Tensor]]:
         mode = self.modes.get(key, "identity")
-        st = self.stats.get(key)
-        if st is None:
+        if key not in self.stats:
             return "identity", {}
-        st = {k: v.to(x.device, x.dtype) for k, v in st.items()}
+        st = self._stats_on(key, x.device)
         dim = x.shape[-1]
         for name, v in st.items():
             if v.numel() != dim:
@@ -51,6 +68,7 @@ class Normalizer:
         return mode, st
 
     def normalize(self, key: str, x: Tensor) -> Tensor:
+        x = x.float()
         mode, st = self._get(key, x)
         if mode == "mean_std":
             return (x - st["mean"]) / (st["std"] + EPS)
@@ -59,6 +77,7 @@ class Normalizer:
         return x
 
     def unnormalize(self, key: str, x: Tensor) -> Tensor:
+        x = x.float()
         mode, st = self._get(key, x)
         if mode == "mean_std":
             return x * (st["std"] + EPS) + st["mean"]

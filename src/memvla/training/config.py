@@ -28,6 +28,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2  # data-loading worker processes (0 = in the main process)
     save_every: int = 1000  # checkpoint every K steps (and at the end, and on SIGINT/SIGTERM)
+    keep_checkpoints: int = 3  # keep the newest N checkpoints (the last one among them); 0: all
     log_every: int = 10
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     tensorboard: bool = False
@@ -42,6 +43,8 @@ class TrainConfig:
                   save_every=self.save_every, log_every=self.log_every)
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got "
                  f"{self.warmup_steps}")
+        _require(self.keep_checkpoints >= 0, f"train.keep_checkpoints must be >= 0 (the "
+                 f"newest N checkpoints are kept; 0 keeps all), got {self.keep_checkpoints}")
         _require(self.num_workers >= 0, f"train.num_workers must be >= 0, got "
                  f"{self.num_workers}")
         _require(self.grad_clip_norm > 0, f"train.grad_clip_norm must be > 0, got "

@@ -1,40 +1,45 @@
 """The training loop behind ``memvla train``: Hugging Face Accelerate (single process, or
 DDP under ``accelerate launch`` / ``torchrun``; gloo on CPU), AdamW with warmup + cosine
 decay and gradient clipping, a step-indexed sampler, atomic checkpoints every K steps and
-on SIGINT/SIGTERM, exact resumption, a progress bar and metrics in ``RUN/metrics.jsonl``."""
+on SIGINT/SIGTERM (the newest ``train.keep_checkpoints`` kept), exact resumption, a
+progress bar and metrics in ``RUN/metrics.jsonl``.
+
+:func:`train` reads as its steps: :func:`setup` (the run's config, the accelerator, the
+seeds, the dataset, the policy, the optimiser, the last checkpoint restored, the metrics
+cut back to it, the data loader), then for every step :func:`train_step`, the
+:class:`Log` and :func:`memvla.training.state.save_checkpoint`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config_utils import apply_overrides, from_dict, to_dict
+from ..policies.frames import FrameCollate, frame_delta_indices
 from ..presets import get_preset
-from ..utils import atomic_write_json
+from ..utils import atomic_write_bytes, atomic_write_json
 from .config import RunConfig, TrainConfig
 from .sampler import StepBatchSampler
 from .schedule import lr_at
 from .state import (
+    CHECKPOINTS,
+    LAST,
+    RUN_FILE,
     last_checkpoint,
-    load_optimizer,
-    publish,
-    read_training_state,
-    set_rng_state,
-    step_dir_name,
-    write_rng,
-    write_training_state,
+    restore_checkpoint,
+    save_checkpoint,
+    seed_process,
 )
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 
 # Training defaults per preset where SmolVLA's (made for 450M parameters) do not fit.
@@ -178,144 +183,197 @@ def _mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-# -- the loop -------------------------------------------------------------------------------
-def train(run: str | Path, stop_at: int | None = None, progress: bool = True,
-          desc: str = "train", position: int | None = None) -> dict:
-    """Train (or resume) the run in directory ``run`` (made by :func:`create_run`) up to
-    ``train.steps``, or only up to step ``stop_at``. Returns a summary dict. ``desc`` and
-    ``position`` label and place the progress bar (several runs side by side)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines of ``path`` logged after ``step`` (by a run killed after its last
+    checkpoint; the resumed run logs those steps again), and a line cut short."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and rec.get("step", 0) <= step:
+            kept.append(line)
+    if kept != lines:
+        atomic_write_bytes(path, "".join(kept).encode())
 
-    from ..data.lerobot_v3 import LeRobotV3Dataset
+
+# -- the run --------------------------------------------------------------------------------
+@dataclass
+class Training:
+    """Everything a run's steps use, as :func:`setup` made it."""
+
+    run: Path
+    rc: RunConfig
+    acc: object  # accelerate.Accelerator
+    policy: object  # the policy (unwrapped)
+    model: torch.nn.Module  # the policy as Accelerate prepared it (DDP-wrapped if several)
+    params: list[torch.nn.Parameter]  # the trained parameters
+    opt: torch.optim.Optimizer
+    loader: object  # this process's batches of steps start .. train.steps - 1
+    start: int  # the step of the restored checkpoint (0: a fresh run)
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.rc.train
+
+
+def setup(run: Path) -> Training:
+    """Build the run in directory ``run`` or restore its last checkpoint."""
+    from accelerate import Accelerator
+
     from ..policies import make_policy
 
-    run = Path(run)
     rc = read_run_config(run)
     tc = rc.train
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       mixed_precision=_mixed_precision(tc.mixed_precision))
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-
-    # seed first: the model's initial weights come from it (the same on every process)
-    torch.manual_seed(tc.seed)
-    chunk = rc.policy.model.chunk_size
-    deltas = None if rc.policy.context.recurrent else {"action": list(range(chunk))}
-    ds = LeRobotV3Dataset(rc.dataset, delta_indices=deltas)
-    if ds.num_frames * _frame_bytes(ds) < 4e9:
-        ds.preload_images()  # decode once; worker processes share the arrays
-    fitted = fit_policy_to_dataset(rc.policy, ds.features, str(Path(rc.dataset)))
-    if fitted != rc.policy:
-        raise ValueError(f"{rc.dataset}: the dataset's cameras/shapes no longer match the run "
-                         f"({config_differences(rc, RunConfig(rc.preset, rc.dataset, fitted))})")
+    torch.manual_seed(tc.seed)  # the initial weights: the same on every process
+    ds = _dataset(rc)
     policy = make_policy(rc.policy, stats=ds.stats)
-    # then one stream per process for the flow-matching noise and times
-    torch.manual_seed(tc.seed + 1 + rank)
-    np.random.seed(tc.seed + rank)
-    random.seed(tc.seed + rank)
+    seed_process(tc.seed, acc.process_index)
     for name, p in policy.model.named_parameters():
         if name in policy.model.unused_parameter_names():
             p.requires_grad_(False)  # never reached by the loss (see unused_parameter_names)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.eps,
                             weight_decay=tc.weight_decay)
-
-    start = 0
-    ckpt_root = run / "checkpoints"
-    if (ckpt_root / "last").is_file():
-        ckpt = last_checkpoint(run)
-        from ..policies.checkpoint import read_tensors
-
-        weights = read_tensors(ckpt / "model.safetensors")
-        policy.model.load_state_dict(weights)
-        meta, opt_state, rng, rng_extra = read_training_state(ckpt, rank)
-        load_optimizer(opt, opt_state, meta["param_groups"])
-        set_rng_state(rng, rng_extra)
-        start = meta["step"]
-
+    # weights, optimiser state and this process's RNG states of the last checkpoint
+    start = restore_checkpoint(run, policy, opt, acc.process_index)
+    if acc.is_main_process:
+        trim_metrics(run / METRICS_FILE, start)
     model, opt = acc.prepare(policy, opt)
+    loader = make_loader(ds, policy, tc, start, acc.process_index, acc.num_processes,
+                         pin_memory=acc.device.type == "cuda")
+    return Training(run, rc, acc, policy, model, params, opt, loader, start)
+
+
+def _dataset(rc: RunConfig):
+    from ..data.lerobot_v3 import LeRobotV3Dataset
+
+    # images stay uint8 until the policy converts them on its device
+    ds = LeRobotV3Dataset(rc.dataset, delta_indices=frame_delta_indices(rc.policy),
+                          images_as="uint8")
+    if ds.num_frames * _frame_bytes(ds) < 4e9:
+        ds.preload_images()  # decode once; worker processes share the arrays
+    fitted = fit_policy_to_dataset(rc.policy, ds.features, str(Path(rc.dataset)))
+    if fitted != rc.policy:
+        raise ValueError(f"{rc.dataset}: the dataset's cameras/shapes no longer match the run "
+                         f"({config_differences(rc, RunConfig(rc.preset, rc.dataset, fitted))})")
+    return ds
+
+
+def train_step(t: Training, step: int, batch) -> tuple[torch.Tensor, float, float]:
+    """One optimisation step -> (loss of this process, gradient norm before clipping, lr)."""
+    tc, policy, model, opt = t.tc, t.policy, t.model, t.opt
+    lr = lr_at(step, tc.lr, tc.steps, tc.effective_warmup, tc.decay_lr_ratio)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    policy.set_training_progress(step / tc.steps)  # e.g. the pruner's noise decay
+    if policy.is_recurrent:
+        loss, _ = model(batch, bptt_depth=tc.bptt_depth,
+                        max_segments=tc.max_segments(step))
+    else:
+        loss, _ = model(batch)
+    t.acc.backward(loss)
+    grad_norm = t.acc.clip_grad_norm_(t.params, tc.grad_clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, float(grad_norm), lr
+
+
+class Log:
+    """The progress bar, ``RUN/metrics.jsonl`` and TensorBoard, on the main process."""
+
+    def __init__(self, t: Training, total: int, progress: bool, desc: str,
+                 position: int | None):
+        from tqdm.auto import tqdm
+
+        self.t, self.main = t, t.acc.is_main_process
+        self.bar = tqdm(total=total, desc=desc, position=position,
+                        disable=not (progress and self.main), dynamic_ncols=True)
+        self.writer = _tensorboard(t.run) if (t.tc.tensorboard and self.main) else None
+        self.t_last = time.perf_counter()
+
+    def step(self, done: int, loss: float, lr: float, grad_norm: float, write: bool) -> None:
+        """Record step ``done`` (the bar every step; the files if ``write``)."""
+        if not self.main:
+            return
+        now = time.perf_counter()
+        rate = self.t.tc.batch_size * self.t.acc.num_processes / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if not write:
+            return
+        rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "samples_per_s": rate, "time": time.time()}
+        with open(self.t.run / METRICS_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.writer is not None:
+            for k in ("loss", "lr", "grad_norm", "samples_per_s"):
+                self.writer.add_scalar(f"train/{k}", rec[k], done)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _stop_everywhere(t: Training, caught: list[int]) -> bool:
+    """Whether any process caught a stop signal (every process stops at the same step)."""
+    stop = bool(caught)
+    if t.acc.num_processes > 1:
+        flag = t.acc.reduce(torch.tensor(float(stop), device=t.acc.device), "sum")
+        stop = flag.item() > 0
+    return stop
+
+
+# -- the loop -------------------------------------------------------------------------------
+def train(run: str | Path, stop_at: int | None = None, progress: bool = True,
+          desc: str = "train", position: int | None = None) -> dict:
+    """Train (or resume) the run in directory ``run`` (made by :func:`create_run`) up to
+    ``train.steps``, or only up to step ``stop_at``. Returns a summary dict. ``desc`` and
+    ``position`` label and place the progress bar (several runs side by side)."""
+    t = setup(Path(run))
+    tc, acc = t.tc, t.acc
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    loader = make_loader(ds, policy, tc, start, rank, world)
-    writer = _tensorboard(run) if (tc.tensorboard and main) else None
-    warmup = tc.effective_warmup
+    log = Log(t, end - t.start, progress, desc, position)
     losses: list[float] = []
-    interrupted = None
-
-    def save(step: int) -> Path:
-        tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
-        if main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        write_rng(tmp, rank)
-        acc.wait_for_everyone()
-        final = ckpt_root / step_dir_name(step)
-        if main:
-            write_training_state(tmp, acc.unwrap_model(model), opt, step)
-            final = publish(ckpt_root, tmp, step)
-        acc.wait_for_everyone()
-        return final
-
-    bar = tqdm(total=end - start, desc=desc, position=position, disable=not (progress and main),
-               dynamic_ncols=True)
-    t_last, done = time.perf_counter(), start
-    with stop_signals() as caught, open(run / METRICS_FILE, "a") as metrics:
-        for step, batch in zip(range(start, end), loader, strict=False):
-            lr = lr_at(step, tc.lr, tc.steps, warmup, tc.decay_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            model.train()
-            if hasattr(policy, "set_training_progress"):  # e.g. the pruner's noise decay
-                policy.set_training_progress(step / tc.steps)
-            if policy.is_recurrent:
-                loss, _ = model(batch, bptt_depth=tc.bptt_depth,
-                                max_segments=tc.max_segments(step))
-            else:
-                loss, _ = model(batch)
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(params, tc.grad_clip_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    interrupted, done = None, t.start
+    with stop_signals() as caught:
+        for step, batch in zip(range(t.start, end), t.loader, strict=False):
+            loss, grad_norm, lr = train_step(t, step, batch)
             done = step + 1
-            loss_all = acc.reduce(loss.detach(), "mean").item()
-            losses.append(loss_all)
-            stop = bool(caught)
-            if world > 1:  # every process stops at the same step
-                flag = acc.reduce(torch.tensor(float(stop), device=acc.device), "sum")
-                stop = flag.item() > 0
-            if main:
-                now = time.perf_counter()
-                rate = tc.batch_size * world / max(now - t_last, 1e-9)
-                t_last = now
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}")
-                if done % tc.log_every == 0 or done == end or stop:
-                    rec = {"step": done, "loss": loss_all, "lr": lr,
-                           "grad_norm": float(grad_norm), "samples_per_s": rate,
-                           "time": time.time()}
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    if writer is not None:
-                        for k in ("loss", "lr", "grad_norm", "samples_per_s"):
-                            writer.add_scalar(f"train/{k}", rec[k], done)
+            losses.append(acc.reduce(loss.detach(), "mean").item())
+            stop = _stop_everywhere(t, caught)
+            log.step(done, losses[-1], lr, grad_norm,
+                     write=done % tc.log_every == 0 or done == end or stop)
             if done % tc.save_every == 0 or done == end or stop:
-                save(done)
+                save_checkpoint(t.run, done, acc.unwrap_model(t.model), t.opt,
+                                tc.keep_checkpoints, acc.process_index, acc.wait_for_everyone)
             if stop:
                 interrupted = signal.Signals(caught[0]).name if caught else "peer"
                 break
-    bar.close()
-    if writer is not None:
-        writer.close()
-    digests = acc.gather_for_metrics([params_digest(acc.unwrap_model(model))],
+    log.close()
+    return _finish(t, done, losses, interrupted)
+
+
+def _finish(t: Training, done: int, losses: list[float], interrupted: str | None) -> dict:
+    acc = t.acc
+    digests = acc.gather_for_metrics([params_digest(acc.unwrap_model(t.model))],
                                      use_gather_object=True)
-    summary = {"run": str(run), "start_step": start, "step": done,
-               "losses": losses, "interrupted": interrupted, "world_size": world,
+    has_checkpoint = (t.run / CHECKPOINTS / LAST).is_file()
+    summary = {"run": str(t.run), "start_step": t.start, "step": done,
+               "losses": losses, "interrupted": interrupted, "world_size": acc.num_processes,
                "param_digests": list(digests),
-               "checkpoint": str(last_checkpoint(run)) if (ckpt_root / "last").is_file()
-               else None}
-    if main:
-        atomic_write_json(run / "last_summary.json", summary)
+               "checkpoint": str(last_checkpoint(t.run)) if has_checkpoint else None}
+    if acc.is_main_process:
+        atomic_write_json(t.run / "last_summary.json", summary)
     acc.end_training()
     return summary
 
@@ -345,22 +403,28 @@ class _CollateEpisodes:
         return self.segments.collate(np.asarray(positions))
 
 
-def make_loader(ds, policy, tc: TrainConfig, start: int, rank: int, world: int):
+def make_loader(ds, policy, tc: TrainConfig, start: int, rank: int, world: int,
+                pin_memory: bool = False):
     """Frames with action chunks (plain policies) or whole episodes cut into segments
-    (recurrent policies), batch by batch in the order the step-indexed sampler fixes."""
-    g = torch.Generator().manual_seed(tc.seed)
+    (recurrent policies), batch by batch in the order the step-indexed sampler fixes.
+    ``pin_memory`` when training on CUDA; worker processes (``train.num_workers``) live as
+    long as the loader."""
+    options = {"num_workers": tc.num_workers, "generator": torch.Generator().manual_seed(tc.seed),
+               "pin_memory": pin_memory, "persistent_workers": tc.num_workers > 0}
     if policy.is_recurrent:
         from ..data.segments import EpisodeSegmentLoader
 
-        segs = EpisodeSegmentLoader(ds, policy.config.model.chunk_size, tc.batch_size)
+        # one segment every n_action_steps frames: the memory is written as often as at
+        # inference, where the policy predicts a chunk every n_action_steps steps
+        segs = EpisodeSegmentLoader(ds, policy.config.model.chunk_size, tc.batch_size,
+                                    stride=policy.config.n_action_steps)
         sampler = StepBatchSampler(ds.num_episodes, tc.batch_size, tc.steps, tc.seed, start,
                                    rank, world)
         return torch.utils.data.DataLoader(_Positions(ds.num_episodes), batch_sampler=sampler,
-                                           num_workers=tc.num_workers, generator=g,
-                                           collate_fn=_CollateEpisodes(segs))
+                                           collate_fn=_CollateEpisodes(segs), **options)
     sampler = StepBatchSampler(len(ds), tc.batch_size, tc.steps, tc.seed, start, rank, world)
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=tc.num_workers,
-                                       generator=g)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler,
+                                       collate_fn=FrameCollate(policy.config), **options)
 
 
 def _tensorboard(run: Path):
