@@ -78,3 +78,18 @@ def test_bench_memory_runs_on_the_device_it_is_given():
 
     assert latency_cost("tiny", [], 1, device="cpu")["device"] == "cpu"
     assert long_episode(16, repeats=1, device="cpu")["device"] == "cpu"
+
+
+def test_training_takes_its_device_from_the_config_and_the_demo_passes_its_own():
+    from memvla.demo import train_device
+    from memvla.training import loop
+    from memvla.training.config import TrainConfig
+
+    assert [train_device(d) for d in (None, "cpu")] == ["auto", "cpu"]
+    assert loop._on_cpu("cpu") and loop._mixed_precision("auto", "cpu") == "no"
+    with pytest.raises(ValueError, match=r"train.device must be one of \('auto', 'cpu', "
+                       r"'cuda'\), got 'tpu'"):
+        TrainConfig(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device is 'cuda' but CUDA is not"):
+            loop._on_cpu("cuda")

@@ -74,7 +74,7 @@ class DemoSettings:
     variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS])
     overrides: list[str] = field(default_factory=list)  # extra dotted overrides, every run
     lanes: int = 2  # variants trained at the same time, one process (and thread) each
-    device: str | None = None  # where the trained policies are evaluated (None: CUDA if any)
+    device: str | None = None  # where the policies train and are evaluated (None: CUDA if any)
 
     @staticmethod
     def quick() -> DemoSettings:
@@ -209,6 +209,15 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     return run_sweep(out, settings or DemoSettings(), progress, overwrite, report=True)
 
 
+def train_device(device: str | None) -> str:
+    """The ``train.device`` of an evaluation device: "cpu", "cuda" (any GPU) or "auto"."""
+    if device is None:
+        return "auto"
+    from .policies import policy_device
+
+    return policy_device(device).type
+
+
 def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, lane: int,
                        progress: bool) -> dict:
     """Train one variant (a :class:`Variant` as a dict) on ``dataset`` and evaluate it
@@ -230,7 +239,7 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
     family = get_preset(preset).family
     overrides = [*s.policy_overrides(family), f"train.batch_size={batch}", f"train.lr={s.lr}",
                  f"train.seed={s.seed}", "train.num_workers=0", f"train.save_every={s.steps}",
-                 *s.overrides, *v.overrides]
+                 f"train.device={train_device(s.device)}", *s.overrides, *v.overrides]
     rc = make_run_config(preset, dataset, s.steps, overrides)
     create_run(run, rc, overwrite=True)
     t_train = time.perf_counter()

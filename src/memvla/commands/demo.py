@@ -24,8 +24,8 @@ def add_arguments(parser) -> None:
                         "policy must also match the remembered colour to a disc)")
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="where the trained policies are evaluated: cpu, cuda or "
-                        "cuda:N (default: CUDA when available, else cpu)")
+    parser.add_argument("--device", help="where the policies train and are evaluated: cpu, "
+                        "cuda or cuda:N (default: CUDA when available, else cpu)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..configs import PolicyConfig, _positive, _require
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class TrainConfig:
     save_every: int = 1000  # checkpoint every K steps (and at the end, and on SIGINT/SIGTERM)
     keep_checkpoints: int = 3  # keep the newest N checkpoints (the last one among them); 0: all
     log_every: int = 10
+    device: str = "auto"  # auto: CUDA when available (each process its own GPU), else cpu
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     tensorboard: bool = False
     # Recurrent (memory) policies train on whole episodes cut into chunk-aligned segments,
@@ -56,6 +58,8 @@ class TrainConfig:
         _require(self.curriculum_segments >= 0 and self.curriculum_every > 0,
                  f"train.curriculum_segments must be >= 0 and train.curriculum_every > 0, "
                  f"got {self.curriculum_segments}, {self.curriculum_every}")
+        _require(self.device in TRAIN_DEVICES, f"train.device must be one of {TRAIN_DEVICES}, "
+                 f"got {self.device!r}")
         _require(self.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one "
                  f"of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 

@@ -177,10 +177,19 @@ def params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _mixed_precision(choice: str) -> str:
+def _on_cpu(device: str) -> bool:
+    """``train.device`` -> whether to train on the CPU (a clear error for CUDA without one)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but CUDA is not available here; use "
+                         "train.device=cpu (or auto)")
+    return device == "cpu" or not torch.cuda.is_available()
+
+
+def _mixed_precision(choice: str, device: str = "auto") -> str:
     if choice != "auto":
         return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    gpu = not _on_cpu(device)
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -229,8 +238,8 @@ def setup(run: Path) -> Training:
 
     rc = read_run_config(run)
     tc = rc.train
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      mixed_precision=_mixed_precision(tc.mixed_precision))
+    acc = Accelerator(cpu=_on_cpu(tc.device),
+                      mixed_precision=_mixed_precision(tc.mixed_precision, tc.device))
     torch.manual_seed(tc.seed)  # the initial weights: the same on every process
     ds = _dataset(rc)
     policy = make_policy(rc.policy, stats=ds.stats)
