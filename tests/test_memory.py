@@ -51,7 +51,7 @@ def prefix_of(policy, batch, memory):
 def test_memory_attention_masks(layout):
     policy = make_policy(memory_config(layout))
     batch = episode_batch(policy.config).segment(0)
-    memory = policy.model.initial_memory(2)
+    memory = policy.model.initial_state(2)
     prefix = prefix_of(policy, batch, memory)
     _, _, mask = VLMWithExpert.prefix_layout(prefix, KVCache(1))
     real = prefix.pad[0]
@@ -90,14 +90,15 @@ def test_streaming_inference_equals_episode_forward(layout, write):
         seg = ep.segment(s)
         obs = {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
         noise = torch.randn(2, policy.config.model.chunk_size, policy.config.model.max_action_dim)
-        read = model.initial_memory(2) if s == 0 else memories[s - 1]
+        read = model.initial_state(2) if s == 0 else memories[s - 1]
         chunk = policy.predict_action_chunk(obs, noise=noise)
-        assert (policy._memory - memories[s]).abs().max().item() <= 1e-5
-        ref, _ = model.sample_actions(*policy.encode_observation(obs), noise=noise, memory=read)
+        assert (policy.memory - memories[s]).abs().max().item() <= 1e-5
+        ref, _ = model.sample_actions(*policy.encode_observation(obs), noise=noise,
+                                      context_state=read)
         want = policy.normalizer.unnormalize("action", ref[..., : policy.config.action_dim])
         assert (chunk - want).abs().max().item() <= 1e-5
     policy.reset()
-    assert policy._memory is None
+    assert policy.memory is None
 
 
 def test_reset_clears_memory_and_first_chunk_repeats():
@@ -159,7 +160,7 @@ def test_memory_stays_bounded_over_a_long_episode():
     norms = []
     for _ in range(300):
         policy.predict_action_chunk(obs)
-        norms.append(policy._memory.norm(dim=-1).max().item())
+        norms.append(policy.memory.norm(dim=-1).max().item())
     assert max(norms) <= bound
     assert norms[-1] > 0.1 * norms[9]
 
@@ -173,7 +174,7 @@ def test_clipped_memory_stays_within_its_bound():
     norms = []
     for _ in range(50):
         policy.predict_action_chunk(obs)
-        norms.append(policy._memory.norm(dim=-1).max().item())
+        norms.append(policy.memory.norm(dim=-1).max().item())
     assert max(norms) <= bound and max(norms) > 0.9 * bound  # the clip is what holds it
 
 
@@ -314,8 +315,8 @@ def test_the_rmt_action_expert_reads_the_write_tokens(monkeypatch):
     seg = episode_batch(policy.config).segment(0)
     inputs = policy.encode_observation(seg)
     noise = torch.randn(2, policy.config.model.chunk_size, policy.config.model.max_action_dim)
-    memory = policy.model.initial_memory(2)
-    base, _ = policy.model.sample_actions(*inputs, noise=noise, memory=memory)
+    memory = policy.model.initial_state(2)
+    base, _ = policy.model.sample_actions(*inputs, noise=noise, context_state=memory)
     real = memory_tokens.insert_memory
 
     def other_write(parts, mem, layout):
@@ -324,7 +325,7 @@ def test_the_rmt_action_expert_reads_the_write_tokens(monkeypatch):
         return [*out[:-1], TokenSegment(last.embs + 1.0, last.pad, last.flags)]
 
     monkeypatch.setattr(memory_tokens, "insert_memory", other_write)
-    changed, _ = policy.model.sample_actions(*inputs, noise=noise, memory=memory)
+    changed, _ = policy.model.sample_actions(*inputs, noise=noise, context_state=memory)
     assert (changed - base).abs().max().item() > 1e-4  # the suffix attends the write tokens
     # ... while the prefix does not: its read-token and image hidden states are unchanged
     prefix = prefix_of(policy, seg, memory)

@@ -252,10 +252,10 @@ def test_keeping_every_patch_equals_the_unpruned_model(memory):
     pruned = FlowMatchingVLA(cfg.model, cfg.context).eval()
     pruned.load_state_dict(plain.state_dict())
     images, ids, pad, state, _ = model_inputs(cfg)
-    mem = plain.initial_memory(2)
+    mem = plain.initial_state(2)
     noise = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
-    want, want_mem = plain.sample_actions(images, ids, pad, state, noise=noise, memory=mem)
-    got, got_mem = pruned.sample_actions(images, ids, pad, state, noise=noise, memory=mem)
+    want, want_mem = plain.sample_actions(images, ids, pad, state, noise=noise, context_state=mem)
+    got, got_mem = pruned.sample_actions(images, ids, pad, state, noise=noise, context_state=mem)
     assert pruned.last_prune_stats["keep_ratio"] == 1.0
     assert (got - want).abs().max().item() < 1e-5
     if memory is not None:

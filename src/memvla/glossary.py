@@ -19,5 +19,6 @@ A     action horizon (chunk length)
 Da    action dimension; ``Ds`` state dimension
 V     vocabulary size
 S     segments of an episode
+K     slots of a temporal context (past frames it holds) or extra keys, where noted
 ====  =======================================================================
 """

@@ -175,15 +175,16 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
             ms = 1e3 * _timed(lambda: policy.select_action(obs))
             if (step - 1) % n == 0:  # a chunk was predicted at this step
                 rec[step] = (ms, float(policy.memory.norm(dim=-1).max()))
-                if early_memory is None and step >= 10:
-                    early_memory = policy.memory.clone()  # (1, M, D)
+                if early_memory is None and step >= min(10, steps - n + 1):
+                    early_memory = policy.memory.clone()  # (1, M, D) of step 10 (or earlier
+                    # in an episode too short to reach it)
         late_memory = policy.memory.clone()  # (1, M, D)
         inputs = policy.encode_observation(obs)  # images, ids, pad, state
         paired: dict[str, list[float]] = {"early": [], "late": []}
         for _ in range(repeats):
             for name, mem in (("early", early_memory), ("late", late_memory)):
                 paired[name].append(_timed(
-                    lambda mem=mem: policy.model.sample_actions(*inputs, memory=mem)))
+                    lambda mem=mem: policy.model.sample_actions(*inputs, context_state=mem)))
         policy.reset()
     chunk_steps = sorted(rec)
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import ContextConfig, FlowVLAConfig
+from ..context import MemoryTokensContext, make_context
 from ..layers.connector import Connector
 from ..layers.flow_matching import (
     action_time_embed,
@@ -57,7 +58,6 @@ from ..layers.flow_matching import (
 )
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
-from ..layers.memory_tokens import MemoryTokens, clip_rms
 from ..layers.token_pruner import TokenPruner, pruning_for_inference, stats_to_floats
 from ..layers.tokens import TokenSegment
 from ..layers.vision import VisionTransformer
@@ -155,17 +155,17 @@ class VLMWithExpert(nn.Module):
 
 
 class FlowMatchingVLA(nn.Module):
-    """With ``context.kind = "memory_tokens"`` the prefix also holds recurrent memory tokens
-    (:mod:`memvla.layers.memory_tokens`); ``prefill``, ``forward`` and ``sample_actions``
-    then take the current memory (B, M, D) and return the next one beside their result
-    (``None`` without memory). ``num_cameras`` sets the visual tokens per sample the
-    pruner expects when ``model.pruner.num_patches`` is 0."""
+    """``context`` (a :class:`memvla.configs.ContextConfig`) picks the temporal context
+    (:mod:`memvla.context`): ``prefill``, ``forward`` and ``sample_actions`` take its
+    current state (``context_state``; e.g. the memory tokens (B, M, D)) and return the
+    next one beside their result (``None`` for a context that carries nothing).
+    ``num_cameras`` sets the visual tokens per sample the pruner expects when
+    ``model.pruner.num_patches`` is 0."""
 
     def __init__(self, cfg: FlowVLAConfig, context: ContextConfig | None = None,
                  num_cameras: int = 1):
         super().__init__()
         self.cfg = cfg
-        self.context = context or ContextConfig()
         d, de = cfg.text.width, cfg.expert.width
         self.vlm_with_expert = VLMWithExpert(cfg)
         self.state_proj = nn.Linear(cfg.max_state_dim, d if cfg.state_token == "prefix" else de)
@@ -173,10 +173,7 @@ class FlowMatchingVLA(nn.Module):
         self.action_out_proj = nn.Linear(de, cfg.max_action_dim)
         self.action_time_mlp_in = nn.Linear(2 * de, de)
         self.action_time_mlp_out = nn.Linear(de, de)
-        self.memory_tokens = None
-        if self.context.kind == "memory_tokens":
-            c = self.context
-            self.memory_tokens = MemoryTokens(c.num_tokens, d, c.layout, c.init_std)
+        self.context = make_context(context or ContextConfig(), d)
         self.pruner: TokenPruner | None = None
         self.pruner_key_proj: nn.Linear | None = None  # action (or state) -> pruner key
         self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last prefix built
@@ -193,30 +190,27 @@ class FlowMatchingVLA(nn.Module):
         """The pruner's collapse statistics of the last prefix built, as floats."""
         return stats_to_floats(self.last_prune_stat_tensors)
 
-    def initial_memory(self, batch: int) -> Tensor | None:
-        return None if self.memory_tokens is None else self.memory_tokens.initial(batch)
+    def initial_state(self, batch: int):
+        """The temporal context's state at the start of ``batch`` episodes (or None)."""
+        return self.context.initial_state(batch)
 
     def memory_norm_bound(self) -> float:
-        """The largest L2 norm a written memory token can have: ``max_rms``·√D when clipped,
-        max|w|·√D through the final RMSNorm of weight w; 0 without memory."""
-        if self.memory_tokens is None:
+        """The largest L2 norm a written memory token can have (0 without memory tokens)."""
+        if not isinstance(self.context, MemoryTokensContext):
             return 0.0
-        d = self.cfg.text.width
-        if self.context.write == "clip":
-            return self.context.max_rms * d ** 0.5
-        w = self.vlm_with_expert.text_model.norm.weight.detach()
-        return float(w.abs().max()) * d ** 0.5
+        return self.context.norm_bound(self.vlm_with_expert.text_model.norm.weight)
 
     def unused_parameter_names(self) -> set[str]:
         """Parameters the action loss never reaches: the prefix's hidden states after the
         last backbone layer are not read (only its keys/values are), so that layer's query,
         output and MLP weights, the final backbone norm and the LM head get no gradient.
         They are kept so that checkpoints of the reference implementations load by name.
-        Memory tokens read the prefix's outputs: then only the LM head is unused, and the
-        final norm too unless the memory is written through it (``context.write="norm"``)."""
-        if self.memory_tokens is not None:
+        A temporal context that reads the prefix's outputs (memory tokens) makes them used:
+        then only the LM head is unused, and the final norm too unless the context reads
+        through it (memory tokens with ``context.write="norm"``)."""
+        if self.context.reads_prefix_output:
             unused = ["vlm_with_expert.vlm.lm_head."]
-            if self.context.write != "norm":
+            if not self.context.reads_normed_output:
                 unused.append("vlm_with_expert.vlm.model.text_model.norm.")
             return {n for n, _ in self.named_parameters() if n.startswith(tuple(unused))}
         last = f"vlm_with_expert.vlm.model.text_model.layers.{self.cfg.text.depth - 1}."
@@ -230,13 +224,15 @@ class FlowMatchingVLA(nn.Module):
 
     # -- token construction ---------------------------------------------------------------
     def embed_prefix(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-                     state: Tensor, memory: Tensor | None = None,
+                     state: Tensor, context_state=None,
                      pruner_actions: Tensor | None = None,
                      pruner_actions_valid: Tensor | None = None) -> list[TokenSegment]:
-        """The prefix as parts: [memory] + images per camera + language + state (+ action
-        placeholders). With the pruner, the image parts become one pruned part and every
-        part carries explicit positions. ``pruner_actions`` (B, K, Da') are the actions the
-        pruner's action context reads (``pruner_actions_valid`` (B, K) bool, default all)."""
+        """The prefix as parts: images per camera + language + state (+ action
+        placeholders), extended by the temporal context (e.g. memory tokens) when a
+        ``context_state`` is given. With the pruner, the image parts become one pruned part
+        and every part carries explicit positions. ``pruner_actions`` (B, K, Da') are the
+        actions the pruner's action context reads (``pruner_actions_valid`` (B, K) bool,
+        default all)."""
         vwe, d = self.vlm_with_expert, self.cfg.text.width
         parts = []
         for img in images:
@@ -261,11 +257,11 @@ class FlowMatchingVLA(nn.Module):
                 # in the prefix, but padding to the backbone's mask: never attended
                 parts.append(TokenSegment(keys[0], torch.zeros_like(keys[1]),
                                           torch.zeros_like(keys[1], dtype=torch.long)))
-        if memory is not None:
-            if self.memory_tokens is None:
-                raise ValueError("memory given to a model without memory tokens "
-                                 "(context.kind is 'none')")
-            parts = self.memory_tokens.insert(parts, memory)
+        if context_state is not None:
+            parts = self.context.extend_prefix(parts, context_state)
+        elif self.context.recurrent:
+            raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
+                             "context_state (initial_state(B) at an episode's start)")
         if self.pruner is not None:
             parts = self._prune_images(parts, image_parts, lang_part, keys)
         return parts
@@ -342,26 +338,26 @@ class FlowMatchingVLA(nn.Module):
         return None, None
 
     # -- training -------------------------------------------------------------------------
-    def prefill(self, images, lang_ids, lang_pad, state, memory: Tensor | None = None,
+    def prefill(self, images, lang_ids, lang_pad, state, context_state=None,
                 cache: KVCache | None = None, pruner_actions: Tensor | None = None,
-                pruner_actions_valid: Tensor | None = None) -> tuple[KVCache, Tensor | None]:
-        """Run the backbone over the prefix -> (filled cache, next memory or None)."""
+                pruner_actions_valid: Tensor | None = None) -> tuple[KVCache, object]:
+        """Run the backbone over the prefix -> (filled cache, next context state or None)."""
         cache = cache if cache is not None else KVCache(self.cfg.text.depth)
-        prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state, memory,
-                                                    pruner_actions, pruner_actions_valid))
-        normed = self.context.write == "norm"
-        hidden = self.vlm_with_expert.prefill(prefix, cache, normed)  # (B, Np, D)
-        new_memory = None if memory is None else self.memory_tokens.extract(hidden)  # (B, M, D)
-        if new_memory is not None and not normed:
-            new_memory = clip_rms(new_memory, self.context.max_rms)  # (B, M, D)
-        return cache, new_memory
+        prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state,
+                                                    context_state, pruner_actions,
+                                                    pruner_actions_valid))
+        hidden = self.vlm_with_expert.prefill(prefix, cache,
+                                              self.context.reads_normed_output)  # (B, Np, D)
+        if context_state is None:
+            return cache, None
+        return cache, self.context.update(context_state, hidden)
 
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, noise: Tensor | None = None, time: Tensor | None = None,
-                memory: Tensor | None = None, prev_actions: Tensor | None = None,
-                prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                context_state=None, prev_actions: Tensor | None = None,
+                prev_valid: Tensor | None = None) -> tuple[Tensor, object]:
         """Flow-matching losses per element (B, A, Da): (v(x_t, t) − (noise − actions))²,
-        and the next memory. Inputs are normalised and padded to max_state_dim /
+        and the next context state. Inputs are normalised and padded to max_state_dim /
         max_action_dim. ``prev_actions`` (B, A', Da') / ``prev_valid`` (B, A'): the
         previously executed chunk, read by the pruner's ``prev_chunk`` context only."""
         b = actions.shape[0]
@@ -374,42 +370,42 @@ class FlowMatchingVLA(nn.Module):
         # at inference, where the prefix is built before denoising (x_t would leak the
         # target at small t)
         pa, pv = self.pruner_actions(noise, prev_actions, prev_valid)
-        cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory,
-                                         pruner_actions=pa, pruner_actions_valid=pv)
+        cache, new_state = self.prefill(images, lang_ids, lang_pad, state, context_state,
+                                        pruner_actions=pa, pruner_actions_valid=pv)
         v = self.velocity(cache, state, x_t, time)  # (B, A, Da)
-        return F.mse_loss(v, target_velocity(actions, noise), reduction="none"), new_memory
+        return F.mse_loss(v, target_velocity(actions, noise), reduction="none"), new_state
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def sample_actions(self, images, lang_ids, lang_pad, state, noise: Tensor | None = None,
-                       num_steps: int | None = None, memory: Tensor | None = None,
+                       num_steps: int | None = None, context_state=None,
                        prev_actions: Tensor | None = None,
-                       prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                       prev_valid: Tensor | None = None) -> tuple[Tensor, object]:
         """Denoise an action chunk (B, A, Da): the prefix runs once into the cache, which
-        every Euler step reuses. Returns (actions, next memory or None). The pruner's
+        every Euler step reuses. Returns (actions, next context state or None). The pruner's
         action placeholders / keys see the initial noise (the prefix precedes denoising);
         the pruner prunes as at inference whatever the model's mode."""
         noise = self._noise(state) if noise is None else noise
         pa, pv = self.pruner_actions(noise, prev_actions, prev_valid)
         with pruning_for_inference(self.pruner):
-            cache, new_memory = self.prefill(images, lang_ids, lang_pad, state, memory,
-                                             pruner_actions=pa, pruner_actions_valid=pv)
+            cache, new_state = self.prefill(images, lang_ids, lang_pad, state, context_state,
+                                            pruner_actions=pa, pruner_actions_valid=pv)
         actions = euler_sample(lambda x, t: self.velocity(cache, state, x, t), noise,
                                num_steps or self.cfg.num_steps)
-        return actions, new_memory
+        return actions, new_state
 
     @torch.no_grad()
     def sample_actions_uncached(self, images, lang_ids, lang_pad, state,
                                 noise: Tensor | None = None, num_steps: int | None = None,
-                                memory: Tensor | None = None, prev_actions: Tensor | None = None,
-                                prev_valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                                context_state=None, prev_actions: Tensor | None = None,
+                                prev_valid: Tensor | None = None) -> tuple[Tensor, object]:
         """Slow twin of :meth:`sample_actions`: recomputes the prefix at every step."""
         noise = self._noise(state) if noise is None else noise
         pa, pv = self.pruner_actions(noise, prev_actions, prev_valid)
 
         def prefill():
             with pruning_for_inference(self.pruner):
-                return self.prefill(images, lang_ids, lang_pad, state, memory,
+                return self.prefill(images, lang_ids, lang_pad, state, context_state,
                                     pruner_actions=pa, pruner_actions_valid=pv)
 
         def recomputed(x, t):

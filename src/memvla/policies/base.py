@@ -27,6 +27,7 @@ from .checkpoint import (
     checkpoint_files,
     read_config,
     read_tensors,
+    upgrade_keys,
     write_checkpoint,
 )
 from .inputs import check_observation, images_to_float
@@ -59,7 +60,7 @@ class VLAPolicy(nn.Module):
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                              f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
         self._queue: deque[Tensor] = deque()
-        self._memory: Tensor | None = None  # (B, M, D) carried between chunks
+        self._context_state = None  # the temporal context's state, carried between chunks
 
     def _apply(self, fn, recurse: bool = True):
         """``.to(device)`` / ``.cuda()`` also place the normaliser's statistics (float32)."""
@@ -79,9 +80,15 @@ class VLAPolicy(nn.Module):
         return len(self._queue)
 
     @property
-    def memory(self) -> Tensor | None:
-        """The memory carried to the next chunk (B, M, D), or None (fresh episode / none)."""
-        return self._memory
+    def context_state(self):
+        """The temporal context's state carried to the next chunk (:mod:`memvla.context`),
+        or None (a fresh episode, or a context that carries nothing)."""
+        return self._context_state
+
+    @property
+    def memory(self):
+        """The same as :attr:`context_state` (for memory tokens: the memory (B, M, D))."""
+        return self._context_state
 
     @property
     def is_recurrent(self) -> bool:
@@ -149,9 +156,9 @@ class VLAPolicy(nn.Module):
         return self._queue.popleft()
 
     def reset(self) -> None:
-        """Forget the episode: clears the action queue and the memory."""
+        """Forget the episode: clears the action queue and the temporal context's state."""
         self._queue.clear()
-        self._memory = None
+        self._context_state = None
 
     # -- persistence ----------------------------------------------------------------------
     def checkpoint_files(self) -> dict[str, bytes]:
@@ -171,7 +178,7 @@ class VLAPolicy(nn.Module):
             raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
                              f"{cls.policy_type!r}")
         config = from_dict(PolicyConfig, meta["config"])
-        weights = read_tensors(d / WEIGHTS_FILE)
+        weights = upgrade_keys(read_tensors(d / WEIGHTS_FILE))
         processor = read_tensors(d / PROCESSOR_FILE)
         with torch.device("meta"):  # no random initialisation: every weight is loaded
             policy = cls(config)

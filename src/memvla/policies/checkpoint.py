@@ -87,6 +87,21 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
 
 
+# weight names of earlier memvla versions -> today's (prefix renames)
+RENAMED_PREFIXES = {"memory_tokens.": "context.tokens."}
+
+
+def upgrade_keys(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights saved by an earlier memvla, under today's names."""
+    out = {}
+    for key, value in weights.items():
+        for old, new in RENAMED_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        out[key] = value
+    return out
+
+
 def check_keys(path: str | Path, expected: set[str], found: set[str]) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:

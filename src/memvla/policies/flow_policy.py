@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..configs import PolicyConfig
+from ..context import detach_state, select_state
 from ..layers.memory_tokens import truncates_before
 from ..models.flow_vla import FlowMatchingVLA
 from .base import VLAPolicy, pad_last
@@ -75,8 +76,8 @@ class FlowVLAPolicy(VLAPolicy):
     def forward(self, batch, noise: Tensor | None = None, time: Tensor | None = None,
                 bptt_depth: int = -1, max_segments: int | None = None) -> tuple[Tensor, dict]:
         """Flow-matching loss of independent samples: mean squared error over the real (not
-        padded) action steps and the real action dimensions. A memory policy starts from
-        its initial memory here. Given a ``SegmentBatch`` (whole episodes), this is
+        padded) action steps and the real action dimensions. A recurrent policy starts from
+        its context's initial state here. Given a ``SegmentBatch`` (whole episodes), this is
         :meth:`forward_episode` (so that DDP wrappers see one forward call)."""
         if not isinstance(batch, dict):
             return self.forward_episode(batch, bptt_depth, max_segments)
@@ -86,19 +87,20 @@ class FlowVLAPolicy(VLAPolicy):
         return loss, self._with_pruner_stats({"loss": loss.item(),
                                               "valid_steps": int(valid.sum().item())})
 
-    def _segment_losses(self, batch: dict, memory: Tensor | None, noise: Tensor | None = None,
+    def _segment_losses(self, batch: dict, context_state, noise: Tensor | None = None,
                         time: Tensor | None = None, prev: tuple[Tensor, Tensor] | None = None):
-        """-> (losses (B, A, Da), valid (B, A) float, next memory). ``prev``: the previous
-        chunk (normalised, padded (B, A', Da')) and its real steps (B, A')."""
+        """-> (losses (B, A, Da), valid (B, A) float, next context state). A state of None
+        starts an episode. ``prev``: the previous chunk (normalised, padded (B, A', Da'))
+        and its real steps (B, A')."""
         images, ids, pad, state = self.encode_observation(batch)
         padded, real = self._normalized_chunk(batch)  # (B, A, Da'), (B, A)
-        if memory is None:
-            memory = self.model.initial_memory(state.shape[0])
+        if context_state is None:
+            context_state = self.model.initial_state(state.shape[0])
         prev_actions, prev_valid = prev if prev is not None else (None, None)
-        losses, new_memory = self.model(images, ids, pad, state, padded, noise, time,
-                                        memory=memory, prev_actions=prev_actions,
-                                        prev_valid=prev_valid)  # (B, A, Da')
-        return losses[..., : self.config.action_dim], real.float(), new_memory
+        losses, new_state = self.model(images, ids, pad, state, padded, noise, time,
+                                       context_state=context_state, prev_actions=prev_actions,
+                                       prev_valid=prev_valid)  # (B, A, Da')
+        return losses[..., : self.config.action_dim], real.float(), new_state
 
     @property
     def _reads_prev_chunk(self) -> bool:
@@ -116,35 +118,34 @@ class FlowVLAPolicy(VLAPolicy):
                         max_segments: int | None = None) -> tuple[Tensor, dict]:
         """Loss over whole episodes cut into segments (a
         :class:`memvla.data.segments.SegmentBatch` with a stride of ``n_action_steps``),
-        carrying the memory from segment to segment in lockstep across the batch: one
-        memory update per segment, as at inference one per predicted chunk.
+        carrying the temporal context's state (e.g. the memory tokens) from segment to
+        segment in lockstep across the batch: one update per segment, as at inference one
+        per predicted chunk.
 
         Truncated back-propagation through time of depth k = ``bptt_depth``
         (:func:`memvla.layers.memory_tokens.truncates_before`): the loss of a segment
-        back-propagates through at most k memory updates; k = 0 detaches every segment
+        back-propagates through at most k state updates; k = 0 detaches every segment
         (independent samples), k = -1, or any k of at least the batch's segments, keeps
         the whole episode. ``max_segments`` (a curriculum) uses the first segments only.
         """
         s_total = episodes.num_segments if max_segments is None else min(
             max_segments, episodes.num_segments)
         self._check_segments(episodes)
-        memory = prev = None
+        carried = prev = None  # the temporal context's state, the previous chunk
         total, count = 0.0, 0.0
         for s in range(s_total):
-            if memory is not None and truncates_before(s, bptt_depth):
-                memory = memory.detach()  # (B, M, D)
+            if truncates_before(s, bptt_depth):
+                carried = detach_state(carried)
             seg = episodes.segment(s)
-            losses, valid, new_memory = self._segment_losses(seg, memory, prev=prev)
+            losses, valid, new_state = self._segment_losses(seg, carried, prev=prev)
             if self._reads_prev_chunk:  # the actions executed before the next segment
                 actions, real = self._normalized_chunk(seg)  # (B, A, Da'), (B, A)
                 n = self.config.n_action_steps
                 prev = actions[:, :n], real[:, :n]
             total = total + (losses * valid[..., None]).sum()
             count = count + valid.sum() * self.config.action_dim
-            if new_memory is not None:
-                keep = seg["segment_is_pad"].to(new_memory.device)[:, None, None]  # (B, 1, 1)
-                memory = torch.where(keep, memory if memory is not None else new_memory,
-                                     new_memory)  # (B, M, D)
+            # an episode past its end keeps its state (its padded segments change nothing)
+            carried = select_state(seg["segment_is_pad"], carried, new_state)
         if count == 0:
             raise ValueError("action_is_pad: every action step of the episodes is padding")
         loss = total / count
@@ -174,25 +175,24 @@ class FlowVLAPolicy(VLAPolicy):
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, obs: dict, noise: Tensor | None = None) -> Tensor:
-        """-> unnormalised actions (B, chunk_size, action_dim). A memory policy reads its
-        memory and writes the next one (one update per predicted chunk)."""
+        """-> unnormalised actions (B, chunk_size, action_dim). A recurrent policy reads its
+        context's state and writes the next one (one update per predicted chunk)."""
         images, ids, pad, state = self.encode_observation(obs)
         b = state.shape[0]
-        memory = self._memory
-        if memory is not None and memory.shape[0] != b:
-            raise ValueError(f"observation batch size {b} differs from the {memory.shape[0]} "
-                             "episodes this policy remembers; call reset() first")
-        if memory is None:
-            memory = self.model.initial_memory(b)
+        carried = self._context_state
+        self.model.context.check_state(carried, b)
+        if carried is None:
+            carried = self.model.initial_state(b)
         prev_actions, prev_valid = self._prev_chunk or (None, None)
         if prev_actions is not None and prev_actions.shape[0] != b:
             raise ValueError(f"observation batch size {b} differs from the "
                              f"{prev_actions.shape[0]} episodes whose previous action chunk "
                              "this policy keeps; call reset() first")
-        x, new_memory = self.model.sample_actions(images, ids, pad, state, noise,
-                                                  memory=memory, prev_actions=prev_actions,
-                                                  prev_valid=prev_valid)  # (B, A, Da')
-        self._memory = None if new_memory is None else new_memory.detach()
+        x, new_state = self.model.sample_actions(images, ids, pad, state, noise,
+                                                 context_state=carried,
+                                                 prev_actions=prev_actions,
+                                                 prev_valid=prev_valid)  # (B, A, Da')
+        self._context_state = detach_state(new_state)
         if self._reads_prev_chunk:
             executed = x[:, : self.config.n_action_steps].clone()  # (B, n, Da')
             executed[..., self.config.action_dim:] = 0  # the padded dims, as in training
@@ -202,6 +202,7 @@ class FlowVLAPolicy(VLAPolicy):
         return self.normalizer.unnormalize("action", x)
 
     def reset(self) -> None:
-        """Forget the episode: the action queue, the memory and the previous chunk."""
+        """Forget the episode: the action queue, the context's state and the previous
+        chunk."""
         super().reset()
         self._prev_chunk = None

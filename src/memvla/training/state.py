@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from ..policies.checkpoint import WEIGHTS_FILE, read_tensors, write_files
+from ..policies.checkpoint import WEIGHTS_FILE, read_tensors, upgrade_keys, write_files
 from ..utils import (
     atomic_write_bytes,
     begin_directory,
@@ -167,7 +167,7 @@ def restore_checkpoint(run: str | Path, policy, opt: torch.optim.Optimizer, rank
     if not (Path(run) / CHECKPOINTS / LAST).is_file():
         return 0
     ckpt = last_checkpoint(run)
-    policy.model.load_state_dict(read_tensors(ckpt / WEIGHTS_FILE))
+    policy.model.load_state_dict(upgrade_keys(read_tensors(ckpt / WEIGHTS_FILE)))
     meta = _read_json(ckpt / STATE_FILE)
     load_optimizer(opt, read_tensors(ckpt / OPTIMIZER_FILE), meta["param_groups"])
     rng_path = ckpt / f"rng_rank{rank}.safetensors"

@@ -1,0 +1,36 @@
+"""Temporal contexts: what a policy carries from one chunk to the next, one file per kind
+behind one interface (:mod:`memvla.context.base`).
+
+- ``none``: nothing (:class:`~memvla.context.base.TemporalContext`).
+- ``memory_tokens``: recurrent memory tokens in the prefix
+  (:mod:`memvla.context.memory_tokens`).
+"""
+
+from __future__ import annotations
+
+from ..configs import ContextConfig
+from .base import (
+    State,
+    TemporalContext,
+    detach_state,
+    map_state,
+    select_state,
+    state_batch,
+    state_leaves,
+)
+from .memory_tokens import MemoryTokensContext
+
+CONTEXTS: dict[str, type[TemporalContext]] = {"none": TemporalContext,
+                                              "memory_tokens": MemoryTokensContext}
+
+
+def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
+    """The temporal context of ``cfg.kind`` for a backbone of width ``width``."""
+    if cfg.kind not in CONTEXTS:
+        raise ValueError(f"context.kind must be one of {tuple(CONTEXTS)}, got {cfg.kind!r}")
+    cls = CONTEXTS[cfg.kind]
+    return cls() if cls is TemporalContext else cls(cfg, width)
+
+
+__all__ = ["CONTEXTS", "MemoryTokensContext", "State", "TemporalContext", "detach_state",
+           "make_context", "map_state", "select_state", "state_batch", "state_leaves"]

@@ -1,0 +1,123 @@
+"""The temporal-context interface: what a policy carries from one chunk to the next.
+
+A kind (one file of :mod:`memvla.context`) is a :class:`TemporalContext` module. Seen from
+the model, it
+
+- gives the state of a fresh episode (:meth:`~TemporalContext.initial_state`): ``None``
+  (nothing carried) or any nested structure (dicts, lists, tuples) of tensors whose
+  leading axis is the batch B;
+- adds its tokens to the prefix (:meth:`~TemporalContext.extend_prefix`), given the
+  prefix parts the model built and the current state;
+- writes the next state from the backbone's hidden states over that prefix
+  (:meth:`~TemporalContext.update`);
+- says which of the backbone's outputs it reads, so that the model knows which
+  parameters the loss reaches (:attr:`~TemporalContext.reads_prefix_output`,
+  :attr:`~TemporalContext.reads_normed_output`).
+
+What every kind shares is done on the state as a tree, here: :func:`detach_state` (the
+truncation of back-propagation through time), :func:`select_state` (padded episodes of a
+batch keep their state past their end), :func:`state_batch` (the batch a state is for).
+The policy holds the state between calls and forgets it on ``reset()``; the episode
+trainer carries it through an episode's segments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.tokens import TokenSegment
+
+State = Any  # None, or a nested structure (dict, list, tuple) of tensors with leading axis B
+
+
+def map_state(fn, *states: State) -> State:
+    """``fn`` applied leaf by leaf to one or more states of the same structure; leaves
+    that are not tensors (counters, None) come from the last state."""
+    first = states[-1]
+    if isinstance(first, Tensor):
+        return fn(*states)
+    if isinstance(first, dict):
+        return {k: map_state(fn, *(s[k] for s in states)) for k in first}
+    if isinstance(first, list | tuple):
+        return type(first)(map_state(fn, *parts) for parts in zip(*states, strict=True))
+    return first
+
+
+def state_leaves(state: State) -> list[Tensor]:
+    """The tensors of a state, in a fixed order."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in state for t in state_leaves(state[k])]
+    if isinstance(state, list | tuple):
+        return [t for part in state for t in state_leaves(part)]
+    return []
+
+
+def detach_state(state: State) -> State:
+    """The state cut from the autograd graph (every tensor leaf detached)."""
+    return map_state(lambda x: x.detach(), state)
+
+
+def select_state(keep: Tensor, old: State, new: State) -> State:
+    """Per sample: ``old`` where ``keep`` (B,) is True, else ``new`` (same structure; an
+    ``old`` of None, a fresh episode, takes ``new``)."""
+    if old is None:
+        return new
+
+    def pick(o: Tensor, n: Tensor) -> Tensor:
+        k = keep.to(n.device).view(-1, *([1] * (n.dim() - 1)))  # (B, 1, ...)
+        return torch.where(k, o, n)
+
+    return map_state(pick, old, new)
+
+
+def state_batch(state: State) -> int | None:
+    """The batch size B of a state (None for a state without tensors)."""
+    leaves = state_leaves(state)
+    return leaves[0].shape[0] if leaves else None
+
+
+class TemporalContext(nn.Module):
+    """The default kind, and the base of every kind: carries nothing."""
+
+    kind: str = "none"
+
+    @property
+    def recurrent(self) -> bool:
+        """True when the kind carries state from chunk to chunk (trained on episodes)."""
+        return False
+
+    @property
+    def reads_prefix_output(self) -> bool:
+        """True when :meth:`update` reads the backbone's last hidden states of the prefix
+        (then its last layer's query/output/MLP weights get a gradient)."""
+        return False
+
+    @property
+    def reads_normed_output(self) -> bool:
+        """True when :meth:`update` reads them after the backbone's final norm."""
+        return False
+
+    def initial_state(self, batch: int) -> State:
+        """The state at the start of an episode, for ``batch`` episodes."""
+        return None
+
+    def extend_prefix(self, parts: list[TokenSegment], state: State) -> list[TokenSegment]:
+        """The prefix parts with this kind's tokens added (``parts`` is not changed)."""
+        return parts
+
+    def update(self, state: State, hidden: Tensor) -> State:
+        """The next state, from the backbone's hidden states over the extended prefix
+        (B, Np, D) (after the final norm iff :attr:`reads_normed_output`)."""
+        return None
+
+    def check_state(self, state: State, batch: int) -> None:
+        """A clear error when ``state`` is not for ``batch`` episodes."""
+        have = state_batch(state)
+        if have is not None and have != batch:
+            raise ValueError(f"observation batch size {batch} differs from the {have} episodes "
+                             f"whose {self.kind} state this policy holds; call reset() first")
