@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import narrow_config
 
-from memvla.config_utils import apply_overrides
 from memvla.configs import ContextConfig
 from memvla.context import (
     CONTEXTS,
@@ -22,11 +21,17 @@ from memvla.context import (
 from memvla.data.segments import SegmentBatch
 from memvla.policies import load_policy, make_policy
 
-KINDS = {"none": [], "memory_tokens": ["context.kind=memory_tokens", "context.num_tokens=3"]}
+KINDS = {"none": [],
+         "memory_tokens": ["context.kind=memory_tokens", "context.num_tokens=3"],
+         "frames": ["context.kind=frames", "context.num_frames=2", "context.frame_stride=3"],
+         "frames-pooled": ["context.kind=frames", "context.num_frames=2",
+                           "context.frame_stride=3", "context.frames_mode=pooled"],
+         "frames-mem": ["context.kind=frames", "context.num_frames=3", "context.frame_stride=2",
+                        "context.frames_mode=mem"]}
 
 
 def test_every_registered_kind_is_tested_here():
-    assert set(KINDS) == set(CONTEXTS)
+    assert {k.split("-")[0] for k in KINDS} == set(CONTEXTS)
 
 
 def test_state_trees_detach_select_and_batch():
@@ -54,8 +59,14 @@ def test_registry_and_state_checks():
                        r"whose memory_tokens state this policy holds; call reset\(\) first"):
         ctx.check_state(ctx.initial_state(3), 2)
     with pytest.raises(ValueError, match=r"context.kind must be one of \('none', "
-                       r"'memory_tokens'\), got 'tape'"):
+                       r"'memory_tokens', 'frames'\), got 'tape'"):
         ContextConfig(kind="tape")
+    with pytest.raises(ValueError, match=r"context.num_frames is an option of "
+                       r"context.kind='frames', not of 'memory_tokens': expected its default "
+                       r"6, got 3"):
+        ContextConfig(kind="memory_tokens", num_frames=3)
+    with pytest.raises(ValueError, match=r"context.frame_stride must be > 0, got 0"):
+        ContextConfig(kind="frames", frame_stride=0)
 
 
 def _episode(cfg, s=3, b=2, seed=0) -> SegmentBatch:
@@ -75,41 +86,91 @@ def _obs(seg: dict) -> dict:
     return {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
 
 
+def _write_episode(root, cfg, length: int):
+    import numpy as np
+
+    from memvla.data.lerobot_v3 import LeRobotV3Writer
+
+    rng = np.random.default_rng(0)
+    c, h, w = cfg.image_shape
+    with LeRobotV3Writer(root, fps=10) as writer:
+        writer.add_episode({
+            "observation.images.top": rng.integers(0, 256, (length, h, w, c), np.uint8),
+            "observation.state": rng.normal(size=(length, cfg.state_dim)).astype(np.float32),
+            "action": rng.normal(size=(length, cfg.action_dim)).astype(np.float32)},
+            task="remember the colour and touch it later")
+
+
+def _training_states(policy, root, length: int) -> list:
+    """The model state each predicted chunk reads, as training builds it: carried through
+    the episode's segments (recurrent kinds) or from a frame sample (the others)."""
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset
+    from memvla.data.segments import EpisodeSegmentLoader
+    from memvla.policies.frames import FrameCollate, frame_delta_indices
+
+    cfg, n = policy.config, policy.config.n_action_steps
+    if cfg.context.recurrent:
+        ep = EpisodeSegmentLoader(LeRobotV3Dataset(root), cfg.model.chunk_size, 1,
+                                  shuffle=False, stride=n).collate([0])
+        states, carried = [], None
+        for s in range(ep.num_segments):
+            states.append(carried if carried is not None else policy.model.initial_state(1))
+            _, _, carried = policy._segment_losses(ep.segment(s), carried)
+        return states
+    ds = LeRobotV3Dataset(root, delta_indices=frame_delta_indices(cfg))
+    return [policy._history_from_batch(FrameCollate(cfg)([ds[t]])) for t in range(0, length, n)]
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, tmp_path):
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset
+
     torch.manual_seed(0)
-    cfg = narrow_config("tiny", extra=["model.num_steps=2", *KINDS[kind]])
+    cfg = narrow_config("tiny", extra=["model.num_steps=2", "n_action_steps=4", *KINDS[kind]])
     policy = make_policy(cfg).eval()
-    ep = _episode(cfg)
-    m = cfg.model
-    noises = [torch.randn(2, m.chunk_size, m.max_action_dim) for _ in range(ep.num_segments)]
-    # training path: the states forward_episode carries from segment to segment
-    states, carried = [], None
-    for s in range(ep.num_segments):
-        _, _, carried = policy._segment_losses(ep.segment(s), carried)
-        states.append(carried)
-    # inference path: one chunk per segment, the state held by the policy
-    chunks = []
-    for s in range(ep.num_segments):
-        chunks.append(policy.predict_action_chunk(_obs(ep.segment(s)), noise=noises[s]))
-        if policy.is_recurrent:
-            assert max((a - b).abs().max().item() for a, b in zip(
-                state_leaves(policy.context_state), state_leaves(states[s]), strict=True)) <= 1e-5
-    if policy.is_recurrent:  # a state that never changes is a bug
-        assert not torch.allclose(state_leaves(states[0])[0], state_leaves(states[1])[0])
+    length, n, m = 13, 4, cfg.model
+    _write_episode(tmp_path / "ds", cfg, length)
+    ds = LeRobotV3Dataset(tmp_path / "ds")
+    frames = [{"observation.images.top": ds[t]["observation.images.top"][None],
+               "observation.state": ds[t]["observation.state"][None], "task": [ds[t]["task"]]}
+              for t in range(length)]
+    noises = [torch.randn(1, m.chunk_size, m.max_action_dim) for _ in range(0, length, n)]
+
+    def run(p) -> list:
+        """Step through the episode with select_action: the chunk and the carried state of
+        every step that predicts one."""
+        p.reset()
+        out = []
+        for t, obs in enumerate(frames):
+            predicts = p.queued_actions == 0
+            first = p.select_action(obs, noise=noises[t // n] if predicts else None)
+            if predicts:
+                out.append((torch.stack([first, *p._queue], 1),
+                            map_state(torch.clone, p.context_state)))  # (a ring is in place)
+        return out
+
+    steps = run(policy)
+    # the training path: the model state each chunk reads, the same noise
+    for (chunk, _), state, noise, t in zip(steps, _training_states(policy, tmp_path / "ds",
+                                                                  length), noises,
+                                           range(0, length, n), strict=True):
+        x, _ = policy.model.sample_actions(*policy.encode_observation(frames[t]), noise=noise,
+                                           context_state=state)
+        want = policy.normalizer.unnormalize("action", x[..., : cfg.action_dim])[:, :n]
+        assert (chunk - want).abs().max().item() <= 1e-5, (kind, t)
+    carried = [state_leaves(s) for _, s in steps]
+    if policy.model.context.stateful:  # a state that never changes is a bug
+        assert all(not torch.equal(a[0], b[0]) for a, b in zip(carried, carried[1:],
+                                                                  strict=False))
     else:
-        assert policy.context_state is None and all(s is None for s in states)
+        assert all(c == [] for c in carried)
     policy.reset()
     assert policy.context_state is None
-    again = policy.predict_action_chunk(_obs(ep.segment(0)), noise=noises[0])
-    assert torch.equal(again, chunks[0])
+    assert torch.equal(run(policy)[0][0], steps[0][0])  # a fresh episode repeats itself
     # a save/load round trip gives the same actions, step after step
     loaded = load_policy(policy.save_pretrained(tmp_path / "p"), device="cpu").eval()
-    policy.reset()
-    for s in range(ep.num_segments):
-        want = policy.predict_action_chunk(_obs(ep.segment(s)), noise=noises[s])
-        got = loaded.predict_action_chunk(_obs(ep.segment(s)), noise=noises[s])
-        torch.testing.assert_close(got, want)
+    for (a, _), (b, _) in zip(run(loaded), steps, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_checkpoints_of_earlier_versions_load_under_todays_names(tmp_path):
@@ -132,5 +193,5 @@ def test_a_recurrent_model_needs_its_state():
     images, ids, pad, state = policy.encode_observation(_obs(seg))
     with pytest.raises(ValueError, match=r"context.kind='memory_tokens' needs its state"):
         policy.model.prefill(images, ids, pad, state)
-    plain = make_policy(apply_overrides(cfg, ["context.kind=none"]))
+    plain = make_policy(narrow_config("tiny"))
     assert plain.model.initial_state(2) is None

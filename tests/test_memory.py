@@ -207,8 +207,10 @@ def test_bad_memory_configs_and_batches():
     with pytest.raises(ValueError, match=r"starts at frame 3, not at 8: the policy predicts a "
                        r"chunk every n_action_steps=8 frames"):
         policy(ep)
-    cfg = apply_overrides(memory_config(), ["context.kind=none"])
-    assert not make_policy(cfg).is_recurrent
+    assert not make_policy(narrow_config("tiny")).is_recurrent
+    with pytest.raises(ValueError, match=r"context.num_tokens is an option of "
+                       r"context.kind='memory_tokens', not of 'none'"):
+        apply_overrides(memory_config(), ["context.kind=none"])  # its options stay set
 
 
 def test_segment_curriculum():
@@ -354,7 +356,8 @@ def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
             p.zero_()
     assert cue_sensitivity(policy, opts, episodes=2)["after_cue"] < 1e-6
     with pytest.raises(ValueError, match="needs a memory policy"):
-        cue_sensitivity(make_policy(apply_overrides(cfg, ["context.kind=none"])), opts)
+        cue_sensitivity(make_policy(narrow_config("tiny", extra=[
+            "model.num_steps=1", "model.vision.image_size=32", "image_shape=[3,32,32]"])), opts)
 
 
 def test_long_episode_bench_reports_paired_latency_and_the_norm_bound():
@@ -447,6 +450,12 @@ def test_bench_memory_sweep_settings_from_the_command_line():
     assert "max_swaps" not in sg.task_options(False, longer=True)
     default = sweep_settings(parser.parse_args([]), "remember-color")  # delays 0..30
     assert default.data_options == {"delay": 0, "max_delay": 30}
+    # a memory option reaches the memory variants only (a plain config has no such option)
+    from memvla.demo import for_context
+
+    sweep = ["policy.context.write=norm", "train.lr=1e-3"]
+    assert for_context(sweep, ["policy.context.kind=memory_tokens"]) == sweep
+    assert for_context(sweep, []) == ["train.lr=1e-3"]
 
 
 def test_uint8_segments_train_as_float_ones(tmp_path):

@@ -308,9 +308,18 @@ class TokenizerConfig:
         _positive("tokenizer", max_length=self.max_length)
 
 
-CONTEXT_KINDS = ("none", "memory_tokens")
+CONTEXT_KINDS = ("none", "memory_tokens", "frames")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
+FRAMES_MODES = ("tokens", "pooled", "mem")
+POOL_MODES = ("avg", "max", "bilinear")
+# the options of each kind; the others must keep their defaults
+CONTEXT_OPTIONS = {
+    "none": (),
+    "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
+    "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
+               "temporal_every"),
+}
 
 
 @dataclass
@@ -334,6 +343,20 @@ class ContextConfig:
     weight, so the memory's norm stays flat however long the episode; but every update
     rescales what is carried: in a synthetic task a cue did not survive 8 updates that way,
     while remember-color learnt with either write, see README).
+
+    ``frames``: frame history, the past ``num_frames`` frames at ``frame_stride``
+    environment steps (t − stride, t − 2·stride, ...; LeRobot's visual memory: 6 and 10),
+    trained on frames with that history from the dataset (no BPTT). ``frames_mode``:
+    ``tokens`` = each past frame's image tokens in the prefix before the current ones,
+    ``pooled`` = the same 2-D pooled with ``pool_stride`` / ``pool_mode``
+    (:mod:`memvla.layers.pooling`), ``mem`` = MEM's space-time vision encoder
+    (:mod:`memvla.layers.temporal_vision`: the same ViT weights with causal attention
+    across time every ``temporal_every``-th layer; only the current frame's tokens enter
+    the prefix). Frames before the episode's start are masked (``tokens``, ``pooled``) or
+    are the first frame (``mem``).
+
+    Options of another kind than ``kind`` must keep their defaults (a clear error says
+    which).
     """
 
     kind: str = "none"
@@ -342,10 +365,30 @@ class ContextConfig:
     init_std: float = 0.02
     write: str = "clip"
     max_rms: float = 16.0
+    num_frames: int = 6
+    frame_stride: int = 10
+    frames_mode: str = "tokens"
+    pool_stride: int = 2
+    pool_mode: str = "avg"
+    temporal_every: int = 1
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
                  f"got {self.kind!r}")
+        defaults = ContextConfig.__dataclass_fields__
+        for kind, names in CONTEXT_OPTIONS.items():
+            for name in names:
+                value, default = getattr(self, name), defaults[name].default
+                _require(kind == self.kind or value == default,
+                         f"context.{name} is an option of context.kind={kind!r}, not of "
+                         f"{self.kind!r}: expected its default {default!r}, got {value!r}")
+        if self.kind == "frames":
+            _positive("context", num_frames=self.num_frames, frame_stride=self.frame_stride,
+                      pool_stride=self.pool_stride, temporal_every=self.temporal_every)
+            _require(self.frames_mode in FRAMES_MODES, f"context.frames_mode must be one of "
+                     f"{FRAMES_MODES}, got {self.frames_mode!r}")
+            _require(self.pool_mode in POOL_MODES, f"context.pool_mode must be one of "
+                     f"{POOL_MODES}, got {self.pool_mode!r}")
         if self.kind == "memory_tokens":
             _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
                      f"context.kind=memory_tokens, got {self.num_tokens}")
@@ -358,8 +401,20 @@ class ContextConfig:
 
     @property
     def recurrent(self) -> bool:
-        """True when the policy carries state across chunks (trained through episodes)."""
+        """True when the context is trained through whole episodes (memory tokens, BPTT)."""
+        return self.kind == "memory_tokens"
+
+    @property
+    def stateful(self) -> bool:
+        """True when the policy carries something from step to step at inference."""
         return self.kind != "none"
+
+    @property
+    def history_offsets(self) -> list[int]:
+        """Offsets of the past frames a frame sample needs (oldest first; [] for none)."""
+        if self.kind != "frames":
+            return []
+        return [-k * self.frame_stride for k in range(self.num_frames, 0, -1)]
 
 
 NORM_MODES = ("mean_std", "min_max", "identity")
@@ -404,9 +459,9 @@ class PolicyConfig:
         _require(isinstance(self.model, want), f"policy.family={self.family!r} needs a "
                  f"{want.__name__} model config, got {type(self.model).__name__}; set the "
                  "family that matches the model (or start from a preset of that family)")
-        _require(self.family == "flow" or not self.context.recurrent,
-                 f"context.kind={self.context.kind!r} (recurrent memory) is implemented for "
-                 f"the flow family only; use context.kind=none with family={self.family!r}")
+        _require(self.family == "flow" or not self.context.stateful,
+                 f"context.kind={self.context.kind!r} is implemented for the flow family "
+                 f"only so far; use context.kind=none with family={self.family!r}")
         _require(len(self.cameras) > 0, "policy.cameras must name at least one camera")
         _require(len(set(self.cameras)) == len(self.cameras),
                  f"policy.cameras has duplicates: {self.cameras}")

@@ -42,7 +42,12 @@ VARIANTS = [
     Variant("memory-bptt", "memory tokens, BPTT through the episode",
             ["policy.context.kind=memory_tokens", "train.bptt_depth=-1"]),
     Variant("plain-twin", "plain VLA, cue visible (ceiling)", twin=True),
+    Variant("frames", "frame history: 6 past frames every 10 steps as image tokens",
+            ["policy.context.kind=frames"]),
+    Variant("frames-mem", "frame history through MEM's space-time vision encoder",
+            ["policy.context.kind=frames", "policy.context.frames_mode=mem"]),
 ]
+DEMO_VARIANTS = ["plain", "memory-k0", "memory-bptt", "plain-twin"]  # what the demo runs
 
 
 @dataclass
@@ -71,7 +76,7 @@ class DemoSettings:
     eval_episodes: int = 100
     seed: int = 0
     preset: str = "tiny"
-    variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS])
+    variants: list[str] = field(default_factory=lambda: list(DEMO_VARIANTS))
     overrides: list[str] = field(default_factory=list)  # extra dotted overrides, every run
     lanes: int = 2  # variants trained at the same time, one process (and thread) each
     device: str | None = None  # where the policies train and are evaluated (None: CUDA if any)
@@ -209,6 +214,18 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     return run_sweep(out, settings or DemoSettings(), progress, overwrite, report=True)
 
 
+def for_context(overrides: list[str], variant: list[str]) -> list[str]:
+    """The sweep's ``overrides`` that apply to a variant: a ``policy.context.X`` option only
+    where X is an option of the variant's context kind (a plain variant takes no memory
+    option), every other override as it is."""
+    from .configs import CONTEXT_OPTIONS
+
+    kinds = [o.split("=", 1)[1] for o in variant if o.startswith("policy.context.kind=")]
+    options = CONTEXT_OPTIONS[kinds[-1] if kinds else "none"]
+    return [o for o in overrides if not o.startswith("policy.context.")
+            or o.split("=", 1)[0].removeprefix("policy.context.") in (*options, "kind")]
+
+
 def train_device(device: str | None) -> str:
     """The ``train.device`` of an evaluation device: "cpu", "cuda" (any GPU) or "auto"."""
     if device is None:
@@ -239,7 +256,8 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
     family = get_preset(preset).family
     overrides = [*s.policy_overrides(family), f"train.batch_size={batch}", f"train.lr={s.lr}",
                  f"train.seed={s.seed}", "train.num_workers=0", f"train.save_every={s.steps}",
-                 f"train.device={train_device(s.device)}", *s.overrides, *v.overrides]
+                 f"train.device={train_device(s.device)}",
+                 *for_context(s.overrides, v.overrides), *v.overrides]
     rc = make_run_config(preset, dataset, s.steps, overrides)
     create_run(run, rc, overwrite=True)
     t_train = time.perf_counter()

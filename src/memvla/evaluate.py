@@ -1,9 +1,9 @@
 """Closed-loop evaluation: ``memvla eval``.
 
 Episodes run in waves of ``batch`` gymnasium environments stepped in lockstep, with one
-batched policy call per action chunk (:class:`PolicyRunner`); episode i is reset with seed
-``seed + i`` and draws its policy noise from its own generator seeded with ``seed + i``,
-so an episode's outcome does not depend on ``batch`` nor on the episodes that share its
+batched policy call per action chunk (:class:`PolicyRunner`, through ``select_action``);
+episode i is reset with seed ``seed + i`` and draws its policy noise from its own
+generator seeded with ``seed + i``, so an episode's outcome does not depend on ``batch`` nor on the episodes that share its
 wave, and two evaluations of the same checkpoint agree. The global random number
 generators are neither read nor changed. Environments that finish early keep feeding their
 last observation (their actions are ignored) so that the wave stays in lockstep.
@@ -99,9 +99,10 @@ class ExpertPolicy:
 
 
 class PolicyRunner:
-    """A policy acting in a wave of environments: every ``n_action_steps`` steps one batched
-    :meth:`predict_action_chunk` call predicts the next actions of every episode, and the
-    steps in between pop them. Each episode's noise (B, chunk_size, max_action_dim) comes
+    """A policy acting in a wave of environments through ``select_action``: every
+    ``n_action_steps`` steps it predicts the next actions of every episode in one batched
+    call, and the steps in between pop them (a temporal context sees every frame, e.g. a
+    frame history records it). Each episode's noise (B, chunk_size, max_action_dim) comes
     from its own generator on the policy's device, seeded with the episode's seed, one draw
     per chunk, so the noise an episode sees does not depend on the others (the parallel
     family ignores it: its chunks are regressed). ``kept`` collects the visual tokens a
@@ -109,17 +110,14 @@ class PolicyRunner:
 
     def __init__(self, policy, seeds: list[int]):
         self.policy = policy
-        self.n = policy.config.n_action_steps
         self.generators = [torch.Generator(device=policy.device).manual_seed(s) for s in seeds]
-        self.t = 0
-        self.queue: np.ndarray | None = None  # (B, n, Da) the actions of the current chunk
         self.kept: list[int] = []
         policy.reset()
 
     @property
     def predicts(self) -> bool:
         """True when the next :meth:`act` predicts a chunk."""
-        return self.t % self.n == 0
+        return self.policy.queued_actions == 0
 
     def noise(self) -> torch.Tensor:
         m, dev = self.policy.config.model, self.policy.device
@@ -128,14 +126,12 @@ class PolicyRunner:
         return torch.cat(draws).to(self.policy.dtype)  # (B, A, Da')
 
     def act(self, observations: list[dict], running: list[bool]) -> np.ndarray:
-        if self.predicts:
-            obs = stack_observations(observations, self.policy.device)
-            chunk = self.policy.predict_action_chunk(obs, noise=self.noise())  # (B, A, Da)
-            self.queue = chunk[:, : self.n].float().cpu().numpy()  # (B, n, Da)
+        predicts = self.predicts
+        obs = stack_observations(observations, self.policy.device)
+        action = self.policy.select_action(obs, noise=self.noise() if predicts else None)
+        if predicts:
             self.kept += pruner_kept(self.policy, running)
-        actions = self.queue[:, self.t % self.n]  # (B, Da)
-        self.t += 1
-        return actions
+        return action.float().cpu().numpy()  # (B, Da)
 
 
 def pruner_kept(policy, running: list[bool]) -> list[int]:

@@ -80,7 +80,8 @@ def _policies(preset: str, overrides: list[str], device=None):
     from ..presets import get_preset
 
     device = policy_device(device)
-    plain = make_policy(get_preset(preset, overrides)).to(device).eval()
+    shared = [o for o in overrides if not o.startswith("context.")]  # options of the memory
+    plain = make_policy(get_preset(preset, shared)).to(device).eval()
     mem_cfg = get_preset(preset, [*overrides, "context.kind=memory_tokens"])
     memory = make_policy(mem_cfg).to(device).eval()
     return plain, memory

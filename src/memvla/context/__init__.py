@@ -4,6 +4,8 @@ behind one interface (:mod:`memvla.context.base`).
 - ``none``: nothing (:class:`~memvla.context.base.TemporalContext`).
 - ``memory_tokens``: recurrent memory tokens in the prefix
   (:mod:`memvla.context.memory_tokens`).
+- ``frames``: frame history, as extra image tokens or through MEM's space-time encoder
+  (:mod:`memvla.context.frames`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from .base import (
     state_batch,
     state_leaves,
 )
+from .frames import FramesContext
 from .memory_tokens import MemoryTokensContext
 
 CONTEXTS: dict[str, type[TemporalContext]] = {"none": TemporalContext,
-                                              "memory_tokens": MemoryTokensContext}
+                                              "memory_tokens": MemoryTokensContext,
+                                              "frames": FramesContext}
 
 
 def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
@@ -32,5 +36,6 @@ def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
     return cls() if cls is TemporalContext else cls(cfg, width)
 
 
-__all__ = ["CONTEXTS", "MemoryTokensContext", "State", "TemporalContext", "detach_state",
-           "make_context", "map_state", "select_state", "state_batch", "state_leaves"]
+__all__ = ["CONTEXTS", "FramesContext", "MemoryTokensContext", "State", "TemporalContext",
+           "detach_state", "make_context", "map_state", "select_state", "state_batch",
+           "state_leaves"]

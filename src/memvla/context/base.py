@@ -88,8 +88,14 @@ class TemporalContext(nn.Module):
 
     @property
     def recurrent(self) -> bool:
-        """True when the kind carries state from chunk to chunk (trained on episodes)."""
+        """True when the kind is trained through whole episodes (its state is written by
+        the model at every chunk, and back-propagation runs through it)."""
         return False
+
+    @property
+    def stateful(self) -> bool:
+        """True when the policy carries something from step to step at inference."""
+        return self.recurrent
 
     @property
     def reads_prefix_output(self) -> bool:
@@ -103,11 +109,31 @@ class TemporalContext(nn.Module):
         return False
 
     def initial_state(self, batch: int) -> State:
-        """The state at the start of an episode, for ``batch`` episodes."""
+        """The model's input state at the start of an episode, for ``batch`` episodes."""
         return None
 
-    def extend_prefix(self, parts: list[TokenSegment], state: State) -> list[TokenSegment]:
-        """The prefix parts with this kind's tokens added (``parts`` is not changed)."""
+    # -- inference: what the policy carries ------------------------------------------------
+    def observe(self, state: State, images: list[Tensor], written: State = None) -> State:
+        """The carried state after an environment step: ``images`` are this step's
+        frames per camera (B, C, H, W) as given; ``written`` is the state the model wrote
+        if the step predicted a chunk (else None)."""
+        return written if written is not None else state
+
+    def read(self, state: State, images: list[Tensor]) -> State:
+        """The model's input state for a chunk predicted now, from the carried state
+        (None at an episode's start)."""
+        return state
+
+    # -- the model's side --------------------------------------------------------------------
+    def encode_images(self, encoder, images: Tensor, camera: int, state: State) -> Tensor:
+        """One camera's images (B, C, S, S) -> prefix tokens (B, Ti, D) with ``encoder``
+        (the model's vision tower + connector); a kind may encode them with their past."""
+        return encoder(images)
+
+    def extend_prefix(self, parts: list[TokenSegment], state: State,
+                      encoder=None) -> list[TokenSegment]:
+        """The prefix parts with this kind's tokens added (``parts`` is not changed);
+        ``encoder`` encodes images as the model's own."""
         return parts
 
     def update(self, state: State, hidden: Tensor) -> State:

@@ -43,7 +43,8 @@ class MemoryTokensContext(TemporalContext):
     def initial_state(self, batch: int) -> Tensor:
         return self.tokens.initial(batch)  # (B, M, D)
 
-    def extend_prefix(self, parts: list[TokenSegment], state: Tensor) -> list[TokenSegment]:
+    def extend_prefix(self, parts: list[TokenSegment], state: Tensor,
+                      encoder=None) -> list[TokenSegment]:
         return self.tokens.insert(parts, state)
 
     def update(self, state: Tensor, hidden: Tensor) -> Tensor:

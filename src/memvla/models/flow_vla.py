@@ -40,7 +40,7 @@ connector, text_model}``, ``vlm_with_expert.lm_expert``, ``state_proj``,
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,24 @@ from ..layers.vision import VisionTransformer
 from .decoder import Decoder
 
 ACTION_KEY_CONTEXTS = ("placeholders", "keys", "prev_chunk")
+
+
+@dataclass
+class ImageEncoder:
+    """The model's image path as a callable: vision tower, connector (pixel shuffle +
+    projection) and the embedding scale. ``project`` takes patch features from the tower
+    (B, P, Dv) (e.g. of a space-time encoder over the same tower)."""
+
+    vision: VisionTransformer
+    connector: Connector
+    scale: float
+
+    def project(self, feats: Tensor) -> Tensor:
+        tokens = self.connector(feats)  # (B, Ti, D)
+        return tokens * self.scale if self.scale != 1.0 else tokens
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.project(self.vision(images))  # (B, Ti, D)
 
 
 class VLMInner(nn.Module):
@@ -186,6 +204,13 @@ class FlowMatchingVLA(nn.Module):
                 self.pruner_key_proj = nn.Linear(cfg.max_state_dim, d)
 
     @property
+    def image_encoder(self) -> ImageEncoder:
+        """Images (B, C, S, S) -> prefix tokens (B, Ti, D), for the temporal context too."""
+        inner = self.vlm_with_expert.vlm.model
+        scale = math.sqrt(self.cfg.text.width) if self.cfg.scale_image_embeddings else 1.0
+        return ImageEncoder(inner.vision_model, inner.connector, scale)
+
+    @property
     def last_prune_stats(self) -> dict[str, float]:
         """The pruner's collapse statistics of the last prefix built, as floats."""
         return stats_to_floats(self.last_prune_stat_tensors)
@@ -234,11 +259,13 @@ class FlowMatchingVLA(nn.Module):
         actions the pruner's action context reads (``pruner_actions_valid`` (B, K) bool,
         default all)."""
         vwe, d = self.vlm_with_expert, self.cfg.text.width
+        if context_state is None and self.context.stateful:
+            raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
+                             "context_state (e.g. initial_state(B) at an episode's start)")
+        encoder = self.image_encoder
         parts = []
-        for img in images:
-            emb = vwe.embed_images(img)  # (B, Ti, D)
-            if self.cfg.scale_image_embeddings:
-                emb = emb * math.sqrt(d)
+        for cam, img in enumerate(images):
+            emb = self.context.encode_images(encoder, img, cam, context_state)  # (B, Ti, D)
             parts.append(TokenSegment.full(emb, 0, 0))
         image_parts = list(parts)
         lang = vwe.text_model.embed(lang_ids)  # (B, Nl, D)
@@ -258,10 +285,7 @@ class FlowMatchingVLA(nn.Module):
                 parts.append(TokenSegment(keys[0], torch.zeros_like(keys[1]),
                                           torch.zeros_like(keys[1], dtype=torch.long)))
         if context_state is not None:
-            parts = self.context.extend_prefix(parts, context_state)
-        elif self.context.recurrent:
-            raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
-                             "context_state (initial_state(B) at an episode's start)")
+            parts = self.context.extend_prefix(parts, context_state, encoder)
         if self.pruner is not None:
             parts = self._prune_images(parts, image_parts, lang_part, keys)
         return parts

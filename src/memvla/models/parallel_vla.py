@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import ParallelVLAConfig, VisionConfig
+from ..context import TemporalContext
 from ..layers.action_head import L1RegressionActionHead
 from ..layers.connector import MLPProjector
 from ..layers.masks import block_mask
@@ -216,6 +217,7 @@ class ParallelVLA(nn.Module):
             else None
         self.action_head = L1RegressionActionHead(d, cfg.head_hidden or d, cfg.chunk_size,
                                                   cfg.max_action_dim, cfg.head_blocks)
+        self.context = TemporalContext()  # the parallel family carries nothing (so far)
         self.pruner = None
         if cfg.pruner.enabled:
             self.pruner = TokenPruner(

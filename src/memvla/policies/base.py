@@ -92,7 +92,8 @@ class VLAPolicy(nn.Module):
 
     @property
     def is_recurrent(self) -> bool:
-        """True when the policy carries memory from chunk to chunk (trained on episodes)."""
+        """True when the policy's temporal context is trained through whole episodes
+        (memory tokens); a frame-history policy trains on frames."""
         return self.config.context.recurrent
 
     @property
@@ -115,13 +116,28 @@ class VLAPolicy(nn.Module):
         cfg = self.config
         images, state, tasks = check_observation(batch, cfg)
         dev, dtype = self.device, self.dtype
-        size = cfg.model.vision.image_size
-        images = [resize_with_pad(images_to_float(img.to(dev, non_blocking=True), dtype), size,
-                                  cfg.image_pad) * 2 - 1 for img in images]  # (B, C, S, S)
+        images = self.prepare_images([img.to(dev, non_blocking=True) for img in images])
         ids, pad = self.tokenize(tasks)  # (B, Nl)
         state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
         state = pad_last(state, cfg.model.max_state_dim).to(dtype)  # (B, Ds')
         return images, ids.to(dev), pad.to(dev), state
+
+    def prepare_images(self, images: list[Tensor]) -> list[Tensor]:
+        """Checked images per camera (..., C, H, W) (uint8, or float in [0, 1]) on the
+        device -> the vision tower's input (..., C, S, S) in [-1, 1] in the model's dtype."""
+        size, out = self.config.model.vision.image_size, []
+        for img in images:
+            lead = img.shape[:-3]
+            x = images_to_float(img.reshape(-1, *img.shape[-3:]), self.dtype)  # (N, C, H, W)
+            x = resize_with_pad(x, size, self.config.image_pad) * 2 - 1  # (N, C, S, S)
+            out.append(x.reshape(*lead, *x.shape[1:]))
+        return out
+
+    def observed_images(self, obs: dict) -> list[Tensor]:
+        """The observation's checked images per camera (B, C, H, W), as given, on the
+        device (what a temporal context records)."""
+        images, _, _ = check_observation(obs, self.config)
+        return [img.to(self.device, non_blocking=True) for img in images]
 
     def tokenize(self, tasks: list[str]) -> tuple[Tensor, Tensor]:
         """Task strings -> ids and real-token flags (B, Nl), on the CPU."""
@@ -150,9 +166,12 @@ class VLAPolicy(nn.Module):
         ``noise`` (B, chunk_size, max_action_dim) is the sampling noise of the chunk when
         one is predicted (ignored otherwise, and by deterministic families)."""
         check_observation(obs, self.config)
-        if not self._queue:
+        if not self._queue:  # predicting a chunk also shows the temporal context the frame
             chunk = self.predict_action_chunk(obs, noise=noise)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
+        elif self.model.context.stateful:  # e.g. frame history records every frame
+            self._context_state = self.model.context.observe(self._context_state,
+                                                             self.observed_images(obs))
         return self._queue.popleft()
 
     def reset(self) -> None:

@@ -29,8 +29,8 @@ from ..context import detach_state, select_state
 from ..layers.memory_tokens import truncates_before
 from ..models.flow_vla import FlowMatchingVLA
 from .base import VLAPolicy, pad_last
-from .frames import PREV_ACTION_KEY, reads_prev_chunk
-from .inputs import check_actions
+from .frames import HISTORY_PREFIX, PREV_ACTION_KEY, reads_prev_chunk
+from .inputs import check_actions, check_history
 
 __all__ = ["FlowVLAPolicy", "pad_last"]
 
@@ -82,10 +82,39 @@ class FlowVLAPolicy(VLAPolicy):
         if not isinstance(batch, dict):
             return self.forward_episode(batch, bptt_depth, max_segments)
         prev = self._prev_from_batch(batch, self.device)
-        losses, valid, _ = self._segment_losses(batch, None, noise, time, prev)
+        history = self._history_from_batch(batch)
+        losses, valid, _ = self._segment_losses(batch, history, noise, time, prev)
         loss = self._reduce(losses, valid)
         return loss, self._with_pruner_stats({"loss": loss.item(),
                                               "valid_steps": int(valid.sum().item())})
+
+    def _history_from_batch(self, batch: dict):
+        """A frame-history policy's model state from a frame batch: the frames before each
+        one, ``history.<camera key>`` (B, K, ...) and ``history.<camera key>_is_pad``
+        (B, K) (:class:`memvla.policies.frames.FrameCollate` makes them); None for the
+        other kinds."""
+        offsets = self.config.context.history_offsets
+        if not offsets:
+            return None
+        images, valid = [], None
+        for key in self.config.image_keys:
+            hkey = f"{HISTORY_PREFIX}{key}"
+            if hkey not in batch or f"{hkey}_is_pad" not in batch:
+                raise ValueError(f"missing key {hkey!r}: context.kind=frames trains on frames "
+                                 f"with their {len(offsets)} past frames; build the dataset "
+                                 "with memvla.policies.frames.frame_delta_indices(config) and "
+                                 "collate it with FrameCollate(config)")
+            frames = check_history(hkey, batch[hkey], len(offsets), self.config)
+            images.append(frames.to(self.device, non_blocking=True))  # (B, K, C, H, W)
+            valid = ~batch[f"{hkey}_is_pad"].to(self.device)  # (B, K)
+        return self.model_state({"images": images, "valid": valid})
+
+    def model_state(self, view):
+        """A context's input state with its raw history images prepared like the current
+        ones (the ``images`` entry of a dict state; other states as they are)."""
+        if isinstance(view, dict) and "images" in view:
+            return {**view, "images": self.prepare_images(view["images"])}
+        return view
 
     def _segment_losses(self, batch: dict, context_state, noise: Tensor | None = None,
                         time: Tensor | None = None, prev: tuple[Tensor, Tensor] | None = None):
@@ -179,20 +208,24 @@ class FlowVLAPolicy(VLAPolicy):
         context's state and writes the next one (one update per predicted chunk)."""
         images, ids, pad, state = self.encode_observation(obs)
         b = state.shape[0]
-        carried = self._context_state
-        self.model.context.check_state(carried, b)
-        if carried is None:
-            carried = self.model.initial_state(b)
+        ctx, carried = self.model.context, self._context_state
+        ctx.check_state(carried, b)
+        seen = self.observed_images(obs) if ctx.stateful and not ctx.recurrent else None
+        if ctx.recurrent:  # the memory the model wrote last (or the initial one)
+            model_state = carried if carried is not None else self.model.initial_state(b)
+        else:  # e.g. the frame history seen so far
+            model_state = self.model_state(ctx.read(carried, seen)) if ctx.stateful else None
         prev_actions, prev_valid = self._prev_chunk or (None, None)
         if prev_actions is not None and prev_actions.shape[0] != b:
             raise ValueError(f"observation batch size {b} differs from the "
                              f"{prev_actions.shape[0]} episodes whose previous action chunk "
                              "this policy keeps; call reset() first")
         x, new_state = self.model.sample_actions(images, ids, pad, state, noise,
-                                                 context_state=carried,
+                                                 context_state=model_state,
                                                  prev_actions=prev_actions,
                                                  prev_valid=prev_valid)  # (B, A, Da')
-        self._context_state = detach_state(new_state)
+        if ctx.stateful:
+            self._context_state = ctx.observe(carried, seen, detach_state(new_state))
         if self._reads_prev_chunk:
             executed = x[:, : self.config.n_action_steps].clone()  # (B, n, Da')
             executed[..., self.config.action_dim:] = 0  # the padded dims, as in training

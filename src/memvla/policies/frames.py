@@ -5,7 +5,9 @@ A plain policy learns from frames with their action chunk (``action`` (B, A, Da)
 executed chunk (``pruner.action_context = "prev_chunk"``) also needs, for every frame, the
 ``n_action_steps`` actions executed before it — what it keeps between calls at inference —
 as ``prev_action`` (B, n, Da) with ``prev_action_is_pad`` (B, n) True before the episode's
-first frame. :func:`frame_delta_indices` asks the dataset for both in one stack and
+first frame. A frame-history policy (``context.kind = "frames"``) needs every camera's past
+frames, ``history.<camera key>`` (B, K, ...) with ``history.<camera key>_is_pad`` (B, K).
+:func:`frame_delta_indices` asks the dataset for them in one stack with what follows, and
 :class:`FrameCollate` splits them. Recurrent policies train on whole episodes instead
 (:mod:`memvla.data.segments`), where the previous chunk is the previous segment's.
 """
@@ -17,6 +19,7 @@ from torch.utils.data import default_collate
 from ..configs import PolicyConfig
 
 PREV_ACTION_KEY = "prev_action"
+HISTORY_PREFIX = "history."  # history.observation.images.<camera>: the frames before
 
 
 def reads_prev_chunk(cfg: PolicyConfig) -> bool:
@@ -32,10 +35,15 @@ def prev_steps(cfg: PolicyConfig) -> int:
 
 def frame_delta_indices(cfg: PolicyConfig) -> dict[str, list[int]] | None:
     """The dataset's ``delta_indices`` for frame training (None: the policy trains on whole
-    episodes): the previous actions, if read, then the action chunk."""
+    episodes): the previous actions, if read, then the action chunk; with frame history,
+    every camera's past frames (``context.history_offsets``) then the current one."""
     if cfg.context.recurrent:
         return None
-    return {"action": list(range(-prev_steps(cfg), cfg.model.chunk_size))}
+    deltas = {"action": list(range(-prev_steps(cfg), cfg.model.chunk_size))}
+    history = cfg.context.history_offsets
+    if history:
+        deltas.update({key: [*history, 0] for key in cfg.image_keys})
+    return deltas
 
 
 class FrameCollate:
@@ -46,9 +54,20 @@ class FrameCollate:
     def __init__(self, cfg: PolicyConfig):
         self.n = prev_steps(cfg)
         self.chunk = cfg.model.chunk_size
+        self.history = len(cfg.context.history_offsets)
+        self.image_keys = cfg.image_keys if self.history else []
 
     def __call__(self, items: list[dict]) -> dict:
         batch = default_collate(items)
+        for key in self.image_keys:  # (B, K + 1, ...): the past frames, then the current
+            frames, pad = batch.pop(key), batch.pop(f"{key}_is_pad")
+            if frames.shape[1] != self.history + 1:
+                raise ValueError(f"{key}: expected {self.history} past frames and the "
+                                 f"current one per sample, got {frames.shape[1]}; build the "
+                                 "dataset with frame_delta_indices(config)")
+            batch[key] = frames[:, -1]  # (B, ...)
+            batch[f"{HISTORY_PREFIX}{key}"] = frames[:, :-1]  # (B, K, ...)
+            batch[f"{HISTORY_PREFIX}{key}_is_pad"] = pad[:, :-1]  # (B, K)
         if self.n == 0:
             return batch
         steps = batch["action"].shape[1]

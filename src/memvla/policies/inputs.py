@@ -64,6 +64,18 @@ def images_to_float(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
+def check_history(key: str, value: Any, frames: int, cfg: PolicyConfig) -> Tensor:
+    """Past frames of one camera: uint8 (B, K, H, W, C) or float (B, K, C, H, W) in [0, 1]
+    -> (B, K, C, H, W), uint8 (a view) or float as given."""
+    x = _tensor(key, value)
+    if x.dim() != 5 or x.shape[1] != frames:
+        raise ValueError(f"{key}: expected {frames} past frames per sample, (B, {frames}, ...) "
+                         f"images, got shape {tuple(x.shape)}")
+    b, k = x.shape[:2]
+    images = check_images(key, x.flatten(0, 1), cfg)  # (B·K, C, H, W)
+    return images.unflatten(0, (b, k))  # (B, K, C, H, W)
+
+
 def check_vector(key: str, value: Any, dim: int, batch: int | None) -> Tensor:
     x = _tensor(key, value)
     if x.dim() != 2 or x.shape[1] != dim or (batch is not None and x.shape[0] != batch):
