@@ -64,8 +64,12 @@ RECURRENT = ["policy.context.kind=memory_tokens", "train.bptt_depth=1",
 PRUNED = ["policy.model.pruner.enabled=true", "policy.model.pruner.action_context=prev_chunk"]
 
 
-@pytest.mark.parametrize("extra", [[], RECURRENT, PRUNED, ["train.num_workers=1"]],
-                         ids=["plain", "recurrent", "pruned", "workers"])
+FRAMES = ["policy.context.kind=frames", "policy.context.num_frames=2",
+          "policy.context.frame_stride=3"]
+
+
+@pytest.mark.parametrize("extra", [[], RECURRENT, PRUNED, FRAMES, ["train.num_workers=1"]],
+                         ids=["plain", "recurrent", "pruned", "frames", "workers"])
 def test_stop_and_resume_equals_straight_run(dataset, tmp_path, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     base = ["train", "--preset", "tiny", "--dataset", str(dataset), "--steps", "4"]
@@ -108,6 +112,11 @@ def test_training_reads_the_previous_chunk_and_cuts_episodes_every_n_action_step
 
     init = make_policy(read_run_config(run).policy)
     assert not torch.equal(first.model.pruner_key_proj.weight, init.model.pruner_key_proj.weight)
+    seen.clear()
+    run = tmp_path / "frames"  # frame history: every camera's past frames from the dataset
+    assert main([*base, "--out", str(run), *FRAMES]) == 0
+    assert seen[0]["history.observation.images.top"].shape == (4, 2, 64, 64, 3)
+    assert seen[0]["history.observation.images.top_is_pad"].shape == (4, 2)
     seen.clear()
     run = tmp_path / "recurrent"
     assert main([*base, "--out", str(run), *RECURRENT]) == 0

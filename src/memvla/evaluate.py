@@ -3,8 +3,9 @@
 Episodes run in waves of ``batch`` gymnasium environments stepped in lockstep, with one
 batched policy call per action chunk (:class:`PolicyRunner`, through ``select_action``);
 episode i is reset with seed ``seed + i`` and draws its policy noise from its own
-generator seeded with ``seed + i``, so an episode's outcome does not depend on ``batch`` nor on the episodes that share its
-wave, and two evaluations of the same checkpoint agree. The global random number
+generator seeded with ``seed + i``, so an episode's outcome does not depend on ``batch``
+nor on the episodes that share its wave, and two evaluations of the same checkpoint
+agree. The global random number
 generators are neither read nor changed. Environments that finish early keep feeding their
 last observation (their actions are ignored) so that the wave stays in lockstep.
 
