@@ -121,12 +121,24 @@ def _training_states(policy, root, length: int) -> list:
     return [policy._history_from_batch(FrameCollate(cfg)([ds[t]])) for t in range(0, length, n)]
 
 
+def _chunk(policy, obs: dict, noise, state):
+    """The chunk the model predicts from ``state`` (the training path's model state)."""
+    inputs = policy.encode_observation(obs)
+    if policy.config.family == "flow":
+        x, _ = policy.model.sample_actions(*inputs, noise=noise, context_state=state)
+    else:  # regressed: no noise
+        x, _ = policy.model.predict(*inputs, context_state=state)
+    return policy.normalizer.unnormalize("action", x[..., : policy.config.action_dim])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, tmp_path):
+def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
 
     torch.manual_seed(0)
-    cfg = narrow_config("tiny", extra=["model.num_steps=2", "n_action_steps=4", *KINDS[kind]])
+    steps = ["model.num_steps=2"] if preset == "tiny" else []
+    cfg = narrow_config(preset, extra=[*steps, "n_action_steps=4", *KINDS[kind]])
     policy = make_policy(cfg).eval()
     length, n, m = 13, 4, cfg.model
     _write_episode(tmp_path / "ds", cfg, length)
@@ -154,9 +166,7 @@ def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, tmp_pa
     for (chunk, _), state, noise, t in zip(steps, _training_states(policy, tmp_path / "ds",
                                                                   length), noises,
                                            range(0, length, n), strict=True):
-        x, _ = policy.model.sample_actions(*policy.encode_observation(frames[t]), noise=noise,
-                                           context_state=state)
-        want = policy.normalizer.unnormalize("action", x[..., : cfg.action_dim])[:, :n]
+        want = _chunk(policy, frames[t], noise, state)[:, :n]
         assert (chunk - want).abs().max().item() <= 1e-5, (kind, t)
     carried = [state_leaves(s) for _, s in steps]
     if policy.model.context.stateful:  # a state that never changes is a bug
@@ -195,3 +205,27 @@ def test_a_recurrent_model_needs_its_state():
         policy.model.prefill(images, ids, pad, state)
     plain = make_policy(narrow_config("tiny"))
     assert plain.model.initial_state(2) is None
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
+@pytest.mark.parametrize("kind", ["memory_tokens", "frames", "frames-mem"])
+def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tmp_path):
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset
+    from memvla.data.segments import EpisodeSegmentLoader
+    from memvla.policies.frames import FrameCollate, frame_delta_indices
+
+    cfg = narrow_config(preset, extra=["n_action_steps=4", *KINDS[kind]])
+    policy = make_policy(cfg)
+    _write_episode(tmp_path / "ds", cfg, 13)
+    if cfg.context.recurrent:
+        batch = EpisodeSegmentLoader(LeRobotV3Dataset(tmp_path / "ds"), cfg.model.chunk_size,
+                                     1, shuffle=False, stride=4).collate([0])
+    else:
+        ds = LeRobotV3Dataset(tmp_path / "ds", delta_indices=frame_delta_indices(cfg))
+        batch = FrameCollate(cfg)([ds[0], ds[7], ds[12]])
+    loss, _ = policy(batch)
+    loss.backward()
+    unused = policy.model.unused_parameter_names()
+    missing = [n for n, p in policy.model.named_parameters()
+               if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing

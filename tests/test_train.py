@@ -328,3 +328,14 @@ def test_two_process_ddp_on_cpu_ends_with_identical_parameters(dataset, tmp_path
     assert s["world_size"] == 2 and s["step"] == 3
     assert len(s["param_digests"]) == 2 and s["param_digests"][0] == s["param_digests"][1]
     assert load_policy(last_checkpoint(run), device="cpu").config == read_run_config(run).policy
+
+
+@pytest.mark.parametrize("extra", [RECURRENT, FRAMES], ids=["memory-tokens", "frames"])
+def test_the_parallel_family_trains_with_a_temporal_context(dataset, tmp_path, extra):
+    run = tmp_path / "oft"
+    assert main(["train", "--preset", "tiny-oft", "--dataset", str(dataset), "--steps", "3",
+                 "--out", str(run), *ARGS, *extra]) == 0
+    policy = load_policy(run, device="cpu")
+    assert policy.config.family == "parallel" and policy.model.context.stateful
+    s = summary(run)
+    assert s["step"] == 3 and all(np.isfinite(s["losses"]))

@@ -459,9 +459,6 @@ class PolicyConfig:
         _require(isinstance(self.model, want), f"policy.family={self.family!r} needs a "
                  f"{want.__name__} model config, got {type(self.model).__name__}; set the "
                  "family that matches the model (or start from a preset of that family)")
-        _require(self.family == "flow" or not self.context.stateful,
-                 f"context.kind={self.context.kind!r} is implemented for the flow family "
-                 f"only so far; use context.kind=none with family={self.family!r}")
         _require(len(self.cameras) > 0, "policy.cameras must name at least one camera")
         _require(len(set(self.cameras)) == len(self.cameras),
                  f"policy.cameras has duplicates: {self.cameras}")

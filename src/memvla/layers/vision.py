@@ -4,6 +4,8 @@ LayerNorm. Module names follow Hugging Face's SigLIP vision tower."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from .attention import merge_heads, scaled_attention, split_heads
@@ -98,3 +100,22 @@ class VisionTransformer(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return self.post_layernorm(x)  # (B, P, D)
+
+
+@dataclass
+class ImageEncoder:
+    """A model's image path as a callable: vision tower, connector (pixel shuffle and
+    projection, or an MLP projector) and the embedding scale. ``project`` takes patch
+    features from the tower (B, P, Dv) (e.g. of a space-time encoder over the same tower);
+    a temporal context encodes past frames with it as the model encodes the current one."""
+
+    vision: VisionTransformer | nn.Module
+    connector: nn.Module
+    scale: float = 1.0
+
+    def project(self, feats: Tensor) -> Tensor:
+        tokens = self.connector(feats)  # (B, Ti, D)
+        return tokens * self.scale if self.scale != 1.0 else tokens
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.project(self.vision(images))  # (B, Ti, D)

@@ -40,7 +40,7 @@ connector, text_model}``, ``vlm_with_expert.lm_expert``, ``state_proj``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -60,28 +60,10 @@ from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference, stats_to_floats
 from ..layers.tokens import TokenSegment
-from ..layers.vision import VisionTransformer
+from ..layers.vision import ImageEncoder, VisionTransformer
 from .decoder import Decoder
 
 ACTION_KEY_CONTEXTS = ("placeholders", "keys", "prev_chunk")
-
-
-@dataclass
-class ImageEncoder:
-    """The model's image path as a callable: vision tower, connector (pixel shuffle +
-    projection) and the embedding scale. ``project`` takes patch features from the tower
-    (B, P, Dv) (e.g. of a space-time encoder over the same tower)."""
-
-    vision: VisionTransformer
-    connector: Connector
-    scale: float
-
-    def project(self, feats: Tensor) -> Tensor:
-        tokens = self.connector(feats)  # (B, Ti, D)
-        return tokens * self.scale if self.scale != 1.0 else tokens
-
-    def __call__(self, images: Tensor) -> Tensor:
-        return self.project(self.vision(images))  # (B, Ti, D)
 
 
 class VLMInner(nn.Module):

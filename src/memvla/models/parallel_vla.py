@@ -38,17 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..configs import ParallelVLAConfig, VisionConfig
-from ..context import TemporalContext
+from ..configs import ContextConfig, ParallelVLAConfig, VisionConfig
+from ..context import make_context
 from ..layers.action_head import L1RegressionActionHead
 from ..layers.connector import MLPProjector
 from ..layers.masks import block_mask
 from ..layers.token_pruner import TokenPruner, pruning_for_inference
-from ..layers.vision import VisionTransformer
+from ..layers.tokens import TokenSegment
+from ..layers.vision import ImageEncoder, VisionTransformer
 from .decoder import Decoder
 
-# what each token of a ParallelSequence is (padding: PAD)
-PAD, BOS, PATCH, PROPRIO, PROMPT, ACTION, STOP = -1, 0, 1, 2, 3, 4, 5
+# what each token of a ParallelSequence is (padding: PAD; CONTEXT: a temporal context's)
+PAD, BOS, PATCH, PROPRIO, PROMPT, ACTION, STOP, CONTEXT = -1, 0, 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ParallelSequence:
     num_actions: int
     kept: Tensor  # (B,) visual tokens kept per sample
     stats: dict[str, Tensor] = field(default_factory=dict)  # the pruner's, 0-dim tensors
+    blocks: Tensor | None = None  # (B, N) attention blocks (None: one, bidirectional)
 
     @property
     def action_slice(self) -> slice:
@@ -204,9 +206,15 @@ class ProprioProjector(nn.Module):
 
 class ParallelVLA(nn.Module):
     """``num_cameras`` sets the visual tokens per sample the pruner expects when
-    ``model.pruner.num_patches`` is 0."""
+    ``model.pruner.num_patches`` is 0. ``context`` picks the temporal context
+    (:mod:`memvla.context`): ``encode``, ``forward`` and ``predict`` take its state
+    (``context_state``) and the last two return the next one beside their result, as the
+    flow-matching family does. A context's tokens (memory tokens, past frames) join the
+    sequence as its own parts: memory read tokens and past frames before BOS, RMT write
+    tokens after STOP in a block of their own (only they see the whole sequence)."""
 
-    def __init__(self, cfg: ParallelVLAConfig, num_cameras: int = 1):
+    def __init__(self, cfg: ParallelVLAConfig, num_cameras: int = 1,
+                 context: ContextConfig | None = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.text.width
@@ -217,7 +225,8 @@ class ParallelVLA(nn.Module):
             else None
         self.action_head = L1RegressionActionHead(d, cfg.head_hidden or d, cfg.chunk_size,
                                                   cfg.max_action_dim, cfg.head_blocks)
-        self.context = TemporalContext()  # the parallel family carries nothing (so far)
+        self.context = make_context(context or ContextConfig(), d)
+        self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last call
         self.pruner = None
         if cfg.pruner.enabled:
             self.pruner = TokenPruner(
@@ -228,23 +237,38 @@ class ParallelVLA(nn.Module):
         return self.language_model.model
 
     def unused_parameter_names(self) -> set[str]:
-        """The LM head: kept so that checkpoints load by name, never read by the L1 loss."""
+        """The LM head: kept so that checkpoints load by name, never read by the L1 loss
+        (the final norm is: the head reads the normed placeholders)."""
         return {n for n, _ in self.named_parameters() if n.startswith("language_model.lm_head.")}
 
     # -- the sequence ---------------------------------------------------------------------
-    def embed_patches(self, images: list[Tensor]) -> Tensor:
-        """Images per camera (B, C, S, S) -> projected patch tokens of all cameras (B, P, D)."""
-        tokens = [self.projector(self.vision_backbone(img)) for img in images]  # (B, Ti, D)
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        """Images (B, C, S, S) -> projected patch tokens (B, Ti, D), for the context too
+        (its ``vision`` is the fused pair of towers when there are two)."""
+        one = self.vision_backbone.fused_featurizer is None
+        return ImageEncoder(self.vision_backbone.featurizer if one else self.vision_backbone,
+                            self.projector)
+
+    def embed_patches(self, images: list[Tensor], context_state=None) -> Tensor:
+        """Images per camera (B, C, S, S) -> projected patch tokens of all cameras (B, P, D)
+        (each camera through the context's image encoding: e.g. MEM's space-time one)."""
+        encoder = self.image_encoder
+        tokens = [self.context.encode_images(encoder, img, cam, context_state)
+                  for cam, img in enumerate(images)]  # (B, Ti, D) each
         return torch.cat(tokens, 1)  # (B, P, D)
 
     def encode(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-               state: Tensor) -> ParallelSequence:
+               state: Tensor, context_state=None) -> ParallelSequence:
         """Build the (pruned) sequence. ``lang_ids``/``lang_pad`` (B, Nl): the prompt
         without BOS (the policy drops the tokenizer's); the BOS token
         (``model.bos_token_id``) goes first, before the patches, as in OpenVLA."""
+        if context_state is None and self.context.stateful:
+            raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
+                             "context_state (e.g. initial_state(B) at an episode's start)")
         bos = self.decoder.embed(torch.full_like(lang_ids[:, :1], self.cfg.bos_token_id))
         prompt, prompt_pad = self.decoder.embed(lang_ids), lang_pad  # (B, Nl, D), (B, Nl)
-        patches = self.embed_patches(images)  # (B, P, D)
+        patches = self.embed_patches(images, context_state)  # (B, P, D)
         b, p, _ = patches.shape
         pos = torch.arange(1, p + 1, device=patches.device).expand(b, p)  # (B, P)
         valid = torch.ones(b, p, dtype=torch.bool, device=patches.device)  # (B, P)
@@ -257,34 +281,79 @@ class ParallelVLA(nn.Module):
         seq = build_sequence(bos, patches, valid, pos, p, proprio, prompt, prompt_pad,
                              self.cfg.num_action_tokens, self.decoder.embed(stop_ids))
         seq.stats = stats
+        if context_state is not None:
+            seq = self._with_context(seq, context_state)
         return seq
 
-    def hidden_states(self, seq: ParallelSequence) -> Tensor:
-        """Bidirectional decoder over the sequence -> normed hidden states (B, N, D)."""
-        mask = block_mask(torch.zeros_like(seq.kinds), seq.valid)  # (B, N, N)
-        return self.decoder(seq.embs, seq.positions, mask)  # (B, N, D)
+    def _with_context(self, seq: ParallelSequence, context_state) -> ParallelSequence:
+        """The sequence with the temporal context's parts around it: a part before it
+        counts its positions from 0 and shifts the sequence's; a part after it continues
+        from the sequence's last position."""
+        own = TokenSegment(seq.embs, seq.valid, torch.zeros_like(seq.kinds))
+        parts = self.context.extend_prefix([own], context_state, self.image_encoder)
+        at = next(i for i, part in enumerate(parts) if part is own)
+        pos, kinds, offset = [], [], None
+        for part in parts:
+            if part is own:
+                here = seq.positions + (0 if offset is None else offset)  # (B, N)
+                kinds.append(seq.kinds)
+            else:
+                first = 0 if offset is None else offset
+                here = first + torch.cumsum(part.pad.long(), 1) - 1  # (B, n)
+                kinds.append(torch.full_like(here, CONTEXT).masked_fill(~part.pad, PAD))
+            pos.append(here)
+            last = torch.where(part.pad, here, torch.full_like(here, -1)).max(1, True).values
+            offset = last + 1  # (B, 1) the next free position
+        joined = TokenSegment.cat(parts)
+        before = sum(part.length for part in parts[:at])
+        return ParallelSequence(joined.embs, joined.pad, torch.cat(pos, 1),
+                                torch.cat(kinds, 1), seq.action_start + before,
+                                seq.num_actions, seq.kept, seq.stats,
+                                blocks=torch.cumsum(joined.flags, 1))
 
-    def action_hidden(self, images, lang_ids, lang_pad, state) -> tuple[Tensor, ParallelSequence]:
-        """Hidden states at the placeholders (B, A·Da, D) and the sequence they came from."""
-        seq = self.encode(images, lang_ids, lang_pad, state)
-        h = self.hidden_states(seq)  # (B, N, D)
-        return h[:, seq.action_slice], seq  # (B, A·Da, D)
+    def hidden_states(self, seq: ParallelSequence, final_norm: bool = True) -> Tensor:
+        """Bidirectional decoder over the sequence (a context's blocks aside) -> hidden
+        states (B, N, D), after the final norm unless ``final_norm`` is False."""
+        blocks = torch.zeros_like(seq.kinds) if seq.blocks is None else seq.blocks
+        mask = block_mask(blocks, seq.valid)  # (B, N, N)
+        return self.decoder(seq.embs, seq.positions, mask, final_norm=final_norm)  # (B, N, D)
+
+    def action_hidden(self, images, lang_ids, lang_pad, state, context_state=None
+                      ) -> tuple[Tensor, ParallelSequence, object]:
+        """Hidden states at the placeholders (B, A·Da, D), the sequence they came from and
+        the context's next state (None without one)."""
+        seq = self.encode(images, lang_ids, lang_pad, state, context_state)
+        reads_raw = self.context.reads_prefix_output and not self.context.reads_normed_output
+        h = self.hidden_states(seq, final_norm=not reads_raw)  # (B, N, D)
+        new_state = None if context_state is None else self.context.update(context_state, h)
+        if reads_raw:
+            h = self.decoder.norm(h)  # (B, N, D) what the head reads, after the final norm
+        return h[:, seq.action_slice], seq, new_state  # (B, A·Da, D)
 
     # -- training and inference -----------------------------------------------------------
+    def initial_state(self, batch: int):
+        """The temporal context's state at the start of ``batch`` episodes (or None)."""
+        return self.context.initial_state(batch)
+
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
-                actions: Tensor) -> tuple[Tensor, dict[str, float]]:
+                actions: Tensor, context_state=None) -> tuple[Tensor, object]:
         """L1 losses per element (B, A, Da') of the regressed chunk against ``actions``
-        (normalised, padded to max_action_dim), and the pruner's statistics as 0-dim
-        tensors ({} without; :func:`~memvla.layers.token_pruner.stats_to_floats`)."""
-        h, seq = self.action_hidden(images, lang_ids, lang_pad, state)
+        (normalised, padded to max_action_dim), and the context's next state. The
+        pruner's statistics of the call are in :attr:`last_prune_stat_tensors`."""
+        h, seq, new_state = self.action_hidden(images, lang_ids, lang_pad, state,
+                                               context_state)
+        self.last_prune_stat_tensors = seq.stats
         pred = self.action_head(h)  # (B, A, Da')
-        return F.l1_loss(pred, actions, reduction="none"), seq.stats
+        return F.l1_loss(pred, actions, reduction="none"), new_state
 
     @torch.no_grad()
     def predict(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-                state: Tensor) -> Tensor:
-        """The action chunk (B, A, Da') in one parallel pass (no sampling). The pruner
-        prunes as at inference whatever the model's mode."""
+                state: Tensor, context_state=None) -> tuple[Tensor, object]:
+        """The action chunk (B, A, Da') in one parallel pass (no sampling), and the
+        context's next state. The pruner prunes as at inference whatever the model's
+        mode."""
         with pruning_for_inference(self.pruner):
-            h, _ = self.action_hidden(images, lang_ids, lang_pad, state)
-        return self.action_head(h)  # (B, A, Da')
+            h, seq, new_state = self.action_hidden(images, lang_ids, lang_pad, state,
+                                                   context_state)
+        self.last_prune_stat_tensors = seq.stats
+        return self.action_head(h), new_state  # (B, A, Da')

@@ -30,6 +30,7 @@ from .checkpoint import (
     upgrade_keys,
     write_checkpoint,
 )
+from .episodes import ContextPolicyMixin
 from .inputs import check_observation, images_to_float
 from .processor import Normalizer, resize_with_pad
 
@@ -39,7 +40,7 @@ def pad_last(x: Tensor, size: int) -> Tensor:
     return F.pad(x, (0, size - x.shape[-1]))
 
 
-class VLAPolicy(nn.Module):
+class VLAPolicy(ContextPolicyMixin, nn.Module):
     """Base of the policies: config -> model + processors + tokenizer + action queue."""
 
     policy_type: str = ""

@@ -2,10 +2,11 @@
 
 ``forward(batch) -> (loss, info)`` is the L1 loss of the regressed chunk over the real
 (not padded) action steps and the real action dimensions; ``predict_action_chunk`` decodes
-the whole chunk in one pass (deterministic: no noise). The queue, ``reset``, inputs and
-checkpoints are shared with the other policies (:mod:`.base`). No memory is carried
-(``memory`` is None, ``is_recurrent`` False). With ``model.pruner.enabled`` the info holds
-the pruner's statistics and ``set_training_progress(frac)`` drives its noise schedule.
+the whole chunk in one pass (deterministic: no noise). The queue, ``reset``, inputs,
+checkpoints and the temporal context (memory tokens trained through episodes, frame
+history) are shared with the other family (:mod:`.base`, :mod:`.episodes`). With
+``model.pruner.enabled`` the info holds the pruner's statistics and
+``set_training_progress(frac)`` drives its noise schedule.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from torch import Tensor
 from ..configs import PolicyConfig
 from ..layers.token_pruner import stats_to_floats
 from ..models.parallel_vla import ParallelVLA
-from .base import VLAPolicy, pad_last
-from .inputs import check_actions
+from .base import VLAPolicy
 
 
 def drop_bos(ids: Tensor, pad: Tensor, bos_id: int | None) -> tuple[Tensor, Tensor]:
@@ -40,34 +40,48 @@ class ParallelVLAPolicy(VLAPolicy):
 
     @classmethod
     def build_model(cls, config: PolicyConfig) -> ParallelVLA:
-        return ParallelVLA(config.model, num_cameras=len(config.cameras))
+        return ParallelVLA(config.model, num_cameras=len(config.cameras),
+                           context=config.context)
 
     def tokenize(self, tasks: list[str]) -> tuple[Tensor, Tensor]:
         """The prompt without the tokenizer's BOS (the model puts its own first)."""
         ids, pad = self.tokenizer(tasks)  # (B, Nl)
         return drop_bos(ids, pad, getattr(self.tokenizer, "bos_id", None))
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict]:
+    def _stats(self, info: dict) -> dict:
+        stats = stats_to_floats(self.model.last_prune_stat_tensors)
+        return {**info, **{f"pruner_{k}": v for k, v in stats.items()}}
+
+    def forward(self, batch, bptt_depth: int = -1,
+                max_segments: int | None = None) -> tuple[Tensor, dict]:
+        """L1 loss of independent samples (a frame batch), or given a ``SegmentBatch``
+        (whole episodes, a recurrent context) :meth:`forward_episode`."""
         if not isinstance(batch, dict):
-            raise ValueError("the parallel VLA trains on frames with action chunks (a dict "
-                             f"batch), got {type(batch).__name__}; it carries no memory "
-                             "through episodes")
+            return self.forward_episode(batch, bptt_depth, max_segments)
+        losses, valid, _ = self._segment_losses(batch, self._history_from_batch(batch))
+        loss = self._reduce(losses, valid)
+        return loss, self._stats({"loss": loss.item(), "valid_steps": int(valid.sum().item())})
+
+    def _segment_losses(self, batch: dict, context_state, prev=None):
+        """-> (losses (B, A, Da), valid (B, A) float, next context state). A state of None
+        starts an episode."""
         images, ids, pad, state = self.encode_observation(batch)
-        actions, is_pad = check_actions(batch, self.config, state.shape[0])
-        actions = self.normalizer.normalize("action", actions.to(state.device))  # (B, A, Da)
-        padded = pad_last(actions, self.config.model.max_action_dim)  # (B, A, Da')
-        losses, stats = self.model(images, ids, pad, state, padded)  # (B, A, Da')
-        valid = (~is_pad.to(state.device)).float()  # (B, A)
-        loss = self._reduce(losses[..., : self.config.action_dim], valid)
-        info = {"loss": loss.item(), "valid_steps": int(valid.sum().item())}
-        info.update({f"pruner_{k}": v for k, v in stats_to_floats(stats).items()})
-        return loss, info
+        padded, real = self._normalized_chunk(batch)  # (B, A, Da'), (B, A)
+        if context_state is None:
+            context_state = self.model.initial_state(state.shape[0])
+        losses, new_state = self.model(images, ids, pad, state, padded,
+                                       context_state=context_state)  # (B, A, Da')
+        return losses[..., : self.config.action_dim], real.float(), new_state
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: dict, noise: Tensor | None = None) -> Tensor:
         """-> unnormalised actions (B, chunk_size, action_dim). ``noise`` is accepted for
-        the common API and ignored (the chunk is regressed, not sampled)."""
+        the common API and ignored (the chunk is regressed, not sampled). A recurrent
+        policy reads its context's state and writes the next one."""
         images, ids, pad, state = self.encode_observation(obs)
-        x = self.model.predict(images, ids, pad, state)  # (B, A, Da')
+        model_state, seen = self._context_input(obs, state.shape[0])
+        x, new_state = self.model.predict(images, ids, pad, state,
+                                          context_state=model_state)  # (B, A, Da')
+        self._context_output(seen, new_state)
         x = x[..., : self.config.action_dim]  # (B, A, Da)
         return self.normalizer.unnormalize("action", x)

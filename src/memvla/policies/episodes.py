@@ -1,0 +1,146 @@
+"""What every policy family shares about its temporal context (:mod:`memvla.context`):
+the model state a chunk reads and what the policy carries after it, frame history from a
+frame batch, and training through whole episodes with truncated back-propagation.
+
+A family's policy implements ``_segment_losses(batch, context_state, prev=None) ->
+(losses (B, A, Da), valid (B, A), next state)`` and may override :meth:`_stats` (its
+model's statistics) and :meth:`_previous_chunk` (what a segment leaves for the next one,
+e.g. the executed actions a token pruner reads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..context import detach_state, select_state
+from ..layers.memory_tokens import truncates_before
+from .frames import HISTORY_PREFIX
+from .inputs import check_actions, check_history
+
+
+class ContextPolicyMixin:
+    """Mixed into :class:`memvla.policies.base.VLAPolicy`."""
+
+    # -- inference ------------------------------------------------------------------------
+    def _context_input(self, obs: dict, batch: int):
+        """-> (the model state a chunk predicted now reads, this frame's images as the
+        context records them, or None). Checks the carried state is for ``batch``."""
+        ctx, carried = self.model.context, self._context_state
+        ctx.check_state(carried, batch)
+        if ctx.recurrent:  # the state the model wrote last (or the initial one)
+            state = carried if carried is not None else self.model.initial_state(batch)
+            return state, None
+        if not ctx.stateful:
+            return None, None
+        seen = self.observed_images(obs)  # e.g. the frame history seen so far, and this one
+        return self.model_state(ctx.read(carried, seen)), seen
+
+    def _context_output(self, seen, written) -> None:
+        """Carry the context's state past a predicted chunk (``written``: the model's)."""
+        ctx = self.model.context
+        if ctx.stateful:
+            self._context_state = ctx.observe(self._context_state, seen, detach_state(written))
+
+    def model_state(self, view):
+        """A context's input state with its raw history images prepared like the current
+        ones (the ``images`` entry of a dict state; other states as they are)."""
+        if isinstance(view, dict) and "images" in view:
+            return {**view, "images": self.prepare_images(view["images"])}
+        return view
+
+    # -- training on frames ---------------------------------------------------------------
+    def _history_from_batch(self, batch: dict):
+        """A frame-history policy's model state from a frame batch: the frames before each
+        one, ``history.<camera key>`` (B, K, ...) and ``history.<camera key>_is_pad``
+        (B, K) (:class:`memvla.policies.frames.FrameCollate` makes them); None for the
+        other kinds."""
+        offsets = self.config.context.history_offsets
+        if not offsets:
+            return None
+        images, valid = [], None
+        for key in self.config.image_keys:
+            hkey = f"{HISTORY_PREFIX}{key}"
+            if hkey not in batch or f"{hkey}_is_pad" not in batch:
+                raise ValueError(f"missing key {hkey!r}: context.kind=frames trains on frames "
+                                 f"with their {len(offsets)} past frames; build the dataset "
+                                 "with memvla.policies.frames.frame_delta_indices(config) and "
+                                 "collate it with FrameCollate(config)")
+            frames = check_history(hkey, batch[hkey], len(offsets), self.config)
+            images.append(frames.to(self.device, non_blocking=True))  # (B, K, C, H, W)
+            valid = ~batch[f"{hkey}_is_pad"].to(self.device)  # (B, K)
+        return self.model_state({"images": images, "valid": valid})
+
+    def _normalized_chunk(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """A batch's action chunk, normalised and padded (B, A, Da'), and its real steps."""
+        from .base import pad_last
+
+        b = batch["observation.state"].shape[0]
+        actions, is_pad = check_actions(batch, self.config, b)
+        actions = self.normalizer.normalize("action", actions.to(self.device))  # (B, A, Da)
+        padded = pad_last(actions, self.config.model.max_action_dim).to(self.dtype)  # (B,A,Da')
+        return padded, ~is_pad.to(self.device)
+
+    # -- training through episodes --------------------------------------------------------
+    def _stats(self, info: dict) -> dict:
+        """``info`` with the model's statistics of the last forward (e.g. a pruner's)."""
+        return info
+
+    def _previous_chunk(self, segment: dict):
+        """What a segment leaves for the next one's ``prev`` (None: nothing)."""
+        return None
+
+    def forward_episode(self, episodes, bptt_depth: int = -1,
+                        max_segments: int | None = None) -> tuple[Tensor, dict]:
+        """Loss over whole episodes cut into segments (a
+        :class:`memvla.data.segments.SegmentBatch` with a stride of ``n_action_steps``),
+        carrying the temporal context's state (e.g. the memory tokens) from segment to
+        segment in lockstep across the batch: one update per segment, as at inference one
+        per predicted chunk.
+
+        Truncated back-propagation through time of depth k = ``bptt_depth``
+        (:func:`memvla.layers.memory_tokens.truncates_before`): the loss of a segment
+        back-propagates through at most k state updates; k = 0 detaches every segment
+        (independent samples), k = -1, or any k of at least the batch's segments, keeps
+        the whole episode. ``max_segments`` (a curriculum) uses the first segments only.
+        """
+        s_total = episodes.num_segments if max_segments is None else min(
+            max_segments, episodes.num_segments)
+        self._check_segments(episodes)
+        carried = prev = None  # the temporal context's state, the previous chunk
+        total, count = 0.0, 0.0
+        for s in range(s_total):
+            if truncates_before(s, bptt_depth):
+                carried = detach_state(carried)
+            seg = episodes.segment(s)
+            losses, valid, new_state = self._segment_losses(seg, carried, prev=prev)
+            prev = self._previous_chunk(seg)
+            total = total + (losses * valid[..., None]).sum()
+            count = count + valid.sum() * self.config.action_dim
+            # an episode past its end keeps its state (its padded segments change nothing)
+            carried = select_state(seg["segment_is_pad"], carried, new_state)
+        if count == 0:
+            raise ValueError("action_is_pad: every action step of the episodes is padding")
+        loss = total / count
+        return loss, self._stats({"loss": loss.item(),
+                                  "valid_steps": int(count / self.config.action_dim),
+                                  "segments": s_total})
+
+    def _check_segments(self, episodes) -> None:
+        """Segments must hold chunks of chunk_size actions, one every n_action_steps
+        frames from the episode's first frame (what the policy does at inference)."""
+        a, r = self.config.model.chunk_size, self.config.n_action_steps
+        if episodes.action.shape[2] != a:
+            raise ValueError(f"segments hold chunks of {episodes.action.shape[2]} actions, the "
+                             f"policy's chunk_size is {a}; build them with "
+                             f"EpisodeSegmentLoader(chunk_size={a}, stride={r})")
+        frames = episodes.frame_index
+        starts = torch.arange(episodes.num_segments, device=frames.device) * r  # (S,)
+        misaligned = ~episodes.segment_is_pad.to(frames.device) & (frames != starts[None])
+        if misaligned.any():
+            b, s = misaligned.nonzero()[0].tolist()
+            raise ValueError(
+                f"segment {s} of episode {int(episodes.episode_index[b])} starts at frame "
+                f"{int(frames[b, s])}, not at {s * r}: the policy predicts a chunk every "
+                f"n_action_steps={r} frames, so its episodes must be cut every {r} frames "
+                f"from their first one (use EpisodeSegmentLoader(chunk_size={a}, stride={r}))")
