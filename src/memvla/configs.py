@@ -308,7 +308,7 @@ class TokenizerConfig:
         _positive("tokenizer", max_length=self.max_length)
 
 
-CONTEXT_KINDS = ("none", "memory_tokens", "frames")
+CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
 FRAMES_MODES = ("tokens", "pooled", "mem")
@@ -319,7 +319,9 @@ CONTEXT_OPTIONS = {
     "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
                "temporal_every"),
+    "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode"),
 }
+WINDOWS = ("reset", "slide")
 
 
 @dataclass
@@ -355,6 +357,16 @@ class ContextConfig:
     the prefix). Frames before the episode's start are masked (``tokens``, ``pooled``) or
     are the first frame (``mem``).
 
+    ``slow_fast``: StreamVLN's slow-fast context (:mod:`memvla.context.slow_fast`). Fast:
+    the previous turns (one turn = one predicted chunk) stay in the backbone's KV cache and
+    each new turn's prefix attends to them; ``window="reset"`` empties the cache every
+    ``num_turns`` turns (StreamVLN's schedule), ``"slide"`` evicts the oldest turn beyond
+    ``num_turns``; ``num_turns=0`` keeps the whole episode (the full-history baseline).
+    Slow: up to ``num_history`` frames of the turns before the window, sampled with
+    StreamVLN's ``slice(0, t0, max(t0 // num_history, 1))``, 2-D pooled (``pool_stride``,
+    ``pool_mode``), before the current prefix. Trained through the episode (the cache is
+    the carried state, ``train.bptt_depth`` truncates it).
+
     Options of another kind than ``kind`` must keep their defaults (a clear error says
     which).
     """
@@ -371,6 +383,9 @@ class ContextConfig:
     pool_stride: int = 2
     pool_mode: str = "avg"
     temporal_every: int = 1
+    num_turns: int = 8
+    window: str = "reset"
+    num_history: int = 8
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
@@ -379,7 +394,7 @@ class ContextConfig:
         for kind, names in CONTEXT_OPTIONS.items():
             for name in names:
                 value, default = getattr(self, name), defaults[name].default
-                _require(kind == self.kind or value == default,
+                _require(name in CONTEXT_OPTIONS[self.kind] or value == default,
                          f"context.{name} is an option of context.kind={kind!r}, not of "
                          f"{self.kind!r}: expected its default {default!r}, got {value!r}")
         if self.kind == "frames":
@@ -387,8 +402,17 @@ class ContextConfig:
                       pool_stride=self.pool_stride, temporal_every=self.temporal_every)
             _require(self.frames_mode in FRAMES_MODES, f"context.frames_mode must be one of "
                      f"{FRAMES_MODES}, got {self.frames_mode!r}")
+        if self.kind in ("frames", "slow_fast"):
             _require(self.pool_mode in POOL_MODES, f"context.pool_mode must be one of "
                      f"{POOL_MODES}, got {self.pool_mode!r}")
+            _positive("context", pool_stride=self.pool_stride)
+        if self.kind == "slow_fast":
+            _require(self.num_turns >= 0, f"context.num_turns must be >= 1 turn (or 0: the "
+                     f"whole episode), got {self.num_turns}")
+            _require(self.window in WINDOWS, f"context.window must be one of {WINDOWS}, got "
+                     f"{self.window!r}")
+            _require(self.num_history >= 0, f"context.num_history must be >= 0, got "
+                     f"{self.num_history}")
         if self.kind == "memory_tokens":
             _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
                      f"context.kind=memory_tokens, got {self.num_tokens}")
@@ -401,8 +425,9 @@ class ContextConfig:
 
     @property
     def recurrent(self) -> bool:
-        """True when the context is trained through whole episodes (memory tokens, BPTT)."""
-        return self.kind == "memory_tokens"
+        """True when the context is trained through whole episodes (memory tokens, the
+        slow-fast cache: BPTT)."""
+        return self.kind in ("memory_tokens", "slow_fast")
 
     @property
     def stateful(self) -> bool:
@@ -481,6 +506,10 @@ class PolicyConfig:
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")
+        _require(self.family == "flow" or self.context.kind != "slow_fast",
+                 f"context.kind='slow_fast' keeps earlier turns in the backbone's KV cache, "
+                 f"which the flow family has; the {self.family!r} family decodes each chunk "
+                 "in one bidirectional pass: use family=flow (or another context kind)")
         pruner = getattr(self.model, "pruner", None)
         if pruner is not None and pruner.enabled and pruner.num_patches:
             have = len(self.cameras) * self.model.tokens_per_image

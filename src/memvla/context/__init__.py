@@ -6,6 +6,8 @@ behind one interface (:mod:`memvla.context.base`).
   (:mod:`memvla.context.memory_tokens`).
 - ``frames``: frame history, as extra image tokens or through MEM's space-time encoder
   (:mod:`memvla.context.frames`).
+- ``slow_fast``: StreamVLN's recent turns in the KV cache and pooled older frames
+  (:mod:`memvla.context.slow_fast`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from .base import (
 )
 from .frames import FramesContext
 from .memory_tokens import MemoryTokensContext
+from .slow_fast import SlowFastContext
 
 CONTEXTS: dict[str, type[TemporalContext]] = {"none": TemporalContext,
                                               "memory_tokens": MemoryTokensContext,
-                                              "frames": FramesContext}
+                                              "frames": FramesContext,
+                                              "slow_fast": SlowFastContext}
 
 
 def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
@@ -36,6 +40,7 @@ def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
     return cls() if cls is TemporalContext else cls(cfg, width)
 
 
-__all__ = ["CONTEXTS", "FramesContext", "MemoryTokensContext", "State", "TemporalContext",
+__all__ = ["CONTEXTS", "FramesContext", "MemoryTokensContext", "SlowFastContext", "State",
+           "TemporalContext",
            "detach_state", "make_context", "map_state", "select_state", "state_batch",
            "state_leaves"]

@@ -34,16 +34,19 @@ State = Any  # None, or a nested structure (dict, list, tuple) of tensors with l
 
 
 def map_state(fn, *states: State) -> State:
-    """``fn`` applied leaf by leaf to one or more states of the same structure; leaves
-    that are not tensors (counters, None) come from the last state."""
-    first = states[-1]
-    if isinstance(first, Tensor):
-        return fn(*states)
-    if isinstance(first, dict):
-        return {k: map_state(fn, *(s[k] for s in states)) for k in first}
-    if isinstance(first, list | tuple):
-        return type(first)(map_state(fn, *parts) for parts in zip(*states, strict=True))
-    return first
+    """``fn`` applied leaf by leaf to one or more states of the same structure; where the
+    structures differ (a part that appears, a list that grows) and for leaves that are not
+    tensors (counters, None), the last state's value is taken."""
+    last = states[-1]
+    if all(isinstance(s, Tensor) for s in states):
+        return fn(*states) if all(s.shape == last.shape for s in states) else last
+    if isinstance(last, dict) and all(isinstance(s, dict) and s.keys() == last.keys()
+                                      for s in states):
+        return {k: map_state(fn, *(s[k] for s in states)) for k in last}
+    if isinstance(last, list | tuple) and all(isinstance(s, list | tuple) and
+                                              len(s) == len(last) for s in states):
+        return type(last)(map_state(fn, *parts) for parts in zip(*states, strict=True))
+    return last
 
 
 def state_leaves(state: State) -> list[Tensor]:
@@ -63,8 +66,9 @@ def detach_state(state: State) -> State:
 
 
 def select_state(keep: Tensor, old: State, new: State) -> State:
-    """Per sample: ``old`` where ``keep`` (B,) is True, else ``new`` (same structure; an
-    ``old`` of None, a fresh episode, takes ``new``)."""
+    """Per sample: ``old`` where ``keep`` (B,) is True, else ``new`` (an ``old`` of None,
+    a fresh episode, takes ``new``; so do parts whose shape changed, e.g. a growing cache:
+    what an ended episode keeps there is never read)."""
     if old is None:
         return new
 
@@ -136,9 +140,15 @@ class TemporalContext(nn.Module):
         ``encoder`` encodes images as the model's own."""
         return parts
 
-    def update(self, state: State, hidden: Tensor) -> State:
+    def prefix_cache(self, state: State):
+        """A key/value cache of earlier turns the prefix is appended to and attends to
+        (:class:`memvla.layers.kv_cache.KVCache`), or None (a fresh one)."""
+        return None
+
+    def update(self, state: State, hidden: Tensor, cache=None, images=None) -> State:
         """The next state, from the backbone's hidden states over the extended prefix
-        (B, Np, D) (after the final norm iff :attr:`reads_normed_output`)."""
+        (B, Np, D) (after the final norm iff :attr:`reads_normed_output`), the filled
+        ``cache`` and this step's prepared ``images`` per camera (B, C, S, S)."""
         return None
 
     def check_state(self, state: State, batch: int) -> None:

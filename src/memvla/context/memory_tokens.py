@@ -47,7 +47,7 @@ class MemoryTokensContext(TemporalContext):
                       encoder=None) -> list[TokenSegment]:
         return self.tokens.insert(parts, state)
 
-    def update(self, state: Tensor, hidden: Tensor) -> Tensor:
+    def update(self, state: Tensor, hidden: Tensor, cache=None, images=None) -> Tensor:
         memory = self.tokens.extract(hidden)  # (B, M, D)
         return memory if self.cfg.write == "norm" else clip_rms(memory, self.cfg.max_rms)
 

@@ -347,7 +347,10 @@ class FlowMatchingVLA(nn.Module):
     def prefill(self, images, lang_ids, lang_pad, state, context_state=None,
                 cache: KVCache | None = None, pruner_actions: Tensor | None = None,
                 pruner_actions_valid: Tensor | None = None) -> tuple[KVCache, object]:
-        """Run the backbone over the prefix -> (filled cache, next context state or None)."""
+        """Run the backbone over the prefix -> (filled cache, next context state or None).
+        The prefix is appended to ``cache``, or to the context's cache of earlier turns."""
+        if cache is None and context_state is not None:
+            cache = self.context.prefix_cache(context_state)
         cache = cache if cache is not None else KVCache(self.cfg.text.depth)
         prefix = TokenSegment.cat(self.embed_prefix(images, lang_ids, lang_pad, state,
                                                     context_state, pruner_actions,
@@ -356,7 +359,7 @@ class FlowMatchingVLA(nn.Module):
                                               self.context.reads_normed_output)  # (B, Np, D)
         if context_state is None:
             return cache, None
-        return cache, self.context.update(context_state, hidden)
+        return cache, self.context.update(context_state, hidden, cache=cache, images=images)
 
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, noise: Tensor | None = None, time: Tensor | None = None,

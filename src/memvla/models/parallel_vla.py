@@ -325,7 +325,8 @@ class ParallelVLA(nn.Module):
         seq = self.encode(images, lang_ids, lang_pad, state, context_state)
         reads_raw = self.context.reads_prefix_output and not self.context.reads_normed_output
         h = self.hidden_states(seq, final_norm=not reads_raw)  # (B, N, D)
-        new_state = None if context_state is None else self.context.update(context_state, h)
+        new_state = None if context_state is None else self.context.update(
+            context_state, h, images=images)
         if reads_raw:
             h = self.decoder.norm(h)  # (B, N, D) what the head reads, after the final norm
         return h[:, seq.action_slice], seq, new_state  # (B, A·Da, D)
