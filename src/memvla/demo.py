@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .configs import ContextConfig
 from .utils import atomic_write_json
 
 TASK = "remember-color"  # the demo's task; sweeps may use any built-in task
@@ -46,6 +47,8 @@ VARIANTS = [
             ["policy.context.kind=frames"]),
     Variant("frames-mem", "frame history through MEM's space-time vision encoder",
             ["policy.context.kind=frames", "policy.context.frames_mode=mem"]),
+    Variant("slow-fast", "slow-fast context: 8 turns in the KV cache, pooled older frames",
+            ["policy.context.kind=slow_fast", "train.bptt_depth=-1"]),
 ]
 DEMO_VARIANTS = ["plain", "memory-k0", "memory-bptt", "plain-twin"]  # what the demo runs
 
@@ -214,14 +217,19 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     return run_sweep(out, settings or DemoSettings(), progress, overwrite, report=True)
 
 
+def variant_kind(overrides: list[str]) -> str:
+    """The context kind a variant's overrides set ("none" without one)."""
+    kinds = [o.split("=", 1)[1] for o in overrides if o.startswith("policy.context.kind=")]
+    return kinds[-1] if kinds else "none"
+
+
 def for_context(overrides: list[str], variant: list[str]) -> list[str]:
     """The sweep's ``overrides`` that apply to a variant: a ``policy.context.X`` option only
     where X is an option of the variant's context kind (a plain variant takes no memory
     option), every other override as it is."""
     from .configs import CONTEXT_OPTIONS
 
-    kinds = [o.split("=", 1)[1] for o in variant if o.startswith("policy.context.kind=")]
-    options = CONTEXT_OPTIONS[kinds[-1] if kinds else "none"]
+    options = CONTEXT_OPTIONS[variant_kind(variant)]
     return [o for o in overrides if not o.startswith("policy.context.")
             or o.split("=", 1)[0].removeprefix("policy.context.") in (*options, "kind")]
 
@@ -250,7 +258,7 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
         torch.set_num_threads(1)
     s, v, out = DemoSettings(**settings), Variant(**variant), Path(out)
     run = out / "runs" / v.name
-    recurrent = any("memory_tokens" in o for o in v.overrides)
+    recurrent = ContextConfig(kind=variant_kind(v.overrides)).recurrent
     batch = s.episode_batch if recurrent else s.frame_batch
     preset = v.preset or s.preset
     family = get_preset(preset).family
