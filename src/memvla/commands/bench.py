@@ -17,6 +17,7 @@ BENCHES = {
     "envs": "envs",
     "lm-copy": "lm_copy",
     "pruning": "pruning",
+    "context": "context",
 }
 
 
