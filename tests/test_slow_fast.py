@@ -81,7 +81,14 @@ def test_the_slow_memory_holds_pooled_frames_of_the_turns_before_the_window():
         history_indices(12, 2)[:2]]
     policy = _policy("context.num_turns=2", "context.num_history=2")
     states = _turns(policy, 3)
-    assert states[-1]["frames"][0].shape == (1, 3, 3, 64, 64)  # every turn's frame
+    frames = states[-1]["frames"][0]  # every turn's frame, in a buffer that doubles
+    assert frames.shape[1] >= 3 and frames.shape[2:] == (3, 64, 64)
+    for t in range(3):
+        torch.testing.assert_close(frames[:, t], policy.encode_observation(_obs(t))[0][0])
+    frames = _turns(policy, 10)[-1]["frames"][0]  # past its first capacity (8)
+    assert frames.shape[1] == 16
+    for t in (0, 7, 8, 9):
+        torch.testing.assert_close(frames[:, t], policy.encode_observation(_obs(t))[0][0])
     # at turn 2 (a new window) the prefix holds 2 pooled past frames of 16 -> 4 tokens each
     images, ids, pad, state = policy.encode_observation(_obs(2))
     parts = policy.model.embed_prefix(images, ids, pad, state, states[1])

@@ -7,8 +7,9 @@ A turn is one predicted chunk. The carried state is
   (B, Hkv, L, Dh), with their real-token flags, block ids and RoPE positions (B, L) and
   the turn each key belongs to (``turn_of_key``, (B, L)); each new turn's prefix is
   appended to it and attends to all of it, and so does the action expert;
-- ``frames``: every past turn's prepared images per camera (B, T, C, S, S), from which the
-  slow memory samples;
+- ``frames``: every past turn's prepared images per camera, in buffers
+  (B, capacity ≥ T, C, S, S) that double when full, from which the slow memory samples
+  (it grows with the episode, as StreamVLN's list of past frames does);
 - ``turn``: the turns done.
 
 Window (``context.window``, over ``context.num_turns`` turns): ``reset`` empties the cache
@@ -89,11 +90,23 @@ class SlowFastContext(TemporalContext):
             cut = int((turn_of_key[0] < first).sum())
             kept = {k: ([t[:, :, cut:] for t in v] if isinstance(v, list) else v[:, cut:])
                     for k, v in kept.items()}
-        frames = [img[:, None] for img in images]  # per camera (B, 1, C, S, S)
-        if state["frames"] is not None:
-            frames = [torch.cat([f, img], 1) for f, img in zip(state["frames"], frames,
-                                                               strict=True)]
-        return {"cache": kept, "frames": frames, "turn": turn + 1}
+        return {"cache": kept, "frames": self._append(state["frames"], images, turn),
+                "turn": turn + 1}
+
+    @staticmethod
+    def _append(frames: list[Tensor] | None, images: list[Tensor], turn: int) -> list[Tensor]:
+        """Write this turn's images at index ``turn`` of per-camera buffers
+        (B, capacity, C, S, S) that double when full: appending costs O(1) amortised (a
+        copy of the whole past at every turn would grow with the episode)."""
+        if frames is None:
+            frames = [img[:, None].repeat_interleave(8, 1) for img in images]  # (B, 8, ...)
+        out = []
+        for buf, img in zip(frames, images, strict=True):
+            if turn >= buf.shape[1]:
+                buf = torch.cat([buf, torch.empty_like(buf)], 1)  # (B, 2·capacity, ...)
+            buf[:, turn] = img  # in place: earlier turns' entries stay as they were
+            out.append(buf)
+        return out
 
     # -- slow: pooled frames of the turns before the window ---------------------------------
     def slow_turns(self, turn: int) -> list[int]:
