@@ -1,43 +1,76 @@
-"""memvla bench context: what each temporal-context kind costs (prefix tokens, carried
-state, chunk latency along an episode); bad arguments are refused before any timing."""
+"""memvla bench context: every temporal-context kind's prefix tokens, carried state and
+chunk latency along an episode, through the CLI and the library; bad arguments are refused
+before any timing."""
 
 import json
+import math
 
 import pytest
 
-from memvla.bench.context import KINDS, episode_cost
+from memvla.bench import context as bench
 from memvla.cli import main
 
 
 def test_bench_context_reports_every_kind(tmp_path, capsys):
     out = tmp_path / "c.json"
-    assert main(["bench", "context", "--steps", "24", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())["kinds"]
-    assert set(res) == set(KINDS)
-    at = {k: r["at"]["10"] for k, r in res.items()}
+    assert main(["bench", "context", "--steps", "24", "--repeats", "1", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["kinds"]) == set(bench.KINDS)
+    assert {"torch", "threads"} <= set(figures["torch"])
+    for r in figures["kinds"].values():
+        assert set(r["at"]) == {"10", "24"}  # step 10 and the episode's last
+        assert r["at"]["10"]["window_steps"] == [1, 9, 17]  # every chunk call of 24 steps
+        assert r["paired"]["early_step"] == 9 and r["paired"]["late_step"] == 17
+        assert r["latency_ratio"] > 0 and r["paired"]["ratio"] > 0
+    at = {k: r["at"]["10"] for k, r in figures["kinds"].items()}
+
+    cfg = bench.kind_config("frames")
+    c, h, w = cfg.image_shape
+    k, per_image = cfg.context.num_frames, cfg.model.tokens_per_image
     none = at["none"]["prefix_tokens"]
-    tokens = 16  # tiny: 64×64 images, patch 8, pixel shuffle 2 -> 4×4 tokens per image
-    assert at["frames"]["prefix_tokens"] == none + 6 * tokens  # 6 past frames
-    assert at["frames-pooled"]["prefix_tokens"] == none + 6 * 4  # pooled 4×4 -> 2×2
+    assert at["frames"]["prefix_tokens"] == none + k * per_image
+    pooled = (math.isqrt(per_image) // cfg.context.pool_stride) ** 2  # tiny: 4×4 -> 2×2
+    assert at["frames-pooled"]["prefix_tokens"] == none + k * pooled
     assert at["frames-mem"]["prefix_tokens"] == none  # the prefix does not grow
-    assert at["memory_tokens"]["prefix_tokens"] == none + 4
     assert at["none"]["state_bytes"] == 0
-    assert at["memory_tokens"]["state_bytes"] == 4 * 64 * 4  # M × D float32
-    assert at["frames"]["state_bytes"] == 60 * 64 * 64 * 3 + 8  # a ring of 6 × 10 uint8 frames
-    # at step 10 (the second chunk) the fast cache holds the first turn
-    assert at["slow_fast"]["attended_keys"] == 2 * none
+    ring = k * cfg.context.frame_stride * c * h * w  # uint8 frames, + the int64 count
+    for kind in ("frames", "frames-pooled", "frames-mem"):
+        assert at[kind]["state_bytes"] == ring + 8
+    # the chunk at step 9 attends to the cached first turn as well
+    assert at["slow_fast"]["attended_keys"] == 2 * at["slow_fast"]["prefix_tokens"]
     assert "ms@10" in capsys.readouterr().out
 
 
-def test_full_history_stops_at_its_state_limit():
-    r = episode_cost("full-history", 200, max_state_mb=0.05)
+def test_memory_tokens_carry_m_by_d_floats():
+    cfg = bench.kind_config("memory_tokens")
+    m, d = cfg.context.num_tokens, cfg.model.text.width
+    r = bench.episode_cost("memory_tokens", 9, repeats=1, warmup=0)
+    none = bench.episode_cost("none", 9, repeats=1, warmup=0)
+    assert r["at"]["9"]["state_bytes"] == m * d * 4  # float32
+    assert r["at"]["9"]["prefix_tokens"] == none["at"]["9"]["prefix_tokens"] + m
+
+
+@pytest.mark.parametrize("max_mb", [0.5, 0.05])  # 0.05: stops at the first chunk
+def test_full_history_stops_at_its_state_limit(max_mb):
+    r = bench.episode_cost("full-history", 200, repeats=1, warmup=0, max_state_mb=max_mb)
     assert r["stopped_at"] is not None and r["steps"] == r["stopped_at"] < 200
+    assert r["at"][str(r["stopped_at"])]["state_bytes"] > max_mb * 2 ** 20
+    assert r["paired"]["early_step"] == min(9, r["stopped_at"])
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], r"--steps must be >= 1, got 0"),
-    (["--kinds", "none,tape"], r"--kinds: expected names among none, memory_tokens"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--kinds", "none,tape"], "--kinds: expected names among none, memory_tokens"),
+    (["--set", "context.num_tokens=8"], "context.num_tokens is an option of"),
+    (["--success", "--variants", "plain,tape"], "--variants: expected names among plain"),
+    (["--success", "--tasks", "remember-colour"], "--tasks: expected names among"),
 ])
-def test_bad_arguments_are_refused_before_timing(flags, message, capsys):
+def test_bad_arguments_are_refused_before_timing(flags, message, capsys, monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timing started")
+
+    monkeypatch.setattr(bench, "episode_cost", no_timing)
     assert main(["bench", "context", *flags]) == 2
-    assert message.split(",")[0].replace("\\", "") in capsys.readouterr().err
+    assert message in capsys.readouterr().err
