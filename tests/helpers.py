@@ -106,3 +106,42 @@ def model_inputs(cfg, b: int = 2, seed: int = 0, pad_from: int | None = None):
     state = torch.randn(b, m.max_state_dim, generator=g)
     prev = torch.randn(b, m.chunk_size, m.max_action_dim, generator=g)
     return images, ids, pad, state, prev
+
+
+def episode_batch(cfg, b: int = 2, s: int = 3, seed: int = 0, lengths=None,
+                  task: str = "remember the colour and touch it later"):
+    """A random SegmentBatch of ``b`` episodes cut into ``s`` chunk-long segments; episodes
+    of ``lengths`` frames (default: all ``s`` segments) are padded past their end."""
+    from memvla.data.segments import SegmentBatch
+
+    g = torch.Generator().manual_seed(seed)
+    a, c, h, w = cfg.model.chunk_size, *cfg.image_shape
+    lengths = torch.tensor(lengths or [s * a] * b)
+    n_seg = (lengths + a - 1) // a
+    seg_pad = torch.arange(s)[None] >= n_seg[:, None]  # (B, S)
+    steps = torch.arange(s)[:, None] * a + torch.arange(a)  # (S, A)
+    return SegmentBatch(
+        observation={"observation.images.top": torch.rand(b, s, c, h, w, generator=g),
+                     "observation.state": torch.randn(b, s, cfg.state_dim, generator=g)},
+        action=torch.randn(b, s, a, cfg.action_dim, generator=g),
+        action_is_pad=steps[None] >= lengths[:, None, None],
+        segment_is_pad=seg_pad,
+        frame_index=torch.where(seg_pad, 0, torch.arange(s)[None] * a),
+        episode_index=torch.arange(b), length=lengths, task=[task] * b)
+
+
+def write_episode(root, cfg, length: int, seed: int = 0):
+    """One random episode of ``length`` frames fitting ``cfg`` as a LeRobot v3.0 dataset at
+    ``root`` -> the dataset."""
+    import numpy as np
+
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset, LeRobotV3Writer
+
+    rng = np.random.default_rng(seed)
+    c, h, w = cfg.image_shape
+    frames = {"observation.images.top": rng.integers(0, 256, (length, h, w, c), np.uint8),
+              "observation.state": rng.normal(size=(length, cfg.state_dim)).astype(np.float32),
+              "action": rng.normal(size=(length, cfg.action_dim)).astype(np.float32)}
+    with LeRobotV3Writer(root, fps=10) as writer:
+        writer.add_episode(frames, task="remember the colour and touch it later")
+    return LeRobotV3Dataset(root)

@@ -5,7 +5,7 @@ step to the next, a save/load round trip gives the same actions."""
 
 import pytest
 import torch
-from helpers import narrow_config
+from helpers import episode_batch, narrow_config, write_episode
 
 from memvla.configs import ContextConfig
 from memvla.context import (
@@ -18,7 +18,6 @@ from memvla.context import (
     state_batch,
     state_leaves,
 )
-from memvla.data.segments import SegmentBatch
 from memvla.policies import load_policy, make_policy
 
 KINDS = {"none": [],
@@ -73,36 +72,8 @@ def test_registry_and_state_checks():
         ContextConfig(kind="frames", frame_stride=0)
 
 
-def _episode(cfg, s=3, b=2, seed=0) -> SegmentBatch:
-    g = torch.Generator().manual_seed(seed)
-    a, (c, h, w) = cfg.model.chunk_size, cfg.image_shape
-    return SegmentBatch(
-        observation={"observation.images.top": torch.rand(b, s, c, h, w, generator=g),
-                     "observation.state": torch.randn(b, s, cfg.state_dim, generator=g)},
-        action=torch.randn(b, s, a, cfg.action_dim, generator=g),
-        action_is_pad=torch.zeros(b, s, a, dtype=torch.bool),
-        segment_is_pad=torch.zeros(b, s, dtype=torch.bool),
-        frame_index=(torch.arange(s) * a).expand(b, s), episode_index=torch.arange(b),
-        length=torch.full((b,), s * a), task=["remember the colour and touch it later"] * b)
-
-
 def _obs(seg: dict) -> dict:
     return {k: seg[k] for k in ("observation.images.top", "observation.state", "task")}
-
-
-def _write_episode(root, cfg, length: int):
-    import numpy as np
-
-    from memvla.data.lerobot_v3 import LeRobotV3Writer
-
-    rng = np.random.default_rng(0)
-    c, h, w = cfg.image_shape
-    with LeRobotV3Writer(root, fps=10) as writer:
-        writer.add_episode({
-            "observation.images.top": rng.integers(0, 256, (length, h, w, c), np.uint8),
-            "observation.state": rng.normal(size=(length, cfg.state_dim)).astype(np.float32),
-            "action": rng.normal(size=(length, cfg.action_dim)).astype(np.float32)},
-            task="remember the colour and touch it later")
 
 
 def _training_states(policy, root, length: int) -> list:
@@ -147,7 +118,7 @@ def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, preset
     cfg = narrow_config(preset, extra=[*steps, "n_action_steps=4", *KINDS[kind]])
     policy = make_policy(cfg).eval()
     length, n, m = 13, 4, cfg.model
-    _write_episode(tmp_path / "ds", cfg, length)
+    write_episode(tmp_path / "ds", cfg, length)
     ds = LeRobotV3Dataset(tmp_path / "ds")
     frames = [{"observation.images.top": ds[t]["observation.images.top"][None],
                "observation.state": ds[t]["observation.state"][None], "task": [ds[t]["task"]]}
@@ -205,7 +176,7 @@ def test_checkpoints_of_earlier_versions_load_under_todays_names(tmp_path):
 def test_a_recurrent_model_needs_its_state():
     cfg = narrow_config("tiny", extra=KINDS["memory_tokens"])
     policy = make_policy(cfg)
-    seg = _episode(cfg).segment(0)
+    seg = episode_batch(cfg).segment(0)
     images, ids, pad, state = policy.encode_observation(_obs(seg))
     with pytest.raises(ValueError, match=r"context.kind='memory_tokens' needs its state"):
         policy.model.prefill(images, ids, pad, state)
@@ -222,7 +193,7 @@ def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tm
 
     cfg = narrow_config(preset, extra=["n_action_steps=4", *KINDS[kind]])
     policy = make_policy(cfg)
-    _write_episode(tmp_path / "ds", cfg, 13)
+    write_episode(tmp_path / "ds", cfg, 13)
     if cfg.context.recurrent:
         batch = EpisodeSegmentLoader(LeRobotV3Dataset(tmp_path / "ds"), cfg.model.chunk_size,
                                      1, shuffle=False, stride=4).collate([0])

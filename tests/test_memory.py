@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from helpers import narrow_config
+from helpers import episode_batch, narrow_config, write_episode
 
 from memvla.config_utils import apply_overrides
 from memvla.data.segments import SegmentBatch
@@ -22,24 +22,6 @@ def memory_config(layout="smolvla", extra=()):
     return narrow_config("tiny", extra=["context.kind=memory_tokens",
                                         f"context.num_tokens={M}", f"context.layout={layout}",
                                         *extra])
-
-
-def episode_batch(cfg, b=2, s=3, seed=0, lengths=None) -> SegmentBatch:
-    g = torch.Generator().manual_seed(seed)
-    a, c, h, w = cfg.model.chunk_size, *cfg.image_shape
-    lengths = torch.tensor(lengths or [s * a] * b)
-    n_seg = (lengths + a - 1) // a
-    seg_pad = torch.arange(s)[None] >= n_seg[:, None]  # (B, S)
-    steps = torch.arange(s)[:, None] * a + torch.arange(a)  # (S, A)
-    return SegmentBatch(
-        observation={"observation.images.top": torch.rand(b, s, c, h, w, generator=g),
-                     "observation.state": torch.randn(b, s, cfg.state_dim, generator=g)},
-        action=torch.randn(b, s, a, cfg.action_dim, generator=g),
-        action_is_pad=steps[None] >= lengths[:, None, None],
-        segment_is_pad=seg_pad,
-        frame_index=torch.where(seg_pad, 0, torch.arange(s)[None] * a),
-        episode_index=torch.arange(b), length=lengths,
-        task=["remember the colour and touch it later"] * b)
 
 
 def prefix_of(policy, batch, memory):
@@ -259,21 +241,6 @@ def test_bptt_depth_beyond_the_segments_of_a_batch_is_the_whole_episode():
     assert grad[0, 0].abs().sum() > 0
 
 
-def _write_episode(root, cfg, length: int, seed: int = 0):
-    import numpy as np
-
-    from memvla.data.lerobot_v3 import LeRobotV3Dataset, LeRobotV3Writer
-
-    rng = np.random.default_rng(seed)
-    c, h, w = cfg.image_shape
-    frames = {"observation.images.top": rng.integers(0, 256, (length, h, w, c), np.uint8),
-              "observation.state": rng.normal(size=(length, cfg.state_dim)).astype(np.float32),
-              "action": rng.normal(size=(length, cfg.action_dim)).astype(np.float32)}
-    with LeRobotV3Writer(root, fps=10) as writer:
-        writer.add_episode(frames, task="remember the colour and touch it later")
-    return LeRobotV3Dataset(root)
-
-
 def test_a_memory_policy_replanning_every_n_steps_trains_as_it_runs(tmp_path):
     # n_action_steps = 3 < chunk_size = 8: at inference the policy predicts (and writes its
     # memory) every 3 frames; training must cut the episode the same way
@@ -282,7 +249,7 @@ def test_a_memory_policy_replanning_every_n_steps_trains_as_it_runs(tmp_path):
     torch.manual_seed(0)
     policy = make_policy(memory_config(extra=["n_action_steps=3"])).eval()
     a, n, length = 8, 3, 13
-    ds = _write_episode(tmp_path / "ds", policy.config, length)
+    ds = write_episode(tmp_path / "ds", policy.config, length)
     ep = EpisodeSegmentLoader(ds, a, 1, shuffle=False, stride=n).collate([0])
     assert ep.frame_index.tolist() == [[0, 3, 6, 9, 12]]
     assert ep.action_is_pad[0].sum(1).tolist() == [0, 0, 1, 4, 7]  # chunks overlap
@@ -464,7 +431,7 @@ def test_uint8_segments_train_as_float_ones(tmp_path):
 
     policy = make_policy(memory_config())
     root = tmp_path / "ds"
-    floats = _write_episode(root, policy.config, 13)
+    floats = write_episode(root, policy.config, 13)
     raw = LeRobotV3Dataset(root, images_as="uint8")
     f = EpisodeSegmentLoader(floats, 8, 1, shuffle=False).collate([0])
     u = EpisodeSegmentLoader(raw, 8, 1, shuffle=False).collate([0])

@@ -5,7 +5,7 @@ the collapse with a short prompt and its fix, and the pruner inside the flow-mat
 
 import pytest
 import torch
-from helpers import fake_batch
+from helpers import episode_batch, fake_batch
 from helpers import model_inputs as shared_inputs
 
 from memvla.configs import PrunerConfig
@@ -326,20 +326,10 @@ def test_flow_vla_patch_count_mismatch_is_actionable():
 
 
 def test_episode_training_reads_the_previous_segment_as_prev_chunk(monkeypatch):
-    from memvla.data.segments import SegmentBatch
-
     cfg = pruned_config("model.pruner.action_context=prev_chunk", "context.kind=memory_tokens")
     policy = make_policy(cfg)
-    g = torch.Generator().manual_seed(0)
-    b, s, a, (c, h, w) = 2, 3, cfg.model.chunk_size, cfg.image_shape
-    ep = SegmentBatch(
-        observation={"observation.images.top": torch.rand(b, s, c, h, w, generator=g),
-                     "observation.state": torch.randn(b, s, cfg.state_dim, generator=g)},
-        action=torch.randn(b, s, a, cfg.action_dim, generator=g),
-        action_is_pad=torch.zeros(b, s, a, dtype=torch.bool),
-        segment_is_pad=torch.zeros(b, s, dtype=torch.bool),
-        frame_index=(torch.arange(s) * a).expand(b, s), episode_index=torch.arange(b),
-        length=torch.full((b,), s * a), task=["go left"] * b)
+    s = 3
+    ep = episode_batch(cfg, b=2, s=s, task="go left")
     seen = []
     real = policy.model.forward
 
