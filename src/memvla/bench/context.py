@@ -37,11 +37,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .timing import format_table
+from .timing import format_table, timed_call
 
 HELP = "cost of each temporal-context kind over a long episode (latency, tokens, state)"
 
@@ -169,17 +168,6 @@ def state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in state_leaves(state))
 
 
-def _timed(fn, sync) -> float:
-    """Seconds of one call, queued device work included when ``sync`` is given."""
-    if sync is not None:
-        sync()
-    start = time.perf_counter()
-    fn()
-    if sync is not None:
-        sync()
-    return time.perf_counter() - start
-
-
 @dataclass
 class ChunkCall:
     step: int
@@ -238,10 +226,10 @@ def episode_cost(kind: str, steps: int, preset: str = "tiny", overrides=(), devi
             for step in range(1, steps + 1):
                 predicts = policy.queued_actions == 0
                 if predicts:  # the model state this chunk reads, as the policy builds it
-                    late = policy._context_input(obs, 1)[0]  # (untimed)
+                    late = policy._context_input(policy.observed_images(obs), 1)[0]  # (untimed)
                     if early_at is None or step == early_step:  # (an episode may stop sooner)
                         early, early_at = late, step
-                ms = 1e3 * _timed(lambda: policy.select_action(obs), sync)
+                ms = 1e3 * timed_call(lambda: policy.select_action(obs), sync)
                 if predicts:
                     nbytes = state_bytes(policy.context_state)
                     chunks.append(ChunkCall(step, ms, *seen[-1], nbytes))

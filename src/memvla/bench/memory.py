@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .timing import cuda_sync, timed_call
+
 HELP = "memory tokens: latency cost, long-episode stability, success vs the baselines"
 
 
@@ -101,19 +103,6 @@ def _observation(cfg, device, b: int = 1):
     return obs
 
 
-def _timed(fn) -> float:
-    """Seconds of one call, queued device work included."""
-    import time
-
-    from .timing import cuda_sync
-
-    cuda_sync()
-    t = time.perf_counter()
-    fn()
-    cuda_sync()
-    return time.perf_counter() - t
-
-
 def latency_cost(preset: str, overrides: list[str], repeats: int, device=None) -> dict:
     """Median predict_action_chunk latency with / without memory, timed alternately."""
     import statistics
@@ -130,7 +119,7 @@ def latency_cost(preset: str, overrides: list[str], repeats: int, device=None) -
                 p.predict_action_chunk(obs)
         for _ in range(repeats):
             for name, p in (("plain", plain), ("memory", memory)):
-                times[name].append(_timed(lambda p=p: p.predict_action_chunk(obs)))
+                times[name].append(timed_call(lambda p=p: p.predict_action_chunk(obs), cuda_sync))
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     m = memory.config.context.num_tokens
     return {"preset": preset, "overrides": overrides, "memory_tokens": m,
@@ -173,7 +162,7 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
             policy.predict_action_chunk(obs)
         policy.reset()
         for step in range(1, steps + 1):
-            ms = 1e3 * _timed(lambda: policy.select_action(obs))
+            ms = 1e3 * timed_call(lambda: policy.select_action(obs), cuda_sync)
             if (step - 1) % n == 0:  # a chunk was predicted at this step
                 rec[step] = (ms, float(policy.memory.norm(dim=-1).max()))
                 if early_memory is None and step >= min(10, steps - n + 1):
@@ -184,8 +173,9 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
         paired: dict[str, list[float]] = {"early": [], "late": []}
         for _ in range(repeats):
             for name, mem in (("early", early_memory), ("late", late_memory)):
-                paired[name].append(_timed(
-                    lambda mem=mem: policy.model.sample_actions(*inputs, context_state=mem)))
+                paired[name].append(timed_call(
+                    lambda mem=mem: policy.model.sample_actions(*inputs, context_state=mem),
+                    cuda_sync))
         policy.reset()
     chunk_steps = sorted(rec)
 

@@ -56,6 +56,18 @@ class Timing:
                 "runs_ms": [1e3 * t for t in self.runs_s], **self.extra}
 
 
+def timed_call(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    """Seconds of one call of ``fn`` by ``time.perf_counter``; ``sync`` (e.g.
+    :func:`cuda_sync`) runs before each clock read so that queued device work counts."""
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start
+
+
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2, name: str = "",
               sync: Callable[[], None] | None = None) -> Timing:
     """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times, each timed alone with
@@ -67,16 +79,7 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2, name: str = 
         raise ValueError(f"time_call: warmup must be >= 0, got {warmup}")
     for _ in range(warmup):
         fn()
-    runs = []
-    for _ in range(repeats):
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        runs.append(time.perf_counter() - start)
-    return Timing(name, runs, warmup)
+    return Timing(name, [timed_call(fn, sync) for _ in range(repeats)], warmup)
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int | dict[str, int],
@@ -100,15 +103,8 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int | dict[st
     runs: dict[str, list[float]] = {n: [] for n in names}
     for i in range(max(reps.values())):
         for n in names:
-            if i >= reps[n]:
-                continue
-            if sync is not None:
-                sync()
-            start = time.perf_counter()
-            calls[n]()
-            if sync is not None:
-                sync()
-            runs[n].append(time.perf_counter() - start)
+            if i < reps[n]:
+                runs[n].append(timed_call(calls[n], sync))
     return {n: Timing(n, runs[n], warm[n]) for n in names}
 
 

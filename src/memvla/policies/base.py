@@ -114,14 +114,19 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         per camera (B, C, S, S) in [-1, 1], language ids/pad (B, Nl), normalised state
         padded to max_state_dim (B, Ds'). uint8 images are moved as bytes and converted on
         the device."""
+        return self._encode(batch)[1]
+
+    def _encode(self, batch: dict):
+        """-> (the checked images per camera (B, C, H, W) as given, on the device: what a
+        temporal context records; the model inputs of :meth:`encode_observation`)."""
         cfg = self.config
         images, state, tasks = check_observation(batch, cfg)
         dev, dtype = self.device, self.dtype
-        images = self.prepare_images([img.to(dev, non_blocking=True) for img in images])
+        raw = [img.to(dev, non_blocking=True) for img in images]
         ids, pad = self.tokenize(tasks)  # (B, Nl)
         state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
         state = pad_last(state, cfg.model.max_state_dim).to(dtype)  # (B, Ds')
-        return images, ids.to(dev), pad.to(dev), state
+        return raw, (self.prepare_images(raw), ids.to(dev), pad.to(dev), state)
 
     def prepare_images(self, images: list[Tensor]) -> list[Tensor]:
         """Checked images per camera (..., C, H, W) (uint8, or float in [0, 1]) on the
@@ -166,13 +171,14 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         ``n_action_steps`` calls. Every observation is validated, queued actions or not.
         ``noise`` (B, chunk_size, max_action_dim) is the sampling noise of the chunk when
         one is predicted (ignored otherwise, and by deterministic families)."""
-        check_observation(obs, self.config)
         if not self._queue:  # predicting a chunk also shows the temporal context the frame
             chunk = self.predict_action_chunk(obs, noise=noise)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
         elif self.model.context.stateful:  # e.g. frame history records every frame
             self._context_state = self.model.context.observe(self._context_state,
                                                              self.observed_images(obs))
+        else:
+            check_observation(obs, self.config)
         return self._queue.popleft()
 
     def reset(self) -> None:

@@ -23,9 +23,10 @@ class ContextPolicyMixin:
     """Mixed into :class:`memvla.policies.base.VLAPolicy`."""
 
     # -- inference ------------------------------------------------------------------------
-    def _context_input(self, obs: dict, batch: int):
-        """-> (the model state a chunk predicted now reads, this frame's images as the
-        context records them, or None). Checks the carried state is for ``batch``."""
+    def _context_input(self, seen: list[Tensor], batch: int):
+        """-> (the model state a chunk predicted now reads, ``seen`` (this frame's checked
+        images on the device) when the context records frames, else None). Checks the
+        carried state is for ``batch``."""
         ctx, carried = self.model.context, self._context_state
         ctx.check_state(carried, batch)
         if ctx.recurrent:  # the state the model wrote last (or the initial one)
@@ -33,7 +34,7 @@ class ContextPolicyMixin:
             return state, None
         if not ctx.stateful:
             return None, None
-        seen = self.observed_images(obs)  # e.g. the frame history seen so far, and this one
+        # e.g. the frame history seen so far, and this one
         return self.model_state(ctx.read(carried, seen)), seen
 
     def _context_output(self, seen, written) -> None:

@@ -118,9 +118,9 @@ class FlowVLAPolicy(VLAPolicy):
     def predict_action_chunk(self, obs: dict, noise: Tensor | None = None) -> Tensor:
         """-> unnormalised actions (B, chunk_size, action_dim). A recurrent policy reads its
         context's state and writes the next one (one update per predicted chunk)."""
-        images, ids, pad, state = self.encode_observation(obs)
+        raw, (images, ids, pad, state) = self._encode(obs)
         b = state.shape[0]
-        model_state, seen = self._context_input(obs, b)
+        model_state, seen = self._context_input(raw, b)
         prev_actions, prev_valid = self._prev_chunk or (None, None)
         if prev_actions is not None and prev_actions.shape[0] != b:
             raise ValueError(f"observation batch size {b} differs from the "

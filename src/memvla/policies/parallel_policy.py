@@ -78,8 +78,8 @@ class ParallelVLAPolicy(VLAPolicy):
         """-> unnormalised actions (B, chunk_size, action_dim). ``noise`` is accepted for
         the common API and ignored (the chunk is regressed, not sampled). A recurrent
         policy reads its context's state and writes the next one."""
-        images, ids, pad, state = self.encode_observation(obs)
-        model_state, seen = self._context_input(obs, state.shape[0])
+        raw, (images, ids, pad, state) = self._encode(obs)
+        model_state, seen = self._context_input(raw, state.shape[0])
         x, new_state = self.model.predict(images, ids, pad, state,
                                           context_state=model_state)  # (B, A, Da')
         self._context_output(seen, new_state)
