@@ -128,7 +128,9 @@ class PolicyRunner:
 
     def act(self, observations: list[dict], running: list[bool]) -> np.ndarray:
         predicts = self.predicts
-        obs = stack_observations(observations, self.policy.device)
+        # to the device only when the policy reads the frame (a queue pop only checks it)
+        reads = predicts or self.policy.model.context.stateful
+        obs = stack_observations(observations, self.policy.device if reads else None)
         action = self.policy.select_action(obs, noise=self.noise() if predicts else None)
         if predicts:
             self.kept += pruner_kept(self.policy, running)
