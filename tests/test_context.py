@@ -30,7 +30,6 @@ KINDS = {"none": [],
          "slow_fast": ["context.kind=slow_fast", "context.num_turns=2", "context.num_history=2"],
          "slow_fast-slide": ["context.kind=slow_fast", "context.num_turns=2",
                              "context.window=slide", "context.num_history=1"]}
-FLOW_ONLY = ("slow_fast",)  # the parallel family has no KV cache of earlier turns
 
 
 def test_every_registered_kind_is_tested_here():
@@ -111,8 +110,6 @@ def _chunk(policy, obs: dict, noise, state):
 def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
 
-    if preset == "tiny-oft" and kind.startswith(FLOW_ONLY):
-        pytest.skip("a flow-family kind")
     torch.manual_seed(0)
     steps = ["model.num_steps=2"] if preset == "tiny" else []
     cfg = narrow_config(preset, extra=[*steps, "n_action_steps=4", *KINDS[kind]])

@@ -6,16 +6,19 @@ import pytest
 import torch
 from helpers import narrow_config
 
-from memvla.configs import ContextConfig, PolicyConfig
+from memvla.configs import ContextConfig
 from memvla.context import SlowFastContext
 from memvla.context.history import history_indices
 from memvla.policies import make_policy
-from memvla.presets import get_preset
 
 
-def _policy(*extra):
+FAMILIES = ["tiny", "tiny-oft"]
+
+
+def _policy(*extra, preset: str = "tiny"):
     torch.manual_seed(0)
-    cfg = narrow_config("tiny", extra=["model.num_steps=2", "context.kind=slow_fast", *extra])
+    steps = ["model.num_steps=2"] if preset == "tiny" else []
+    cfg = narrow_config(preset, extra=[*steps, "context.kind=slow_fast", *extra])
     return make_policy(cfg).eval()
 
 
@@ -32,9 +35,17 @@ def _turns(policy, n: int) -> list[dict]:
     policy.reset()
     states = []
     for t in range(n):
-        policy.predict_action_chunk(_obs(t), noise=torch.zeros(1, 8, 8))
+        policy.predict_action_chunk(_obs(t), noise=_noise(policy, zeros=True))
         states.append(policy.context_state)
     return states
+
+
+def _noise(policy, zeros: bool = False):
+    """The flow family's noise of one chunk; the parallel family takes none."""
+    if policy.config.family != "flow":
+        return None
+    m = policy.config.model
+    return (torch.zeros if zeros else torch.randn)(1, m.chunk_size, m.max_action_dim)
 
 
 def _turns_in_cache(state) -> set[int]:
@@ -42,27 +53,30 @@ def _turns_in_cache(state) -> set[int]:
     return set() if cache is None else set(cache["turn_of_key"][0].tolist())
 
 
-def test_the_cache_resets_every_num_turns_turns():
-    states = _turns(_policy("context.num_turns=3"), 7)
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_the_cache_resets_every_num_turns_turns(preset):
+    states = _turns(_policy("context.num_turns=3", preset=preset), 7)
     # after turns 0, 1 the next turn sees them; after turn 2 a new window starts
     assert [_turns_in_cache(s) for s in states] == [{0}, {0, 1}, set(), {3}, {3, 4}, set(),
                                                     {6}]
     assert [s["turn"] for s in states] == list(range(1, 8))
 
 
-def test_the_sliding_window_never_exceeds_its_size():
-    states = _turns(_policy("context.num_turns=3", "context.window=slide"), 7)
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_the_sliding_window_never_exceeds_its_size(preset):
+    states = _turns(_policy("context.num_turns=3", "context.window=slide", preset=preset), 7)
     for t, s in enumerate(states):  # the next turn sees at most num_turns - 1 earlier ones
         assert _turns_in_cache(s) == set(range(max(0, t - 1), t + 1))
-    whole = _turns(_policy("context.num_turns=0"), 5)  # the full-history baseline grows
+    whole = _turns(_policy("context.num_turns=0", preset=preset), 5)  # the full-history baseline grows
     assert [_turns_in_cache(s) for s in whole] == [set(range(t + 1)) for t in range(5)]
     lengths = [s["cache"]["pad"].shape[1] for s in whole]
     assert lengths == [lengths[0] * (t + 1) for t in range(5)]
 
 
-def test_streaming_inside_a_window_equals_recomputing_it_from_scratch():
-    policy = _policy("context.num_turns=3", "context.num_history=0")
-    noise = torch.randn(1, 8, 8)
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_streaming_inside_a_window_equals_recomputing_it_from_scratch(preset):
+    policy = _policy("context.num_turns=3", "context.num_history=0", preset=preset)
+    noise = _noise(policy)
     policy.reset()
     for t in range(4):  # turns 0..2 fill a window; turn 3 starts the next one
         policy.predict_action_chunk(_obs(t), noise=noise)
@@ -105,9 +119,3 @@ def test_bad_slow_fast_options():
     with pytest.raises(ValueError, match=r"context.num_turns is an option of "
                        r"context.kind='slow_fast', not of 'frames'"):
         ContextConfig(kind="frames", num_turns=3)
-    cfg = get_preset("tiny-oft")
-    with pytest.raises(ValueError, match=r"slow_fast' keeps earlier turns in the backbone's KV "
-                       r"cache.*use family=flow"):
-        PolicyConfig(family="parallel", model=cfg.model, image_shape=(3, 64, 64),
-                     state_dim=3, action_dim=3, n_action_steps=8,
-                     context=ContextConfig(kind="slow_fast"))

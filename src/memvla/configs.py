@@ -506,10 +506,6 @@ class PolicyConfig:
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")
-        _require(self.family == "flow" or self.context.kind != "slow_fast",
-                 f"context.kind='slow_fast' keeps earlier turns in the backbone's KV cache, "
-                 f"which the flow family has; the {self.family!r} family decodes each chunk "
-                 "in one bidirectional pass: use family=flow (or another context kind)")
         pruner = getattr(self.model, "pruner", None)
         if pruner is not None and pruner.enabled and pruner.num_patches:
             have = len(self.cameras) * self.model.tokens_per_image

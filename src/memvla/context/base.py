@@ -102,6 +102,12 @@ class TemporalContext(nn.Module):
         return self.recurrent
 
     @property
+    def keeps_cache(self) -> bool:
+        """True when the model's sequence is appended to a key/value cache of earlier turns
+        that the state carries (:meth:`prefix_cache`, written back by :meth:`update`)."""
+        return False
+
+    @property
     def reads_prefix_output(self) -> bool:
         """True when :meth:`update` reads the backbone's last hidden states of the prefix
         (then its last layer's query/output/MLP weights get a gradient)."""

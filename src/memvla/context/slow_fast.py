@@ -51,6 +51,10 @@ class SlowFastContext(TemporalContext):
     def recurrent(self) -> bool:
         return True
 
+    @property
+    def keeps_cache(self) -> bool:
+        return True
+
     def initial_state(self, batch: int) -> dict:
         return {"cache": None, "frames": None, "turn": 0}
 

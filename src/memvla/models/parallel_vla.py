@@ -42,7 +42,8 @@ from ..configs import ContextConfig, ParallelVLAConfig, VisionConfig
 from ..context import make_context
 from ..layers.action_head import L1RegressionActionHead
 from ..layers.connector import MLPProjector
-from ..layers.masks import block_mask
+from ..layers.kv_cache import KVCache
+from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference
 from ..layers.tokens import TokenSegment
 from ..layers.vision import ImageEncoder, VisionTransformer
@@ -211,7 +212,9 @@ class ParallelVLA(nn.Module):
     (``context_state``) and the last two return the next one beside their result, as the
     flow-matching family does. A context's tokens (memory tokens, past frames) join the
     sequence as its own parts: memory read tokens and past frames before BOS, RMT write
-    tokens after STOP in a block of their own (only they see the whole sequence)."""
+    tokens after STOP in a block of their own (only they see the whole sequence). A context
+    that keeps earlier turns in a key/value cache (slow-fast) has the whole sequence of
+    each turn (placeholders included) appended to it, and the next turn attends to it."""
 
     def __init__(self, cfg: ParallelVLAConfig, num_cameras: int = 1,
                  context: ContextConfig | None = None):
@@ -259,10 +262,13 @@ class ParallelVLA(nn.Module):
         return torch.cat(tokens, 1)  # (B, P, D)
 
     def encode(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-               state: Tensor, context_state=None) -> ParallelSequence:
+               state: Tensor, context_state=None, cache: KVCache | None = None
+               ) -> ParallelSequence:
         """Build the (pruned) sequence. ``lang_ids``/``lang_pad`` (B, Nl): the prompt
         without BOS (the policy drops the tokenizer's); the BOS token
-        (``model.bos_token_id``) goes first, before the patches, as in OpenVLA."""
+        (``model.bos_token_id``) goes first, before the patches, as in OpenVLA. With a
+        ``cache`` of earlier turns (the slow-fast context) the sequence continues its
+        positions and blocks."""
         if context_state is None and self.context.stateful:
             raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
                              "context_state (e.g. initial_state(B) at an episode's start)")
@@ -282,17 +288,19 @@ class ParallelVLA(nn.Module):
                              self.cfg.num_action_tokens, self.decoder.embed(stop_ids))
         seq.stats = stats
         if context_state is not None:
-            seq = self._with_context(seq, context_state)
+            seq = self._with_context(seq, context_state, cache)
         return seq
 
-    def _with_context(self, seq: ParallelSequence, context_state) -> ParallelSequence:
+    def _with_context(self, seq: ParallelSequence, context_state,
+                      cache: KVCache | None = None) -> ParallelSequence:
         """The sequence with the temporal context's parts around it: a part before it
-        counts its positions from 0 and shifts the sequence's; a part after it continues
-        from the sequence's last position."""
+        counts its positions from 0 (or after the ``cache`` of earlier turns) and shifts
+        the sequence's; a part after it continues from the sequence's last position."""
         own = TokenSegment(seq.embs, seq.valid, torch.zeros_like(seq.kinds))
         parts = self.context.extend_prefix([own], context_state, self.image_encoder)
         at = next(i for i, part in enumerate(parts) if part is own)
-        pos, kinds, offset = [], [], None
+        pos, kinds = [], []
+        offset = None if cache is None or cache.is_empty else cache.next_position()  # (B, 1)
         for part in parts:
             if part is own:
                 here = seq.positions + (0 if offset is None else offset)  # (B, N)
@@ -306,27 +314,48 @@ class ParallelVLA(nn.Module):
             offset = last + 1  # (B, 1) the next free position
         joined = TokenSegment.cat(parts)
         before = sum(part.length for part in parts[:at])
+        blocks = torch.cumsum(joined.flags.long(), 1)  # (B, N)
+        if cache is not None and not cache.is_empty:
+            blocks = blocks + cache.key_block[:, -1:]  # (B, N) after the cached turns
         return ParallelSequence(joined.embs, joined.pad, torch.cat(pos, 1),
                                 torch.cat(kinds, 1), seq.action_start + before,
-                                seq.num_actions, seq.kept, seq.stats,
-                                blocks=torch.cumsum(joined.flags, 1))
+                                seq.num_actions, seq.kept, seq.stats, blocks=blocks)
 
-    def hidden_states(self, seq: ParallelSequence, final_norm: bool = True) -> Tensor:
+    def hidden_states(self, seq: ParallelSequence, final_norm: bool = True,
+                      cache: KVCache | None = None) -> Tensor:
         """Bidirectional decoder over the sequence (a context's blocks aside) -> hidden
-        states (B, N, D), after the final norm unless ``final_norm`` is False."""
-        blocks = torch.zeros_like(seq.kinds) if seq.blocks is None else seq.blocks
-        mask = block_mask(blocks, seq.valid)  # (B, N, N)
-        return self.decoder(seq.embs, seq.positions, mask, final_norm=final_norm)  # (B, N, D)
+        states (B, N, D), after the final norm unless ``final_norm`` is False. With a
+        ``cache`` the sequence also attends to the earlier turns it holds, and is appended
+        to it."""
+        blocks = torch.zeros_like(seq.kinds) if seq.blocks is None else seq.blocks  # (B, N)
+        k_block, k_pad = blocks, seq.valid
+        if cache is not None:
+            if not cache.is_empty:
+                k_block = torch.cat([cache.key_block, blocks], 1)  # (B, L)
+                k_pad = torch.cat([cache.key_pad, seq.valid], 1)  # (B, L)
+            cache.append_tokens(seq.valid, blocks, seq.positions)
+        mask = block_mask_between(blocks, seq.valid, k_block, k_pad)  # (B, N, L)
+        return self.decoder(seq.embs, seq.positions, mask, cache,
+                            final_norm=final_norm)  # (B, N, D)
+
+    def turn_cache(self, context_state) -> KVCache | None:
+        """The cache this call appends to: the context's cache of earlier turns (a fresh
+        one at a window's start) when the context keeps one, else None."""
+        if context_state is None or not self.context.keeps_cache:
+            return None
+        cache = self.context.prefix_cache(context_state)
+        return KVCache(self.cfg.text.depth) if cache is None else cache
 
     def action_hidden(self, images, lang_ids, lang_pad, state, context_state=None
                       ) -> tuple[Tensor, ParallelSequence, object]:
         """Hidden states at the placeholders (B, A·Da, D), the sequence they came from and
         the context's next state (None without one)."""
-        seq = self.encode(images, lang_ids, lang_pad, state, context_state)
+        cache = self.turn_cache(context_state)
+        seq = self.encode(images, lang_ids, lang_pad, state, context_state, cache)
         reads_raw = self.context.reads_prefix_output and not self.context.reads_normed_output
-        h = self.hidden_states(seq, final_norm=not reads_raw)  # (B, N, D)
+        h = self.hidden_states(seq, not reads_raw, cache)  # (B, N, D)
         new_state = None if context_state is None else self.context.update(
-            context_state, h, images=images)
+            context_state, h, cache=cache, images=images)
         if reads_raw:
             h = self.decoder.norm(h)  # (B, N, D) what the head reads, after the final norm
         return h[:, seq.action_slice], seq, new_state  # (B, A·Da, D)
