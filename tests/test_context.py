@@ -203,3 +203,20 @@ def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tm
     missing = [n for n, p in policy.model.named_parameters()
                if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing
+
+
+def test_a_checkpoint_of_another_context_kind_is_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    memory = make_policy(narrow_config("tiny", extra=[*KINDS["memory_tokens"]]))
+    memory.save_pretrained(tmp_path / "memory")
+    frames = make_policy(narrow_config("tiny", extra=[*KINDS["frames"]]))
+    with pytest.raises(ValueError, match=r"config.json: a checkpoint of another temporal "
+                       r"context: context.kind is 'memory_tokens' there, 'frames' here; "
+                       r"context.num_tokens is 3 there, 4 here"):
+        frames.load_weights(tmp_path / "memory")
+    twin = make_policy(narrow_config("tiny", extra=[*KINDS["memory_tokens"]]))
+    assert not torch.equal(twin.model.context.tokens.init, memory.model.context.tokens.init)
+    twin.load_weights(tmp_path / "memory")  # the same kind loads, weights and normaliser
+    for (k, a), b in zip(memory.model.state_dict().items(), twin.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k

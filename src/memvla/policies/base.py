@@ -27,6 +27,7 @@ from .checkpoint import (
     checkpoint_files,
     read_config,
     read_tensors,
+    resolve_checkpoint,
     upgrade_keys,
     write_checkpoint,
 )
@@ -196,6 +197,38 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         """Write (or replace, as a whole and atomically) the checkpoint ``directory``."""
         return write_checkpoint(directory, self.checkpoint_files())
 
+    def load_weights(self, directory: str | Path) -> None:
+        """Load a checkpoint's model weights (and normaliser) into this policy, in place.
+        The checkpoint must be of this policy's type, temporal context and shapes; any
+        difference is an error naming it."""
+        d = resolve_checkpoint(directory)
+        meta = read_config(d)
+        if meta["type"] != self.policy_type:
+            raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
+                             f"{self.policy_type!r}")
+        saved = from_dict(PolicyConfig, meta["config"]).context
+        if saved != self.config.context:
+            diff = [f"context.{k} is {getattr(saved, k)!r} there, {v!r} here"
+                    for k, v in vars(self.config.context).items() if getattr(saved, k) != v]
+            raise ValueError(f"{d / 'config.json'}: a checkpoint of another temporal context: "
+                             + "; ".join(diff) + " (load it with load_policy, or make this "
+                             "policy with its context)")
+        weights = self._checked_weights(d)
+        self.model.load_state_dict(weights)  # copied onto the model's device and dtype
+        self.normalizer = Normalizer.from_state_dict(
+            self.config.normalization, read_tensors(d / PROCESSOR_FILE))
+
+    def _checked_weights(self, d: Path) -> dict[str, Tensor]:
+        """The checkpoint ``d``'s weights, checked against this policy's names and shapes."""
+        weights = upgrade_keys(read_tensors(d / WEIGHTS_FILE))
+        own = self.model.state_dict()
+        check_keys(d / WEIGHTS_FILE, set(own), set(weights))
+        for k, v in weights.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the "
+                                 f"config expects {tuple(own[k].shape)}")
+        return weights
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
         d = Path(directory)
@@ -204,16 +237,9 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
             raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
                              f"{cls.policy_type!r}")
         config = from_dict(PolicyConfig, meta["config"])
-        weights = upgrade_keys(read_tensors(d / WEIGHTS_FILE))
-        processor = read_tensors(d / PROCESSOR_FILE)
         with torch.device("meta"):  # no random initialisation: every weight is loaded
             policy = cls(config)
-        policy.normalizer = Normalizer.from_state_dict(config.normalization, processor)
-        own = policy.model.state_dict()
-        check_keys(d / WEIGHTS_FILE, set(own), set(weights))
-        for k, v in weights.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the "
-                                 f"config expects {tuple(own[k].shape)}")
-        policy.model.load_state_dict(weights, assign=True)
+        policy.normalizer = Normalizer.from_state_dict(config.normalization,
+                                                       read_tensors(d / PROCESSOR_FILE))
+        policy.model.load_state_dict(policy._checked_weights(d), assign=True)
         return policy.to(device)
