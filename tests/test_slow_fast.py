@@ -11,7 +11,6 @@ from memvla.context import SlowFastContext
 from memvla.context.history import history_indices
 from memvla.policies import make_policy
 
-
 FAMILIES = ["tiny", "tiny-oft"]
 
 
@@ -67,7 +66,8 @@ def test_the_sliding_window_never_exceeds_its_size(preset):
     states = _turns(_policy("context.num_turns=3", "context.window=slide", preset=preset), 7)
     for t, s in enumerate(states):  # the next turn sees at most num_turns - 1 earlier ones
         assert _turns_in_cache(s) == set(range(max(0, t - 1), t + 1))
-    whole = _turns(_policy("context.num_turns=0", preset=preset), 5)  # the full-history baseline grows
+    # the full-history baseline grows
+    whole = _turns(_policy("context.num_turns=0", preset=preset), 5)
     assert [_turns_in_cache(s) for s in whole] == [set(range(t + 1)) for t in range(5)]
     lengths = [s["cache"]["pad"].shape[1] for s in whole]
     assert lengths == [lengths[0] * (t + 1) for t in range(5)]

@@ -319,7 +319,8 @@ CONTEXT_OPTIONS = {
     "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
                "temporal_every"),
-    "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode"),
+    "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
+                  "voxel_size"),
 }
 WINDOWS = ("reset", "slide")
 
@@ -367,6 +368,12 @@ class ContextConfig:
     ``pool_mode``), before the current prefix. Trained through the episode (the cache is
     the carried state, ``train.bptt_depth`` truncates it).
 
+    ``voxel_size`` (metres; ``slow_fast``): StreamVLN's voxel pruning of the slow memory's
+    tokens (:mod:`memvla.layers.voxel`):
+    each token's patch centre is back-projected with the frame's depth, pose and
+    intrinsics (``observation.depth``, ``observation.pose``, ``observation.intrinsics``,
+    one camera) and only the newest token per voxel is kept. None: off.
+
     Options of another kind than ``kind`` must keep their defaults (a clear error says
     which).
     """
@@ -386,6 +393,7 @@ class ContextConfig:
     num_turns: int = 8
     window: str = "reset"
     num_history: int = 8
+    voxel_size: float | None = None
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
@@ -406,6 +414,10 @@ class ContextConfig:
             _require(self.pool_mode in POOL_MODES, f"context.pool_mode must be one of "
                      f"{POOL_MODES}, got {self.pool_mode!r}")
             _positive("context", pool_stride=self.pool_stride)
+        if self.voxel_size is not None:
+            _require(isinstance(self.voxel_size, int | float) and self.voxel_size > 0,
+                     f"context.voxel_size must be > 0 metres (or None: no voxel pruning), "
+                     f"got {self.voxel_size!r}")
         if self.kind == "slow_fast":
             _require(self.num_turns >= 0, f"context.num_turns must be >= 1 turn (or 0: the "
                      f"whole episode), got {self.num_turns}")
@@ -506,6 +518,10 @@ class PolicyConfig:
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")
+        _require(self.context.voxel_size is None or len(self.cameras) == 1,
+                 f"context.voxel_size back-projects one camera's tokens with "
+                 f"observation.depth / pose / intrinsics: expected 1 camera, got "
+                 f"{len(self.cameras)} ({', '.join(self.cameras)})")
         pruner = getattr(self.model, "pruner", None)
         if pruner is not None and pruner.enabled and pruner.num_patches:
             have = len(self.cameras) * self.model.tokens_per_image

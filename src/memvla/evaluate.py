@@ -113,6 +113,8 @@ class PolicyRunner:
         self.policy = policy
         self.generators = [torch.Generator(device=policy.device).manual_seed(s) for s in seeds]
         self.kept: list[int] = []
+        self.memory: list[tuple[int, int, int]] = []  # (chunk index, tokens, kept)
+        self.chunks = 0
         policy.reset()
 
     @property
@@ -134,6 +136,8 @@ class PolicyRunner:
         action = self.policy.select_action(obs, noise=self.noise() if predicts else None)
         if predicts:
             self.kept += pruner_kept(self.policy, running)
+            self.memory += [(self.chunks, *m) for m in memory_kept(self.policy, running)]
+            self.chunks += 1
         return action.float().cpu().numpy()  # (B, Da)
 
 
@@ -145,6 +149,19 @@ def pruner_kept(policy, running: list[bool]) -> list[int]:
     if last is None:
         return []
     return [int(k) for k, r in zip(last.tolist(), running, strict=True) if r]
+
+
+def memory_kept(policy, running: list[bool]) -> list[tuple[int, int]]:
+    """(memory tokens, kept after voxel pruning) of the policy's temporal context in its
+    last call, for the episodes still running ([] for a context without such tokens)."""
+    last = getattr(getattr(getattr(policy, "model", None), "context", None), "last_memory",
+                   None)
+    if last is None:
+        return []
+    if not last:  # no memory tokens in this prefix (e.g. the episode's first window)
+        return [(0, 0)] * sum(running)
+    pairs = zip(last["tokens"].tolist(), last["kept"].tolist(), running, strict=True)
+    return [(int(t), int(k)) for t, k, r in pairs if r]
 
 
 # -- one wave of episodes ------------------------------------------------------------------------
@@ -159,6 +176,7 @@ class Wave:
     policy_ms: float = 0.0  # every call, queue pops included
     steps: int = 0
     kept: list[int] = field(default_factory=list)
+    memory: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: int = 0,
@@ -191,6 +209,7 @@ def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: in
                 if running[i]:
                     running[i] = _step(env, actions[i], i, obs, wave, on_done)
         wave.kept = getattr(actor, "kept", [])
+        wave.memory = getattr(actor, "memory", [])
         return wave
     finally:
         for env in envs:
@@ -247,6 +266,8 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
                         chance_level=chance)
     if any(w.kept for w in waves):
         results["pruner_kept"] = kept_summary(policy, [k for w in waves for k in w.kept])
+    if any(w.memory for w in waves):
+        results["memory_tokens"] = memory_summary([m for w in waves for m in w.memory])
     return results, [r for w in waves for r in w.recordings]
 
 
@@ -270,6 +291,21 @@ def kept_summary(policy, kept: list[int]) -> dict:
     return {"visual_tokens": policy.model.pruner.last_num_patches,
             "mean": float(np.mean(kept)), "min": int(min(kept)), "max": int(max(kept)),
             **percentiles(kept, (10, 50, 90)), "histogram": np.bincount(kept).tolist()}
+
+
+def memory_summary(records: list[tuple[int, int, int]]) -> dict:
+    """The temporal context's memory tokens over every chunk: the means before and after
+    voxel pruning, the share pruned, and both by chunk index of the episode."""
+    tokens = sum(t for _, t, _ in records)
+    kept = sum(k for _, _, k in records)
+    by_chunk: dict[int, list[tuple[int, int]]] = {}
+    for i, t, k in records:
+        by_chunk.setdefault(i, []).append((t, k))
+    return {"mean_tokens": tokens / len(records), "mean_kept": kept / len(records),
+            "pruned_share": 1 - kept / tokens if tokens else 0.0,
+            "by_chunk": [{"chunk": i, "tokens": float(np.mean([t for t, _ in v])),
+                          "kept": float(np.mean([k for _, k in v]))}
+                         for i, v in sorted(by_chunk.items())]}
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -319,4 +355,8 @@ def format_results(r: dict) -> str:
         k = r["pruner_kept"]
         text += (f"; pruner kept {k['mean']:.1f} of {k['visual_tokens']} visual tokens "
                  f"(p10 {k['p10']:.0f}, p50 {k['p50']:.0f}, p90 {k['p90']:.0f})")
+    if "memory_tokens" in r:
+        m = r["memory_tokens"]
+        text += (f"; memory tokens {m['mean_kept']:.1f} of {m['mean_tokens']:.1f} per chunk "
+                 f"kept ({m['pruned_share']:.1%} pruned by voxel)")
     return text

@@ -57,7 +57,7 @@ KINDS = {
 AT = (10, 100, 1000, 10000)  # target steps of the figures
 WINDOW = 5  # chunk calls per latency figure: the nearest to the target step
 TASK = "remember the color and touch it later"
-SUCCESS_VARIANTS = "plain,memory-bptt,frames,frames-mem,plain-twin"
+SUCCESS_VARIANTS = "plain,memory-bptt,frames,frames-mem,slow-fast,plain-twin"
 
 
 def add_arguments(parser) -> None:
@@ -226,7 +226,8 @@ def episode_cost(kind: str, steps: int, preset: str = "tiny", overrides=(), devi
             for step in range(1, steps + 1):
                 predicts = policy.queued_actions == 0
                 if predicts:  # the model state this chunk reads, as the policy builds it
-                    late = policy._context_input(policy.observed_images(obs), 1)[0]  # (untimed)
+                    seen_now = policy.observed_images(obs)
+                    late = policy._context_input(seen_now, 1, obs)[0]  # (untimed)
                     if early_at is None or step == early_step:  # (an episode may stop sooner)
                         early, early_at = late, step
                 ms = 1e3 * timed_call(lambda: policy.select_action(obs), sync)

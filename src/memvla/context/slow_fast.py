@@ -23,6 +23,13 @@ turn of the window, encoded by the model's image tower, 2-D pooled
 samples every past frame; here the frames the policy saw when it predicted (one per turn),
 which training sees as well (episodes are trained turn by turn, the cache carried with
 truncated back-propagation).
+
+Voxel pruning (``context.voxel_size``, :mod:`memvla.layers.voxel`): the policy adds each
+turn's camera geometry to the state it gives the model (``geometry``: the world points of
+the slow-token patch centres, (B, T', 3), and whether each exists); the state keeps them
+per turn (``points``, ``points_valid``), and the slow memory keeps, over its frames, the
+newest token per voxel (the others are masked: padding of the prefix). The counts of the
+last prefix are in :attr:`SlowFastContext.last_memory` (``tokens`` before, ``kept`` after).
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from torch import Tensor
 
 from ..configs import ContextConfig
 from ..layers.kv_cache import KVCache
-from ..layers.pooling import pool_grid
+from ..layers.pooling import pool_grid, pooled_side
 from ..layers.tokens import TokenSegment
+from ..layers.voxel import VoxelPruner
 from .base import TemporalContext
 from .history import history_indices
 
@@ -46,6 +54,8 @@ class SlowFastContext(TemporalContext):
     def __init__(self, cfg: ContextConfig, width: int):
         super().__init__()
         self.cfg = cfg
+        self.voxel = None if cfg.voxel_size is None else VoxelPruner(cfg.voxel_size)
+        self.last_memory: dict[str, Tensor] = {}  # slow tokens of the last prefix (B,) each
 
     @property
     def recurrent(self) -> bool:
@@ -56,7 +66,14 @@ class SlowFastContext(TemporalContext):
         return True
 
     def initial_state(self, batch: int) -> dict:
-        return {"cache": None, "frames": None, "turn": 0}
+        state = {"cache": None, "frames": None, "turn": 0}
+        if self.voxel is not None:  # each turn's slow-token points (B, T, T', 3), valid
+            state.update(points=None, points_valid=None)
+        return state
+
+    def memory_grid(self, tokens_per_image: int) -> int:
+        """The side of a slow-memory frame's token grid (the pooled image-token grid)."""
+        return pooled_side(math.isqrt(tokens_per_image), self.cfg.pool_stride)
 
     # -- fast: the cache of the window's turns ----------------------------------------------
     def prefix_cache(self, state: dict) -> KVCache | None:
@@ -94,8 +111,18 @@ class SlowFastContext(TemporalContext):
             cut = int((turn_of_key[0] < first).sum())
             kept = {k: ([t[:, :, cut:] for t in v] if isinstance(v, list) else v[:, cut:])
                     for k, v in kept.items()}
-        return {"cache": kept, "frames": self._append(state["frames"], images, turn),
-                "turn": turn + 1}
+        out = {"cache": kept, "frames": self._append(state["frames"], images, turn),
+               "turn": turn + 1}
+        if self.voxel is not None:
+            geometry = state.get("geometry")
+            if geometry is None:
+                raise ValueError("context.voxel_size: the state has no 'geometry' of this "
+                                 "turn (the policy adds it from observation.depth / pose / "
+                                 "intrinsics)")
+            out["points"], out["points_valid"] = self._append(
+                [state["points"], state["points_valid"]] if state["points"] is not None
+                else None, [geometry["points"], geometry["valid"]], turn)
+        return out
 
     @staticmethod
     def _append(frames: list[Tensor] | None, images: list[Tensor], turn: int) -> list[Tensor]:
@@ -123,6 +150,7 @@ class SlowFastContext(TemporalContext):
     def extend_prefix(self, parts: list[TokenSegment], state: dict,
                       encoder=None) -> list[TokenSegment]:
         turns = self.slow_turns(state["turn"])
+        self.last_memory = {}
         if not turns or state["frames"] is None:
             return parts
         slow = []
@@ -132,9 +160,31 @@ class SlowFastContext(TemporalContext):
             tokens = encoder(picked.flatten(0, 1))  # (B·K, Ti, D)
             tokens = pool_grid(tokens, math.isqrt(tokens.shape[1]), self.cfg.pool_stride,
                                self.cfg.pool_mode).unflatten(0, (b, k))  # (B, K, T', D)
-            slow += [TokenSegment.full(tokens[:, j], 0, 0) for j in range(k)]
+            keep = self._voxel_keep(state, turns, tokens)  # (B, K, T')
+            slow += [TokenSegment(tokens[:, j], keep[:, j], torch.zeros_like(keep[:, j]).long())
+                     for j in range(k)]
         return [*slow, *parts]
+
+    def _voxel_keep(self, state: dict, turns: list[int], tokens: Tensor) -> Tensor:
+        """Which slow tokens (B, K, T', D) stay (B, K, T'): all of them, or with voxel
+        pruning the newest per voxel over the K frames (oldest first). Records the counts
+        in :attr:`last_memory`."""
+        b, k, n = tokens.shape[:3]
+        keep = torch.ones(b, k, n, dtype=torch.bool, device=tokens.device)  # (B, K, T')
+        if self.voxel is not None:
+            points = state["points"][:, turns]  # (B, K, T'', 3)
+            if points.shape[2] != n:
+                raise ValueError(f"context.voxel_size: the state's points hold {points.shape[2]}"
+                                 f" patch centres per frame, the slow memory pools to {n} "
+                                 "tokens")
+            valid = state["points_valid"][:, turns]  # (B, K, T')
+            keep = self.voxel(points.flatten(1, 2), valid.flatten(1, 2),
+                              keep.flatten(1, 2)).unflatten(1, (k, n))  # (B, K, T')
+        self.last_memory = {"tokens": torch.full((b,), k * n, device=tokens.device),
+                            "kept": keep.sum((1, 2))}  # (B,) each
+        return keep
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"num_turns={c.num_turns}, window={c.window!r}, num_history={c.num_history}")
+        return (f"num_turns={c.num_turns}, window={c.window!r}, num_history={c.num_history}"
+                + ("" if c.voxel_size is None else f", voxel_size={c.voxel_size}"))

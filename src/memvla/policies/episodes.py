@@ -23,19 +23,41 @@ class ContextPolicyMixin:
     """Mixed into :class:`memvla.policies.base.VLAPolicy`."""
 
     # -- inference ------------------------------------------------------------------------
-    def _context_input(self, seen: list[Tensor], batch: int):
+    def _context_input(self, seen: list[Tensor], batch: int, obs: dict):
         """-> (the model state a chunk predicted now reads, ``seen`` (this frame's checked
         images on the device) when the context records frames, else None). Checks the
-        carried state is for ``batch``."""
+        carried state is for ``batch``; ``obs`` is the observation (its camera geometry,
+        for voxel pruning)."""
         ctx, carried = self.model.context, self._context_state
         ctx.check_state(carried, batch)
         if ctx.recurrent:  # the state the model wrote last (or the initial one)
-            state = carried if carried is not None else self.model.initial_state(batch)
-            return state, None
+            return self._segment_state(obs, carried, batch), None
         if not ctx.stateful:
             return None, None
         # e.g. the frame history seen so far, and this one
         return self.model_state(ctx.read(carried, seen)), seen
+
+    def _segment_state(self, batch: dict, context_state, b: int):
+        """The state a recurrent context's model call reads: the carried one (the initial
+        state at an episode's start), with this frame's camera geometry where the context
+        prunes by voxel (``geometry``: the world points (B, T', 3) of the memory-token
+        patch centres and whether each exists (B, T'))."""
+        if context_state is None:
+            context_state = self.model.initial_state(b)
+        if self.config.context.voxel_size is None:
+            return context_state
+        from ..layers.voxel import backproject, patch_centres
+        from .inputs import check_geometry
+
+        depth, pose, k = check_geometry(batch, self.config, b)
+        _, h, w = self.config.image_shape
+        grid = self.model.context.memory_grid(self.config.model.tokens_per_image)
+        uv, inside = patch_centres(grid, self.config.model.vision.image_size, h, w,
+                                   self.config.image_pad)  # (T', 2), (T',)
+        dev = self.device
+        points, valid = backproject(depth.to(dev), pose.to(dev), k.to(dev), uv.to(dev))
+        return {**context_state, "geometry": {"points": points,  # (B, T', 3)
+                                              "valid": valid & inside.to(dev)}}  # (B, T')
 
     def _context_output(self, seen, written) -> None:
         """Carry the context's state past a predicted chunk (``written``: the model's)."""
@@ -84,7 +106,14 @@ class ContextPolicyMixin:
 
     # -- training through episodes --------------------------------------------------------
     def _stats(self, info: dict) -> dict:
-        """``info`` with the model's statistics of the last forward (e.g. a pruner's)."""
+        """``info`` with the model's statistics of the last forward (e.g. a pruner's; the
+        temporal context's memory tokens before and after voxel pruning: means over the
+        batch of the last call)."""
+        last = getattr(self.model.context, "last_memory", None)
+        if last:
+            tokens, kept = (float(last[k].float().mean()) for k in ("tokens", "kept"))
+            info.update(memory_tokens=tokens, memory_kept=kept,
+                        memory_pruned_share=1 - kept / tokens if tokens else 0.0)
         return info
 
     def _previous_chunk(self, segment: dict):

@@ -45,6 +45,7 @@ class FlowVLAPolicy(VLAPolicy):
         return FlowMatchingVLA(config.model, config.context, num_cameras=len(config.cameras))
 
     def _stats(self, info: dict) -> dict:
+        info = super()._stats(info)
         if self.model.pruner is not None:
             info.update({f"pruner_{k}": v for k, v in self.model.last_prune_stats.items()})
         return info
@@ -92,8 +93,7 @@ class FlowVLAPolicy(VLAPolicy):
         and its real steps (B, A')."""
         images, ids, pad, state = self.encode_observation(batch)
         padded, real = self._normalized_chunk(batch)  # (B, A, Da'), (B, A)
-        if context_state is None:
-            context_state = self.model.initial_state(state.shape[0])
+        context_state = self._segment_state(batch, context_state, state.shape[0])
         prev_actions, prev_valid = prev if prev is not None else (None, None)
         losses, new_state = self.model(images, ids, pad, state, padded, noise, time,
                                        context_state=context_state, prev_actions=prev_actions,
@@ -120,7 +120,7 @@ class FlowVLAPolicy(VLAPolicy):
         context's state and writes the next one (one update per predicted chunk)."""
         raw, (images, ids, pad, state) = self._encode(obs)
         b = state.shape[0]
-        model_state, seen = self._context_input(raw, b)
+        model_state, seen = self._context_input(raw, b, obs)
         prev_actions, prev_valid = self._prev_chunk or (None, None)
         if prev_actions is not None and prev_actions.shape[0] != b:
             raise ValueError(f"observation batch size {b} differs from the "

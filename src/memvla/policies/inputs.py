@@ -142,3 +142,61 @@ def batch_observation(obs: dict) -> dict:
         else:
             out[k] = _tensor(k, v)[None]
     return out
+
+
+DEPTH_KEY = "observation.depth"
+POSE_KEY = "observation.pose"
+INTRINSICS_KEY = "observation.intrinsics"
+
+
+def check_geometry(batch: dict, cfg: PolicyConfig, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The camera geometry voxel pruning needs, checked: depth (B, H, W) metres at the
+    camera's resolution (a (B, 1, H, W) or (B, H, W, 1) channel axis is accepted), pose
+    (B, 4, 4) world-from-camera, rigid, and intrinsics (B, 3, 3) (or one (3, 3) for all)."""
+    _, h, w = cfg.image_shape
+    why = f"context.voxel_size={cfg.context.voxel_size} back-projects the camera's tokens"
+    for key in (DEPTH_KEY, POSE_KEY, INTRINSICS_KEY):
+        if key not in batch:
+            raise ValueError(f"missing key {key!r}: {why} with {DEPTH_KEY}, {POSE_KEY} and "
+                             f"{INTRINSICS_KEY}; the batch has {sorted(batch)}")
+    depth = _tensor(DEPTH_KEY, batch[DEPTH_KEY])
+    if depth.dim() == 4 and 1 in (depth.shape[1], depth.shape[3]):
+        depth = depth.squeeze(1 if depth.shape[1] == 1 else 3)
+    if depth.dim() != 3 or tuple(depth.shape) != (b, h, w) or not depth.is_floating_point():
+        raise ValueError(f"{DEPTH_KEY}: expected float depth of shape ({b}, {h}, {w}) (the "
+                         f"camera's resolution), got {depth.dtype} {tuple(depth.shape)}")
+    pose = _tensor(POSE_KEY, batch[POSE_KEY])
+    if tuple(pose.shape) != (b, 4, 4) or not pose.is_floating_point():
+        raise ValueError(f"{POSE_KEY}: expected float (B, 4, 4) = ({b}, 4, 4) "
+                         f"world-from-camera matrices, got {pose.dtype} {tuple(pose.shape)}")
+    _finite(POSE_KEY, pose)
+    check_rigid(POSE_KEY, pose)
+    k = _tensor(INTRINSICS_KEY, batch[INTRINSICS_KEY])
+    if k.dim() == 2:
+        k = k.expand(b, 3, 3) if tuple(k.shape) == (3, 3) else k
+    if tuple(k.shape) != (b, 3, 3) or not k.is_floating_point():
+        raise ValueError(f"{INTRINSICS_KEY}: expected float (B, 3, 3) = ({b}, 3, 3) or (3, 3) "
+                         f"pinhole matrices, got {k.dtype} {tuple(k.shape)}")
+    _finite(INTRINSICS_KEY, k)
+    if bool((k[:, 0, 0] <= 0).any() or (k[:, 1, 1] <= 0).any()):
+        raise ValueError(f"{INTRINSICS_KEY}: expected focal lengths fx, fy > 0, got "
+                         f"{k[:, 0, 0].tolist()}, {k[:, 1, 1].tolist()}")
+    return depth, pose, k
+
+
+def check_rigid(key: str, pose: Tensor, tol: float = 1e-3) -> None:
+    """A clear error unless every (4, 4) matrix of ``pose`` (B, 4, 4) is a rigid transform:
+    an orthonormal rotation (det +1) and a last row (0, 0, 0, 1)."""
+    p = pose.double()
+    r = p[:, :3, :3]  # (B, 3, 3)
+    eye = torch.eye(3, dtype=p.dtype, device=p.device)
+    ortho = (r.transpose(1, 2) @ r - eye).abs().amax((1, 2))  # (B,)
+    det = torch.linalg.det(r)  # (B,)
+    row = (p[:, 3] - torch.tensor([0, 0, 0, 1.0], dtype=p.dtype, device=p.device)).abs()
+    bad = (ortho > tol) | ((det - 1).abs() > tol) | (row.amax(1) > tol)  # (B,)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{key}[{i}]: expected a rigid world-from-camera matrix (R^T R = I, "
+                         f"det R = 1, last row 0 0 0 1), got |R^T R - I| = "
+                         f"{float(ortho[i]):.3g}, det R = {float(det[i]):.4g}, last row "
+                         f"{p[i, 3].tolist()}")

@@ -50,7 +50,7 @@ class ParallelVLAPolicy(VLAPolicy):
 
     def _stats(self, info: dict) -> dict:
         stats = stats_to_floats(self.model.last_prune_stat_tensors)
-        return {**info, **{f"pruner_{k}": v for k, v in stats.items()}}
+        return {**super()._stats(info), **{f"pruner_{k}": v for k, v in stats.items()}}
 
     def forward(self, batch, bptt_depth: int = -1,
                 max_segments: int | None = None) -> tuple[Tensor, dict]:
@@ -67,8 +67,7 @@ class ParallelVLAPolicy(VLAPolicy):
         starts an episode."""
         images, ids, pad, state = self.encode_observation(batch)
         padded, real = self._normalized_chunk(batch)  # (B, A, Da'), (B, A)
-        if context_state is None:
-            context_state = self.model.initial_state(state.shape[0])
+        context_state = self._segment_state(batch, context_state, state.shape[0])
         losses, new_state = self.model(images, ids, pad, state, padded,
                                        context_state=context_state)  # (B, A, Da')
         return losses[..., : self.config.action_dim], real.float(), new_state
@@ -79,7 +78,7 @@ class ParallelVLAPolicy(VLAPolicy):
         the common API and ignored (the chunk is regressed, not sampled). A recurrent
         policy reads its context's state and writes the next one."""
         raw, (images, ids, pad, state) = self._encode(obs)
-        model_state, seen = self._context_input(raw, state.shape[0])
+        model_state, seen = self._context_input(raw, state.shape[0], obs)
         x, new_state = self.model.predict(images, ids, pad, state,
                                           context_state=model_state)  # (B, A, Da')
         self._context_output(seen, new_state)
