@@ -229,6 +229,15 @@ class ParallelVLAConfig:
     and a tokenizer that adds none loses no token). ``stop_token_id``: the id whose
     embedding closes the sequence (Llama's and the built-in tokenizer's EOS is 2).
     ``pruner``: LightVLA's token pruner after the projector.
+
+    ``action_head``: ``l1`` (OFT: the placeholders and the regression head above) or
+    ``text`` (StreamVLN's actions as text tokens, :mod:`memvla.layers.action_tokens`): the
+    task's ``text_actions`` discrete actions (one-hot action vectors, action_dim =
+    ``text_actions``) are the last ``text_actions`` ids of the vocabulary; ``chunk_size``
+    slots (StreamVLN's ``num_future_steps``) after the prompt, causal among themselves,
+    each reading the previous step's action token (the first reads ``stop_token_id``), are
+    read by the LM head (``text.lm_head`` must be on) with a cross-entropy loss on the
+    action tokens only, and decoded greedily over the action tokens.
     """
 
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
@@ -247,10 +256,24 @@ class ParallelVLAConfig:
     bos_token_id: int = 1
     stop_token_id: int = 2
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    action_head: str = "l1"
+    text_actions: int = 4
 
     def __post_init__(self):
         _positive("model", chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
                   max_action_dim=self.max_action_dim)
+        _require(self.action_head in ACTION_HEADS, f"model.action_head must be one of "
+                 f"{ACTION_HEADS}, got {self.action_head!r}")
+        if self.action_head == "text":
+            _require(self.text.lm_head, "model.action_head='text' reads the language-model "
+                     "head: set model.text.lm_head=true")
+            _require(2 <= self.text_actions < self.text.vocab_size,
+                     f"model.text_actions must be in [2, model.text.vocab_size "
+                     f"({self.text.vocab_size})), got {self.text_actions}")
+            _require(self.max_action_dim == self.text_actions,
+                     f"model.action_head='text': an action is one of model.text_actions "
+                     f"({self.text_actions}) tokens, stored one-hot: expected "
+                     f"model.max_action_dim={self.text_actions}, got {self.max_action_dim}")
         _require(self.projector_layers in (2, 3), f"model.projector_layers must be 2 (one "
                  f"tower) or 3 (fused towers), got {self.projector_layers}")
         _require(self.head_hidden >= 0 and self.head_blocks >= 0,
@@ -287,9 +310,19 @@ class ParallelVLAConfig:
 
     @property
     def num_action_tokens(self) -> int:
+        """The action slots of the sequence: a placeholder per step and dimension (l1), or
+        a token per step (text)."""
+        if self.action_head == "text":
+            return self.chunk_size
         return self.chunk_size * self.max_action_dim
 
+    @property
+    def first_action_id(self) -> int:
+        """The token id of the first discrete action (text head)."""
+        return self.text.vocab_size - self.text_actions
 
+
+ACTION_HEADS = ("l1", "text")
 TOKENIZER_KINDS = ("words", "hf")
 
 
@@ -518,6 +551,11 @@ class PolicyConfig:
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")
+        if getattr(self.model, "action_head", "l1") == "text":
+            _require(self.action_dim == self.model.text_actions,
+                     f"model.action_head='text': each action is one of model.text_actions "
+                     f"({self.model.text_actions}) discrete actions, stored one-hot: expected "
+                     f"policy.action_dim={self.model.text_actions}, got {self.action_dim}")
         _require(self.context.voxel_size is None or len(self.cameras) == 1,
                  f"context.voxel_size back-projects one camera's tokens with "
                  f"observation.depth / pose / intrinsics: expected 1 camera, got "

@@ -8,6 +8,8 @@
   action expert; joint attention in every layer, the state token in the suffix).
 - ``tiny-oft``: the parallel-decoding VLA (OpenVLA-OFT family) at the size of ``tiny``;
   64 patch tokens per 64×64 image (patch 8, no pixel shuffle: room for the pruner).
+- ``tiny-oft-text``: ``tiny-oft`` with actions as text tokens (StreamVLN's ↑ ← → STOP):
+  4 discrete actions, 4 future steps per turn (for memory-maze).
 - ``openvla-oft-7b``: OpenVLA-OFT's shapes (Llama-2 7B; the fused DINOv2 ViT-L/14 +
   SigLIP So400m/14 tower at 224 px, 256 patches per image; a 3-layer GELU projector;
   two cameras as on LIBERO, proprio 8 → one token, chunk 8 × 7-dim actions, an MLP-ResNet
@@ -21,6 +23,7 @@ device="meta")``) and at reduced depth (an override ``model.text.depth=2`` and
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from .config_utils import apply_overrides
 from .configs import (
@@ -124,6 +127,17 @@ def tiny_oft() -> PolicyConfig:
     return PolicyConfig(family="parallel", model=model, cameras=["top"],
                         image_shape=(3, 64, 64), state_dim=3, action_dim=3, n_action_steps=8,
                         tokenizer=TokenizerConfig(kind="words", max_length=24))
+
+
+@register("tiny-oft-text")
+def tiny_oft_text() -> PolicyConfig:
+    """``tiny-oft`` with StreamVLN's actions as text tokens: 4 discrete actions (↑ ← → STOP,
+    one-hot; memory-maze's) as the last 4 ids of the vocabulary, 4 future steps per turn."""
+    cfg = tiny_oft()
+    text = replace(cfg.model.text, vocab_size=WORD_VOCAB + 4, lm_head=True)
+    model = replace(cfg.model, text=text, action_head="text", text_actions=4, chunk_size=4,
+                    max_action_dim=4)
+    return replace(cfg, model=model, action_dim=4, n_action_steps=4)
 
 
 @register("openvla-oft-7b")

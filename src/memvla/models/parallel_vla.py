@@ -5,7 +5,10 @@ with bidirectional attention (padding masked): the ``chunk_size × action_dim`` 
 placeholders are zero embeddings (OFT multiplies their token embeddings by zero), so all
 actions of the chunk are decoded in one pass; the decoder's hidden states at the
 placeholders go through an MLP-ResNet head (:mod:`memvla.layers.action_head`) that
-regresses the normalised action chunk with an L1 loss.
+regresses the normalised action chunk with an L1 loss. With ``model.action_head=text``
+(StreamVLN's actions as text) the placeholders and STOP give way to one slot per future
+step, causal among themselves, whose hidden states the LM head reads as discrete action
+tokens (:mod:`memvla.layers.action_tokens`).
 
 Vision: OpenVLA runs a fused DINOv2 ViT-L/14 + SigLIP So400m/14 tower (patch features
 concatenated channel-wise) and a GELU MLP projector; here ``model.vision`` is one
@@ -41,6 +44,13 @@ from torch import Tensor, nn
 from ..configs import ContextConfig, ParallelVLAConfig, VisionConfig
 from ..context import make_context
 from ..layers.action_head import L1RegressionActionHead
+from ..layers.action_tokens import (
+    actions_to_tokens,
+    greedy_decode,
+    slot_inputs,
+    token_loss,
+    tokens_to_actions,
+)
 from ..layers.connector import MLPProjector
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
@@ -69,6 +79,7 @@ class ParallelSequence:
     kept: Tensor  # (B,) visual tokens kept per sample
     stats: dict[str, Tensor] = field(default_factory=dict)  # the pruner's, 0-dim tensors
     blocks: Tensor | None = None  # (B, N) attention blocks (None: one, bidirectional)
+    flags: Tensor | None = None  # (B, N) block flags of its own layout (text slots: causal)
 
     @property
     def action_slice(self) -> slice:
@@ -82,30 +93,34 @@ class ParallelSequence:
 
 def build_sequence(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_pos: Tensor,
                    num_patches: int, proprio: Tensor | None, prompt: Tensor, prompt_pad: Tensor,
-                   num_actions: int, stop: Tensor) -> ParallelSequence:
+                   num_actions: int, stop: Tensor | None,
+                   slots: Tensor | None = None) -> ParallelSequence:
     """Assemble ``[BOS][patches][proprio][prompt][placeholders][STOP]``.
 
-    bos/stop (B, 1, D); patches (B, P', D) with ``patch_valid`` (B, P') and their original
-    positions ``patch_pos`` (B, P') (P' < ``num_patches`` after pruning); proprio (B, 1, D)
-    or None; prompt (B, Nl, D) right-padded, ``prompt_pad`` (B, Nl) True for real tokens.
-    Positions: BOS 0, patches as given, then counting on from 1 + ``num_patches`` over the
-    real tokens (prompt padding does not advance them).
+    bos/stop (B, 1, D) (stop None: no STOP token); patches (B, P', D) with ``patch_valid``
+    (B, P') and their original positions ``patch_pos`` (B, P') (P' < ``num_patches`` after
+    pruning); proprio (B, 1, D) or None; prompt (B, Nl, D) right-padded, ``prompt_pad``
+    (B, Nl) True for real tokens. ``slots`` (B, K, D): the action slots' embeddings, each
+    in a block of its own (causal: the text action head); None: K zero placeholders in the
+    one bidirectional block (OFT). Positions: BOS 0, patches as given, then counting on
+    from 1 + ``num_patches`` over the real tokens (prompt padding does not advance them).
     """
     b, p, d = patches.shape
     dev = patches.device
     parts = [bos] + [patches] + ([proprio] if proprio is not None else []) + [prompt]
-    placeholders = patches.new_zeros(b, num_actions, d)  # (B, K, D) zeroed, as in OFT
-    embs = torch.cat([*parts, placeholders, stop], 1)  # (B, N, D)
+    placeholders = patches.new_zeros(b, num_actions, d) if slots is None else slots  # (B,K,D)
+    n_stop = 0 if stop is None else 1
+    embs = torch.cat([*parts, placeholders, *([stop] if n_stop else [])], 1)  # (B, N, D)
 
     ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
     n_prop = 0 if proprio is None else 1
     valid = torch.cat([ones, patch_valid, ones.expand(b, n_prop), prompt_pad,
-                       ones.expand(b, num_actions), ones], 1)  # (B, N)
+                       ones.expand(b, num_actions + n_stop)], 1)  # (B, N)
 
     after = 1 + num_patches + n_prop  # first position after the proprio token
     prompt_pos = after + torch.cumsum(prompt_pad.long(), 1) - 1  # (B, Nl)
     start = after + prompt_pad.long().sum(1, keepdim=True)  # (B, 1) first placeholder
-    tail = start + torch.arange(num_actions + 1, device=dev)  # (B, K + 1) actions, STOP
+    tail = start + torch.arange(num_actions + n_stop, device=dev)  # (B, K [+ 1]) actions, STOP
     zero = torch.zeros(b, 1, dtype=torch.long, device=dev)
     positions = torch.cat([zero, patch_pos.long(), zero[:, :n_prop] + 1 + num_patches,
                            prompt_pos.clamp(min=0), tail], 1)  # (B, N)
@@ -115,17 +130,21 @@ def build_sequence(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_pos:
 
     kinds = torch.cat([kind(BOS, 1), kind(PATCH, p), kind(PROPRIO, n_prop),
                        kind(PROMPT, prompt.shape[1]), kind(ACTION, num_actions),
-                       kind(STOP, 1)], 1)  # (B, N)
+                       kind(STOP, n_stop)], 1)  # (B, N)
     kinds = kinds.masked_fill(~valid, PAD)
     action_start = 1 + p + n_prop + prompt.shape[1]
+    flags = blocks = None
+    if slots is not None:  # each slot starts a block: it sees the prefix and earlier slots
+        flags = (kinds == ACTION).long()  # (B, N)
+        blocks = torch.cumsum(flags, 1)  # (B, N)
     return ParallelSequence(embs, valid, positions, kinds, action_start, num_actions,
-                            patch_valid.long().sum(1))
+                            patch_valid.long().sum(1), blocks=blocks, flags=flags)
 
 
 def build_sequence_ref(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_pos: Tensor,
                        num_patches: int, proprio: Tensor | None, prompt: Tensor,
-                       prompt_pad: Tensor, num_actions: int,
-                       stop: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+                       prompt_pad: Tensor, num_actions: int, stop: Tensor | None,
+                       slots: Tensor | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Slow twin of :func:`build_sequence`: per sample, only the real tokens, in order, as
     (embeddings (N_b, D), positions (N_b,), kinds (N_b,)), counting positions one by one."""
     out = []
@@ -149,14 +168,15 @@ def build_sequence_ref(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_
                 pos.append(nxt)
                 kinds.append(PROMPT)
                 nxt += 1
-        for _ in range(num_actions):
-            embs.append(patches.new_zeros(d))
+        for j in range(num_actions):
+            embs.append(patches.new_zeros(d) if slots is None else slots[i, j])
             pos.append(nxt)
             kinds.append(ACTION)
             nxt += 1
-        embs.append(stop[i, 0])
-        pos.append(nxt)
-        kinds.append(STOP)
+        if stop is not None:
+            embs.append(stop[i, 0])
+            pos.append(nxt)
+            kinds.append(STOP)
         out.append((torch.stack(embs), torch.tensor(pos), torch.tensor(kinds)))
     return out
 
@@ -226,8 +246,9 @@ class ParallelVLA(nn.Module):
         self.language_model = LanguageModel(cfg)
         self.proprio_projector = ProprioProjector(cfg.max_state_dim, d) if cfg.use_proprio \
             else None
-        self.action_head = L1RegressionActionHead(d, cfg.head_hidden or d, cfg.chunk_size,
-                                                  cfg.max_action_dim, cfg.head_blocks)
+        self.text_actions = cfg.action_head == "text"  # the LM head reads action tokens
+        self.action_head = None if self.text_actions else L1RegressionActionHead(
+            d, cfg.head_hidden or d, cfg.chunk_size, cfg.max_action_dim, cfg.head_blocks)
         self.context = make_context(context or ContextConfig(), d)
         self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last call
         self.pruner = None
@@ -240,8 +261,10 @@ class ParallelVLA(nn.Module):
         return self.language_model.model
 
     def unused_parameter_names(self) -> set[str]:
-        """The LM head: kept so that checkpoints load by name, never read by the L1 loss
-        (the final norm is: the head reads the normed placeholders)."""
+        """The LM head with the L1 head: kept so that checkpoints load by name, never read
+        by the L1 loss (the final norm is: the head reads the normed placeholders)."""
+        if self.text_actions:
+            return set()
         return {n for n, _ in self.named_parameters() if n.startswith("language_model.lm_head.")}
 
     # -- the sequence ---------------------------------------------------------------------
@@ -262,13 +285,14 @@ class ParallelVLA(nn.Module):
         return torch.cat(tokens, 1)  # (B, P, D)
 
     def encode(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
-               state: Tensor, context_state=None, cache: KVCache | None = None
-               ) -> ParallelSequence:
+               state: Tensor, context_state=None, cache: KVCache | None = None,
+               slot_ids: Tensor | None = None) -> ParallelSequence:
         """Build the (pruned) sequence. ``lang_ids``/``lang_pad`` (B, Nl): the prompt
         without BOS (the policy drops the tokenizer's); the BOS token
         (``model.bos_token_id``) goes first, before the patches, as in OpenVLA. With a
         ``cache`` of earlier turns (the slow-fast context) the sequence continues its
-        positions and blocks."""
+        positions and blocks. ``slot_ids`` (B, K): the text head's slot inputs (the
+        previous steps' action tokens)."""
         if context_state is None and self.context.stateful:
             raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
                              "context_state (e.g. initial_state(B) at an episode's start)")
@@ -284,8 +308,15 @@ class ParallelVLA(nn.Module):
             patches, valid, pos, stats = out.tokens, out.valid, out.positions, out.stat_tensors
         proprio = None if self.proprio_projector is None else self.proprio_projector(state)
         stop_ids = torch.full_like(lang_ids[:, :1], self.cfg.stop_token_id)  # (B, 1)
+        stop, slots = self.decoder.embed(stop_ids), None  # (B, 1, D)
+        if self.text_actions:
+            if slot_ids is None or tuple(slot_ids.shape) != (b, self.cfg.num_action_tokens):
+                raise ValueError(f"model.action_head='text': slot_ids must be "
+                                 f"({b}, {self.cfg.num_action_tokens}) token ids, got "
+                                 f"{None if slot_ids is None else tuple(slot_ids.shape)}")
+            stop, slots = None, self.decoder.embed(slot_ids)  # (B, K, D)
         seq = build_sequence(bos, patches, valid, pos, p, proprio, prompt, prompt_pad,
-                             self.cfg.num_action_tokens, self.decoder.embed(stop_ids))
+                             self.cfg.num_action_tokens, stop, slots)
         seq.stats = stats
         if context_state is not None:
             seq = self._with_context(seq, context_state, cache)
@@ -296,7 +327,8 @@ class ParallelVLA(nn.Module):
         """The sequence with the temporal context's parts around it: a part before it
         counts its positions from 0 (or after the ``cache`` of earlier turns) and shifts
         the sequence's; a part after it continues from the sequence's last position."""
-        own = TokenSegment(seq.embs, seq.valid, torch.zeros_like(seq.kinds))
+        own = TokenSegment(seq.embs, seq.valid,
+                           torch.zeros_like(seq.kinds) if seq.flags is None else seq.flags)
         parts = self.context.extend_prefix([own], context_state, self.image_encoder)
         at = next(i for i, part in enumerate(parts) if part is own)
         pos, kinds = [], []
@@ -319,7 +351,8 @@ class ParallelVLA(nn.Module):
             blocks = blocks + cache.key_block[:, -1:]  # (B, N) after the cached turns
         return ParallelSequence(joined.embs, joined.pad, torch.cat(pos, 1),
                                 torch.cat(kinds, 1), seq.action_start + before,
-                                seq.num_actions, seq.kept, seq.stats, blocks=blocks)
+                                seq.num_actions, seq.kept, seq.stats, blocks=blocks,
+                                flags=joined.flags)
 
     def hidden_states(self, seq: ParallelSequence, final_norm: bool = True,
                       cache: KVCache | None = None) -> Tensor:
@@ -346,12 +379,13 @@ class ParallelVLA(nn.Module):
         cache = self.context.prefix_cache(context_state)
         return KVCache(self.cfg.text.depth) if cache is None else cache
 
-    def action_hidden(self, images, lang_ids, lang_pad, state, context_state=None
+    def action_hidden(self, images, lang_ids, lang_pad, state, context_state=None,
+                      slot_ids: Tensor | None = None
                       ) -> tuple[Tensor, ParallelSequence, object]:
-        """Hidden states at the placeholders (B, A·Da, D), the sequence they came from and
-        the context's next state (None without one)."""
+        """Hidden states at the placeholders (B, A·Da, D) (the text head's slots: (B, A, D)),
+        the sequence they came from and the context's next state (None without one)."""
         cache = self.turn_cache(context_state)
-        seq = self.encode(images, lang_ids, lang_pad, state, context_state, cache)
+        seq = self.encode(images, lang_ids, lang_pad, state, context_state, cache, slot_ids)
         reads_raw = self.context.reads_prefix_output and not self.context.reads_normed_output
         h = self.hidden_states(seq, not reads_raw, cache)  # (B, N, D)
         new_state = None if context_state is None else self.context.update(
@@ -368,8 +402,19 @@ class ParallelVLA(nn.Module):
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, context_state=None) -> tuple[Tensor, object]:
         """L1 losses per element (B, A, Da') of the regressed chunk against ``actions``
-        (normalised, padded to max_action_dim), and the context's next state. The
-        pruner's statistics of the call are in :attr:`last_prune_stat_tensors`."""
+        (normalised, padded to max_action_dim), and the context's next state. The text head
+        takes the one-hot discrete actions (B, A, n) (not normalised) and gives each step's
+        cross-entropy, repeated over the n dimensions (B, A, n) (their mean is the
+        step's). The pruner's statistics of the call are in
+        :attr:`last_prune_stat_tensors`."""
+        if self.text_actions:
+            targets = actions_to_tokens(actions, self.cfg.first_action_id)  # (B, A)
+            h, seq, new_state = self.action_hidden(
+                images, lang_ids, lang_pad, state, context_state,
+                slot_inputs(targets, self.cfg.stop_token_id))  # (B, A, D)
+            self.last_prune_stat_tensors = seq.stats
+            ce = token_loss(self.language_model.lm_head(h), targets)  # (B, A)
+            return ce[..., None].expand(-1, -1, actions.shape[-1]), new_state
         h, seq, new_state = self.action_hidden(images, lang_ids, lang_pad, state,
                                                context_state)
         self.last_prune_stat_tensors = seq.stats
@@ -380,10 +425,31 @@ class ParallelVLA(nn.Module):
     def predict(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
                 state: Tensor, context_state=None) -> tuple[Tensor, object]:
         """The action chunk (B, A, Da') in one parallel pass (no sampling), and the
-        context's next state. The pruner prunes as at inference whatever the model's
-        mode."""
+        context's next state. The text head decodes its A tokens greedily (A passes) and
+        gives them as one-hot actions (B, A, n). The pruner prunes as at inference whatever
+        the model's mode."""
         with pruning_for_inference(self.pruner):
+            if self.text_actions:
+                return self._decode_tokens(images, lang_ids, lang_pad, state, context_state)
             h, seq, new_state = self.action_hidden(images, lang_ids, lang_pad, state,
                                                    context_state)
         self.last_prune_stat_tensors = seq.stats
         return self.action_head(h), new_state  # (B, A, Da')
+
+    def _decode_tokens(self, images, lang_ids, lang_pad, state, context_state):
+        """Greedy decoding of the text head -> (one-hot actions (B, A, n), next state: that
+        of the last pass, whose slot inputs are the decoded tokens)."""
+        cfg, last = self.cfg, {}
+
+        def logits_of(slot_ids: Tensor) -> Tensor:
+            h, seq, last["state"] = self.action_hidden(images, lang_ids, lang_pad, state,
+                                                       context_state, slot_ids)  # (B, A, D)
+            self.last_prune_stat_tensors = seq.stats
+            return self.language_model.lm_head(h)  # (B, A, V)
+
+        ids, _ = greedy_decode(logits_of, cfg.num_action_tokens, cfg.stop_token_id,
+                               cfg.first_action_id, cfg.text_actions, lang_ids.shape[0],
+                               lang_ids.device)  # (B, A)
+        actions = tokens_to_actions(ids, cfg.first_action_id, cfg.text_actions,
+                                    self.decoder.norm.weight.dtype)  # (B, A, n)
+        return actions, last["state"]

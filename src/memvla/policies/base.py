@@ -61,6 +61,12 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         if self.tokenizer.vocab_size > vocab:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but "
                              f"model.text.vocab_size is {vocab}; raise model.text.vocab_size")
+        if getattr(config.model, "action_head", "l1") == "text" and (
+                self.tokenizer.vocab_size > config.model.first_action_id):
+            raise ValueError(f"model.action_head='text' uses the last {config.model.text_actions}"
+                             f" ids of the vocabulary as action tokens, but the tokenizer has "
+                             f"{self.tokenizer.vocab_size} tokens; raise model.text.vocab_size "
+                             f"to at least {self.tokenizer.vocab_size + config.model.text_actions}")
         self._queue: deque[Tensor] = deque()
         self._context_state = None  # the temporal context's state, carried between chunks
 

@@ -6,7 +6,9 @@ the whole chunk in one pass (deterministic: no noise). The queue, ``reset``, inp
 checkpoints and the temporal context (memory tokens trained through episodes, frame
 history) are shared with the other family (:mod:`.base`, :mod:`.episodes`). With
 ``model.pruner.enabled`` the info holds the pruner's statistics and
-``set_training_progress(frac)`` drives its noise schedule.
+``set_training_progress(frac)`` drives its noise schedule. With ``model.action_head=text``
+the actions are discrete (one-hot vectors) and predicted as text tokens: the loss is the
+tokens' cross-entropy and the chunk is the decoded tokens' one-hot actions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..configs import PolicyConfig
 from ..layers.token_pruner import stats_to_floats
 from ..models.parallel_vla import ParallelVLA
 from .base import VLAPolicy
+from .inputs import check_actions
 
 
 def drop_bos(ids: Tensor, pad: Tensor, bos_id: int | None) -> tuple[Tensor, Tensor]:
@@ -66,11 +69,21 @@ class ParallelVLAPolicy(VLAPolicy):
         """-> (losses (B, A, Da), valid (B, A) float, next context state). A state of None
         starts an episode."""
         images, ids, pad, state = self.encode_observation(batch)
-        padded, real = self._normalized_chunk(batch)  # (B, A, Da'), (B, A)
+        padded, real = self._chunk_targets(batch)  # (B, A, Da'), (B, A)
         context_state = self._segment_state(batch, context_state, state.shape[0])
         losses, new_state = self.model(images, ids, pad, state, padded,
                                        context_state=context_state)  # (B, A, Da')
         return losses[..., : self.config.action_dim], real.float(), new_state
+
+    def _chunk_targets(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The chunk the model learns (B, A, Da') and its real steps (B, A): normalised
+        and padded, or for the text head the one-hot discrete actions as they are
+        (normalising each dimension apart would move their largest entry)."""
+        if not self.model.text_actions:
+            return self._normalized_chunk(batch)
+        b = batch["observation.state"].shape[0]
+        actions, is_pad = check_actions(batch, self.config, b)  # (B, A, n)
+        return actions.to(self.device, self.dtype), ~is_pad.to(self.device)
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: dict, noise: Tensor | None = None) -> Tensor:
@@ -83,4 +96,6 @@ class ParallelVLAPolicy(VLAPolicy):
                                           context_state=model_state)  # (B, A, Da')
         self._context_output(seen, new_state)
         x = x[..., : self.config.action_dim]  # (B, A, Da)
+        if self.model.text_actions:  # decoded tokens: one-hot discrete actions
+            return x
         return self.normalizer.unnormalize("action", x)
