@@ -142,7 +142,7 @@ def test_demo_reduced_budget_end_to_end(tmp_path):
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in results["variants"]}
-    assert list(rows) == ["plain", "memory-k0", "memory-bptt", "plain-twin"]
+    assert list(rows) == ["plain", "memory-bptt", "frames-3x8", "slow-fast", "plain-twin"]
     # data: the task and its memoryless twin, 12 expert episodes each
     for name, twin in (("remember-color", False), ("remember-color-twin", True)):
         info = read_info(out / "data" / name)
