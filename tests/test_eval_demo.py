@@ -218,3 +218,18 @@ def test_sweep_trains_on_varied_episodes_and_evaluates_on_fixed_ones(tmp_path):
     assert res["variants"][0]["eval"]["mean_episode_length"] > 30  # evaluated on 3 swaps
     assert s.task_options(False) == {"image_size": 32, "memoryless": False, "n_swaps": 3,
                                      "swap_steps": 8}
+
+
+def test_demo_overrides_reach_their_variants_and_bad_ones_fail_first(tmp_path, capsys):
+    from memvla.demo import DemoSettings, _variant, variant_overrides
+
+    s = DemoSettings(overrides=["policy.context.frame_stride=4", "train.lr=1e-3"])
+    _, frames = variant_overrides(s, _variant("frames-3x8"))
+    _, plain = variant_overrides(s, _variant("plain"))
+    assert frames[-2:] == ["policy.context.frame_stride=4", "train.lr=1e-3"]  # they win
+    assert "train.lr=1e-3" in plain
+    assert not any(o.startswith("policy.context.") for o in plain)  # not of its kind
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress",
+                 "--set", "policy.model.chunk_size=0"]) == 2
+    assert "variant plain: " in capsys.readouterr().err and not out.exists()

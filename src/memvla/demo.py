@@ -143,15 +143,16 @@ def run_sweep(out: str | Path, settings: DemoSettings | None = None, progress: b
 
     s = settings or DemoSettings()
     policy_device(s.device)  # a bad device fails before minutes of work
+    if variants is None:
+        variants = [_variant(n) for n in s.variants]
+    else:
+        s.variants = [v.name for v in variants]
+    check_variants(s, variants)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass "
                          "--overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    if variants is None:
-        variants = [_variant(n) for n in s.variants]
-    else:
-        s.variants = [v.name for v in variants]
     t0 = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
     datasets, data_summaries = record_data(out, s, variants, progress, say)
@@ -250,6 +251,39 @@ def train_device(device: str | None) -> str:
     return policy_device(device).type
 
 
+def variant_overrides(s: DemoSettings, v: Variant) -> tuple[str, list[str]]:
+    """A variant's preset and the dotted overrides of its run: the sweep's defaults, the
+    variant's own, then the sweep's ``overrides`` (which win)."""
+    from .presets import get_preset
+
+    recurrent = ContextConfig(kind=variant_kind(v.overrides)).recurrent
+    batch = s.episode_batch if recurrent else s.frame_batch
+    preset = v.preset or s.preset
+    family = get_preset(preset).family
+    return preset, [*s.policy_overrides(family), f"train.batch_size={batch}",
+                    f"train.lr={s.lr}", f"train.seed={s.seed}", "train.num_workers=0",
+                    f"train.save_every={s.steps}", f"train.device={train_device(s.device)}",
+                    *v.overrides, *for_context(s.overrides, v.overrides)]
+
+
+def check_variants(s: DemoSettings, variants: list[Variant]) -> None:
+    """Every variant's config, built before minutes of work: a bad override fails here."""
+    from .config_utils import apply_overrides
+    from .presets import get_preset
+    from .training.config import RunConfig, TrainConfig
+
+    for v in variants:
+        preset, overrides = variant_overrides(s, v)
+        bad = [o for o in overrides if not o.startswith(("policy.", "train."))]
+        if bad:
+            raise ValueError(f"variant {v.name}: overrides must start with 'policy.' or "
+                             f"'train.', got {bad}")
+        try:
+            apply_overrides(RunConfig(preset, "", get_preset(preset), TrainConfig()), overrides)
+        except ValueError as e:
+            raise ValueError(f"variant {v.name}: {e}") from e
+
+
 def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, lane: int,
                        progress: bool) -> dict:
     """Train one variant (a :class:`Variant` as a dict) on ``dataset`` and evaluate it
@@ -258,7 +292,7 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
 
     from .evaluate import evaluate, save_recordings
     from .policies import load_policy
-    from .presets import count_parameters, get_preset
+    from .presets import count_parameters
     from .training.loop import create_run, make_run_config, read_run_config, train
 
     if settings["lanes"] > 1:
@@ -267,12 +301,7 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
     run = out / "runs" / v.name
     recurrent = ContextConfig(kind=variant_kind(v.overrides)).recurrent
     batch = s.episode_batch if recurrent else s.frame_batch
-    preset = v.preset or s.preset
-    family = get_preset(preset).family
-    overrides = [*s.policy_overrides(family), f"train.batch_size={batch}", f"train.lr={s.lr}",
-                 f"train.seed={s.seed}", "train.num_workers=0", f"train.save_every={s.steps}",
-                 f"train.device={train_device(s.device)}",
-                 *for_context(s.overrides, v.overrides), *v.overrides]
+    preset, overrides = variant_overrides(s, v)
     rc = make_run_config(preset, dataset, s.steps, overrides)
     create_run(run, rc, overwrite=True)
     t_train = time.perf_counter()

@@ -23,6 +23,11 @@ def add_arguments(parser) -> None:
                         "cue alone says where to go) or the colours swap places (shuffled: the "
                         "policy must also match the remembered colour to a disc)")
     parser.add_argument("--variants", help="comma-separated subset of the variants")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override of every variant (repeatable), e.g. "
+                        "--set policy.context.frame_stride=4 (a policy.context option "
+                        "reaches only the variants of its kind)")
+    parser.add_argument("--lanes", type=int, help="variants trained at the same time (2)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="where the policies train and are evaluated: cpu, "
                         "cuda or cuda:N (default: CUDA when available, else cpu)")
@@ -35,10 +40,11 @@ def run(args) -> int:
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     for key in ("steps", "episodes", "eval_episodes", "delay", "seed", "layout", "palette_size",
-                "colors", "device"):
+                "colors", "device", "lanes"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.variants:
         s.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    s.overrides = [*s.overrides, *args.set]
     run_demo(args.out, s, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
