@@ -8,10 +8,18 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from memvla import envs
+from memvla.envs import memory_maze
 from memvla.envs.render import COLOR_NAMES
 
-BASE_TASKS = ["remember-color", "shell-game", "seq-of-colors", "take-it-back", "reach-color"]
+BASE_TASKS = ["remember-color", "shell-game", "seq-of-colors", "take-it-back", "reach-color",
+              "memory-maze"]
 ALL_TASKS = envs.task_names()
+MAZE_DIMS = (memory_maze.STATE_DIM, memory_maze.ACTION_DIM)  # (Ds, Da) of memory-maze
+
+
+def dims(name: str) -> tuple[int, int]:
+    """(Ds, Da) of a task: the ego-centric maze has its own (discrete actions as one-hot)."""
+    return MAZE_DIMS if name.startswith("memory-maze") else (envs.STATE_DIM, envs.ACTION_DIM)
 
 
 def rollout(env, actions, seed, options=None):
@@ -30,7 +38,7 @@ def rollout(env, actions, seed, options=None):
 
 def test_registry_names():
     assert envs.task_names(include_twins=False) == BASE_TASKS
-    for name in BASE_TASKS[:4]:
+    for name in [*BASE_TASKS[:4], "memory-maze"]:
         assert f"{name}-memoryless" in envs.TASKS
         assert envs.TASKS[f"{name}-memoryless"].memoryless
     assert "reach-color-memoryless" not in envs.TASKS
@@ -44,10 +52,11 @@ def test_spaces_and_observation(name):
     assert env.observation_space.contains(obs)
     assert obs["observation.images.top"].shape == (64, 64, 3)
     assert obs["observation.images.top"].dtype == np.uint8
-    assert obs["observation.state"].shape == (envs.STATE_DIM,)
+    state_dim, action_dim = dims(name)
+    assert obs["observation.state"].shape == (state_dim,)
     assert obs["observation.state"].dtype == np.float32
     assert isinstance(obs["task"], str) and obs["task"]
-    assert env.action_space.shape == (envs.ACTION_DIM,)
+    assert env.action_space.shape == (action_dim,)
     assert info["is_success"] is False
     assert env.metadata["render_fps"] == 10
     assert 0 < env.unwrapped.chance_level < 1
@@ -60,7 +69,7 @@ def test_spaces_and_observation(name):
 
 @pytest.mark.parametrize("name", ALL_TASKS)
 def test_same_seed_same_frames(name):
-    actions = np.random.default_rng(0).uniform(-1, 1, size=(60, 3)).astype(np.float32)
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(60, dims(name)[1])).astype(np.float32)
     f1, s1, i1 = rollout(envs.make(name), actions, seed=11)
     env2 = envs.make(name)
     env2.reset(seed=99)  # a previous episode must not matter
@@ -73,7 +82,7 @@ def test_same_seed_same_frames(name):
     assert not np.array_equal(f1[:n], f3[:n])
 
 
-@pytest.mark.parametrize("name", BASE_TASKS)
+@pytest.mark.parametrize("name", BASE_TASKS[:5])  # memory-maze: see test_memory_maze.py
 def test_instructions(name):
     env = envs.make(name)
     texts = {env.reset(seed=s)[0]["task"] for s in range(40)}

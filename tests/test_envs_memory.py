@@ -15,14 +15,14 @@ MEMORY_TASKS = ["remember-color", "shell-game", "seq-of-colors", "take-it-back"]
 
 
 def run_expert(env, seed, options=None):
-    """One expert episode. Returns (success, frames (T+1, H, W, 3), actions (T, 3))."""
+    """One expert episode. Returns (success, frames (T+1, H, W, 3), actions (T, Da))."""
     expert = envs.make_expert(env)
     obs, info = env.reset(seed=seed, options=options)
     expert.reset()
     frames, actions = [obs["observation.images.top"]], []
     while True:
         a = expert.act(obs)
-        assert a.shape == (envs.ACTION_DIM,) and a.dtype == np.float32
+        assert a.shape == env.action_space.shape and a.dtype == np.float32
         assert np.all(np.abs(a) <= 1.0)
         obs, _, terminated, truncated, info = env.step(a)
         frames.append(obs["observation.images.top"])

@@ -36,7 +36,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memvla.data.png import encode_png
-from memvla.data.stats import histogram_stats, image_histogram, stats_to_json, vector_stats
+from memvla.data.stats import (
+    array_stats,
+    histogram_stats,
+    image_histogram,
+    merge_array_stats,
+    stats_to_json,
+    vector_stats,
+)
 from memvla.data.v3_format import (
     CODEBASE_VERSION,
     DATA_PATH,
@@ -48,6 +55,7 @@ from memvla.data.v3_format import (
     IMAGE_NAMES,
     IMAGE_TYPE,
     INFO_PATH,
+    MAX_ARRAY_DIMS,
     STATS_PATH,
     TASKS_PATH,
     data_schema,
@@ -64,8 +72,9 @@ def infer_features(frames: Mapping[str, Any]) -> dict[str, dict]:
     """LeRobot feature specs from one episode's arrays (each with a leading time axis T).
 
     uint8 arrays of shape (T, H, W, C) become ``"image"`` features; (T,) and (T, D) arrays
-    become scalar (shape [1]) and vector (shape [D]) features: float32 for floats, int64
-    for integers, bool for booleans.
+    become scalar (shape [1]) and vector (shape [D]) features, and other arrays (T, D1, ...,
+    Dk) with k = 2..5 (a depth map (T, H, W), poses (T, 4, 4)) array features of shape
+    [D1, ..., Dk]: float32 for floats, int64 for integers, bool for booleans.
     """
     features = {}
     for key, value in frames.items():
@@ -75,7 +84,7 @@ def infer_features(frames: Mapping[str, Any]) -> dict[str, dict]:
         if x.dtype == np.uint8 and x.ndim == 4:
             features[key] = {"dtype": "image", "shape": list(x.shape[1:]), "names": IMAGE_NAMES}
             continue
-        if x.ndim not in (1, 2):
+        if not 1 <= x.ndim <= MAX_ARRAY_DIMS + 1:
             raise ValueError(f"cannot infer a feature for {key!r} with array shape {x.shape}")
         if x.dtype == np.bool_:
             dtype = "bool"
@@ -85,7 +94,7 @@ def infer_features(frames: Mapping[str, Any]) -> dict[str, dict]:
             dtype = "float32"
         else:
             raise ValueError(f"cannot infer a feature for {key!r} with dtype {x.dtype}")
-        shape = [1] if x.ndim == 1 else [x.shape[1]]
+        shape = [1] if x.ndim == 1 else list(x.shape[1:])
         features[key] = {"dtype": dtype, "shape": shape, "names": None}
     return features
 
@@ -105,10 +114,16 @@ def _check_features(features: Mapping[str, dict]) -> dict[str, dict]:
             if len(ft["shape"]) != 3:
                 raise ValueError(f"image feature {key!r} needs shape [H, W, C], got {ft['shape']}")
             ft["names"] = ft["names"] or IMAGE_NAMES
-        elif len(ft["shape"]) != 1:
-            raise ValueError(f"feature {key!r}: only shapes [1] and [D] are supported")
+        elif not 1 <= len(ft["shape"]) <= MAX_ARRAY_DIMS:
+            raise ValueError(f"feature {key!r}: expected a shape of 1 to {MAX_ARRAY_DIMS} "
+                             f"axes, got {ft['shape']}")
         out[key] = ft
     return {**out, **{k: dict(v) for k, v in DEFAULT_FEATURES.items()}}
+
+
+def _is_array(feature: dict) -> bool:
+    """A numeric feature of 2 or more axes (a depth map, a pose), not a vector or scalar."""
+    return feature["dtype"] != "image" and len(feature["shape"]) >= 2
 
 
 class LeRobotV3Writer:
@@ -156,6 +171,7 @@ class LeRobotV3Writer:
         self._episodes: list[dict] = []
         self._numeric: dict[str, list[np.ndarray]] = {}
         self._image_hist: dict[str, np.ndarray] = {}
+        self._array_stats: dict[str, list[dict[str, np.ndarray]]] = {}
         self._total_frames = 0
         self._writer: pq.ParquetWriter | None = None
         self._chunk, self._file, self._file_bytes = 0, 0, 0
@@ -338,11 +354,18 @@ class LeRobotV3Writer:
             else:
                 column = pa.array(np.ascontiguousarray(x).reshape(-1))
                 if tuple(ft["shape"]) != (1,):
-                    column = pa.FixedSizeListArray.from_arrays(column, ft["shape"][0])
-                numeric[key] = x.reshape(length, -1)  # (T, D)
-                self._numeric.setdefault(key, []).append(numeric[key])
+                    for size in reversed(ft["shape"]):  # nested fixed-size lists
+                        column = pa.FixedSizeListArray.from_arrays(column, size)
+                if _is_array(ft):  # statistics over all the elements, kept per episode
+                    ep_stats[key] = array_stats(x)
+                    self._array_stats.setdefault(key, []).append(ep_stats[key])
+                else:  # statistics per entry
+                    numeric[key] = x.reshape(length, -1)  # (T, D)
+                    self._numeric.setdefault(key, []).append(numeric[key])
             columns.append(column)
-        # statistics of all numeric features at once (one quantile call), split per feature
+        # statistics of all vector features at once (one quantile call), split per feature
+        if not numeric:
+            return pa.RecordBatch.from_arrays(columns, schema=self._schema), ep_stats
         joint = vector_stats(np.concatenate(list(numeric.values()), axis=1))  # (T, sum D)
         offset = 0
         for key, x in numeric.items():
@@ -390,6 +413,8 @@ class LeRobotV3Writer:
         for key in self.features:
             if key in self._image_hist:
                 stats[key] = histogram_stats(self._image_hist[key], self._total_frames)
+            elif key in self._array_stats:
+                stats[key] = merge_array_stats(self._array_stats[key])
             else:
                 stats[key] = vector_stats(np.concatenate(self._numeric[key]))
         return stats

@@ -8,6 +8,12 @@ the quantiles ``q01``, ``q10``, ``q50``, ``q90``, ``q99`` (as in recent LeRobot 
 - Image features get per-channel statistics of shape (C, 1, 1), in [0, 1] (pixel / 255).
   They are computed exactly from 256-bin histograms of the uint8 pixels (LeRobot samples
   frames and estimates quantiles; here every pixel counts).
+- Array features of k >= 2 axes (a depth map (H, W), a pose (4, 4)) get statistics over
+  the frames and all their elements, of shape (1,) * k (broadcastable, like an image's
+  (C, 1, 1)): per-pixel statistics of a depth map would be millions of numbers for a
+  large dataset. The global ones merge the episodes' (:func:`merge_array_stats`): min,
+  max, mean and std exactly, the quantiles as the frame-weighted mean of the episodes'
+  quantiles (as LeRobot aggregates statistics), so the data need not stay in memory.
 - Quantiles use numpy's default ("linear") definition, also for images.
 
 Per-episode statistics are stored in the episodes parquet as ``stats/<feature>/<stat>``
@@ -40,6 +46,36 @@ def vector_stats(values: np.ndarray) -> dict[str, np.ndarray]:
     quantiles = np.quantile(x, QUANTILES, axis=0)  # (5, D)
     stats.update(zip(QUANTILE_KEYS, quantiles, strict=True))
     return stats
+
+
+def array_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Statistics of an array feature's frames (T, D1, ..., Dk) over every element: arrays
+    of shape (1,) * k; ``count`` is T (frames)."""
+    x = np.asarray(values)
+    stats = vector_stats(x.reshape(-1, 1))
+    ones = (1,) * (x.ndim - 1)
+    out = {k: v.reshape(ones) for k, v in stats.items() if k != "count"}
+    out["count"] = np.array([len(x)])
+    return out
+
+
+def merge_array_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One set of :func:`array_stats` from several (the episodes'): min, max, mean and std
+    exact, quantiles weighted by the frame counts (every frame has as many elements)."""
+    n = np.array([float(p["count"][0]) for p in parts])  # (E,)
+    w = n / n.sum()
+    mean = sum(wi * p["mean"] for wi, p in zip(w, parts, strict=True))
+    second = sum(wi * (p["std"] ** 2 + p["mean"] ** 2) for wi, p in zip(w, parts, strict=True))
+    out = {
+        "min": np.minimum.reduce([p["min"] for p in parts]),
+        "max": np.maximum.reduce([p["max"] for p in parts]),
+        "mean": mean,
+        "std": np.sqrt(np.maximum(second - mean**2, 0.0)),
+    }
+    for key in QUANTILE_KEYS:
+        out[key] = sum(wi * p[key] for wi, p in zip(w, parts, strict=True))
+    out["count"] = np.array([int(n.sum())])
+    return out
 
 
 def image_histogram(images: np.ndarray) -> np.ndarray:

@@ -14,8 +14,11 @@ A v3.0 dataset directory (what LeRobot's ``LeRobotDataset`` reads)::
 
 Features are LeRobot's ``{"dtype", "shape", "names"}`` dicts. In the data parquet a
 feature of shape (1,) is a plain column, shape (D,) a fixed-size list (Hugging Face
-``Sequence(length=D)``), and dtype "image" a struct ``{bytes: binary (PNG), path: string}``
-(Hugging Face ``Image``), with the Hugging Face feature types in the schema metadata.
+``Sequence(length=D)``), shape (D1, ..., Dk) with k = 2..5 (a depth map (H, W), a pose
+(4, 4)) fixed-size lists nested k deep (Hugging Face ``Array2D`` .. ``Array5D``, as LeRobot
+declares such features), and dtype "image" a struct ``{bytes: binary (PNG), path:
+string}`` (Hugging Face ``Image``), with the Hugging Face feature types in the schema
+metadata.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DEFAULT_FEATURES = {
     "task_index": {"dtype": "int64", "shape": [1], "names": None},
 }
 IMAGE_NAMES = ["height", "width", "channels"]
+MAX_ARRAY_DIMS = 5  # numeric features have 1 to 5 axes (Hugging Face Array2D .. Array5D)
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -72,9 +76,12 @@ def arrow_type(feature: dict) -> pa.DataType:
     base = pa.string() if dtype == "string" else pa.from_numpy_dtype(np.dtype(dtype))
     if shape == (1,):
         return base
-    if len(shape) == 1:
-        return pa.list_(base, shape[0])
-    raise NotImplementedError(f"features of shape {shape} are not supported (only (1,) and (D,))")
+    if not 1 <= len(shape) <= MAX_ARRAY_DIMS:
+        raise NotImplementedError(f"features of shape {shape} are not supported (1 to "
+                                  f"{MAX_ARRAY_DIMS} axes)")
+    for size in reversed(shape):
+        base = pa.list_(base, size)
+    return base
 
 
 def _hf_feature(feature: dict) -> dict:
@@ -85,7 +92,9 @@ def _hf_feature(feature: dict) -> dict:
     value = {"dtype": dtype, "_type": "Value"}
     if shape == (1,):
         return value
-    return {"feature": value, "length": shape[0], "_type": "Sequence"}
+    if len(shape) == 1:
+        return {"feature": value, "length": shape[0], "_type": "Sequence"}
+    return {"shape": list(shape), "dtype": dtype, "_type": f"Array{len(shape)}D"}
 
 
 def data_schema(features: dict[str, dict]) -> pa.Schema:

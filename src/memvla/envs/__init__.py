@@ -13,8 +13,8 @@ Usage::
             break
     info["is_success"]
 
-Common to every task
---------------------
+Common to every task (but memory-maze, which is ego-centric: see its entry below)
+---------------------------------------------------------------------------------
 * Rendered with NumPy only (no OpenGL); deterministic under ``reset(seed=...)``.
   ``metadata["render_fps"] = 10``; ``render_mode="rgb_array"`` makes ``render()`` return
   the current frame.
@@ -94,6 +94,19 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     grounding control); no twin (``memoryless=True`` is accepted and changes nothing).
     ``layout`` as in remember-color. Chance 1/n_colors. Max steps 25.
     ``reset(options={"cue": i})`` forces the target.
+
+``memory-maze`` (``memvla/MemoryMaze-v0``)
+    Ego-centric, unlike the others: a first-person view of a ``maze_size`` grid maze
+    (default 5) ray cast by :mod:`memvla.envs.raycast`, with ``observation.depth`` (S, S)
+    metres, ``observation.pose`` (4, 4) world-from-camera and ``observation.intrinsics``
+    (3, 3) (:mod:`memvla.envs.camera`); ``observation.state`` (4,) = (x, y, cos yaw,
+    sin yaw); discrete actions forward / turn left / turn right / stop as one-hot (4,)
+    vectors (an int or the nearest one-hot of any (4,) vector is accepted). A display
+    guides a tour past ``n_markers`` coloured floor markers (default 2), then goes dark:
+    go back to the marker the instruction names and stop on it, within the fewest actions
+    plus ``return_slack``. Chance 1 / maze_size². ``reset(options={"cue": i})`` forces the
+    target. Twin: the display keeps showing the way to the target, in its colour. Details
+    in :mod:`memvla.envs.memory_maze`.
 
 ``parse_options(["delay=30", ...])`` reads ``KEY=VALUE`` task options as the command
 line's ``--opt`` gives them.

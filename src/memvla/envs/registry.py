@@ -57,6 +57,8 @@ def _specs() -> dict[str, TaskSpec]:
          "carry an object into a zone, then back to its (unmarked) start"),
         ("reach-color", "reach_color:ReachColorEnv", "ReachColor", False,
          "touch the object whose colour the instruction names (no memory needed)"),
+        ("memory-maze", "memory_maze:MemoryMazeEnv", "MemoryMaze", True,
+         "first-person maze: a guided tour past coloured markers, then back to the named one"),
     ]  # fmt: skip
     specs = {}
     for name, entry, camel, memory, summary in base:
