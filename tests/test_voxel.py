@@ -181,3 +181,16 @@ def test_voxel_pruning_streams_as_it_trains():
             _, _, carried = policy._segment_losses(batch, carried)
         want = policy.normalizer.unnormalize("action", x[..., :3])
         assert (streamed[t] - want).abs().max().item() <= 1e-5, t
+
+
+def test_segments_past_an_episodes_end_need_no_geometry():
+    policy = _policy()
+    obs = _obs(0)
+    both = {k: (torch.cat([v, torch.zeros_like(v)]) if isinstance(v, torch.Tensor) and k !=
+                "observation.intrinsics" else v) for k, v in obs.items()}
+    both["task"] = obs["task"] * 2  # the second sample: zeros, past its episode's end
+    with pytest.raises(ValueError, match=r"observation.pose\[1\]: expected a rigid"):
+        policy._segment_state(both, None, 2)
+    state = policy._segment_state({**both, "segment_is_pad": torch.tensor([False, True])},
+                                  None, 2)
+    assert state["geometry"]["points"].shape[0] == 2

@@ -269,6 +269,12 @@ def sweep_settings(args, task: str):
         s.options = {"n_swaps": args.swaps, "swap_steps": args.swap_steps}
         s.longer = {"n_swaps": 3 * args.swaps}
         s.data_options = {"n_swaps": args.min_swaps, "max_swaps": args.swaps}
+    elif task == "memory-maze":  # the defaults: a 5×5 maze, 2 markers on the tour
+        # the display shows the next move only: replan every 2 steps; slow-memory frames
+        # of 2×2 tokens unpooled, so that voxel pruning has patches to place
+        s.overrides = ["policy.n_action_steps=2", "policy.context.pool_stride=1",
+                       "policy.tokenizer.max_length=32",
+                       *s.overrides]
     s.options.update(parse_options(args.opt))
     return s
 

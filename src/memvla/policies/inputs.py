@@ -152,7 +152,9 @@ INTRINSICS_KEY = "observation.intrinsics"
 def check_geometry(batch: dict, cfg: PolicyConfig, b: int) -> tuple[Tensor, Tensor, Tensor]:
     """The camera geometry voxel pruning needs, checked: depth (B, H, W) metres at the
     camera's resolution (a (B, 1, H, W) or (B, H, W, 1) channel axis is accepted), pose
-    (B, 4, 4) world-from-camera, rigid, and intrinsics (B, 3, 3) (or one (3, 3) for all)."""
+    (B, 4, 4) world-from-camera, rigid, and intrinsics (B, 3, 3) (or one (3, 3) for all).
+    The samples of an episode segment past the episode's end (``segment_is_pad``, (B,))
+    hold no frame: their pose and intrinsics are taken as the identity."""
     _, h, w = cfg.image_shape
     why = f"context.voxel_size={cfg.context.voxel_size} back-projects the camera's tokens"
     for key in (DEPTH_KEY, POSE_KEY, INTRINSICS_KEY):
@@ -169,14 +171,19 @@ def check_geometry(batch: dict, cfg: PolicyConfig, b: int) -> tuple[Tensor, Tens
     if tuple(pose.shape) != (b, 4, 4) or not pose.is_floating_point():
         raise ValueError(f"{POSE_KEY}: expected float (B, 4, 4) = ({b}, 4, 4) "
                          f"world-from-camera matrices, got {pose.dtype} {tuple(pose.shape)}")
-    _finite(POSE_KEY, pose)
-    check_rigid(POSE_KEY, pose)
     k = _tensor(INTRINSICS_KEY, batch[INTRINSICS_KEY])
     if k.dim() == 2:
         k = k.expand(b, 3, 3) if tuple(k.shape) == (3, 3) else k
     if tuple(k.shape) != (b, 3, 3) or not k.is_floating_point():
         raise ValueError(f"{INTRINSICS_KEY}: expected float (B, 3, 3) = ({b}, 3, 3) or (3, 3) "
                          f"pinhole matrices, got {k.dtype} {tuple(k.shape)}")
+    padded = batch.get("segment_is_pad")
+    if isinstance(padded, Tensor) and bool(padded.any()):
+        gone = padded.to(pose.device).view(b, 1, 1)  # (B, 1, 1)
+        pose = torch.where(gone, torch.eye(4, dtype=pose.dtype, device=pose.device), pose)
+        k = torch.where(gone.to(k.device), torch.eye(3, dtype=k.dtype, device=k.device), k)
+    _finite(POSE_KEY, pose)
+    check_rigid(POSE_KEY, pose)
     _finite(INTRINSICS_KEY, k)
     if bool((k[:, 0, 0] <= 0).any() or (k[:, 1, 1] <= 0).any()):
         raise ValueError(f"{INTRINSICS_KEY}: expected focal lengths fx, fy > 0, got "
