@@ -20,5 +20,10 @@ Da    action dimension; ``Ds`` state dimension
 V     vocabulary size
 S     segments of an episode
 K     slots of a temporal context (past frames it holds) or extra keys, where noted
+Di    inner width of a Mamba (selective state-space) mixer (``d_inner``)
+Dn    state size per inner channel of a selective SSM (``d_state``)
+Kc    width of a Mamba mixer's causal depthwise convolution (``d_conv``)
+R     rank of a Mamba mixer's time-step projection (``dt_rank``)
+Lc    chunk length of the chunked selective scan; ``Nc`` the number of chunks
 ====  =======================================================================
 """
