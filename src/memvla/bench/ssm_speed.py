@@ -8,16 +8,16 @@ backward (gradients of every input). The calls are timed in interleaved rounds, 
 change of machine load affects both alike; the figures are medians. The largest difference
 of the two outputs is reported beside the times.
 
-Run it with ``python -m memvla.bench.ssm_speed [--lengths 256,1024,4096] [--threads 1]``.
+Run it with ``memvla bench ssm [--lengths 256,1024,4096] [--threads 1] [--json FILE]``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write_json
 from .timing import cuda_sync, format_table, time_interleaved, torch_info
 
 HELP = "chunked parallel selective scan vs the sequential reference (forward, backward)"
@@ -135,14 +135,5 @@ def run(args) -> int:
                       device=args.device, threads=args.threads, chunk=args.chunk)
     print(format_rows(rows))
     if getattr(args, "json", None):
-        Path(args.json).write_text(json.dumps({"rows": rows, "torch": torch_info()}, indent=2))
+        atomic_write_json(Path(args.json), {"rows": rows, "torch": torch_info()})
     return 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m memvla.bench.ssm_speed", description=HELP)
-    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))

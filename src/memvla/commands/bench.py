@@ -18,6 +18,7 @@ BENCHES = {
     "lm-copy": "lm_copy",
     "pruning": "pruning",
     "context": "context",
+    "ssm": "ssm_speed",
 }
 
 
