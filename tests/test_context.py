@@ -29,7 +29,12 @@ KINDS = {"none": [],
                         "context.frames_mode=mem"],
          "slow_fast": ["context.kind=slow_fast", "context.num_turns=2", "context.num_history=2"],
          "slow_fast-slide": ["context.kind=slow_fast", "context.num_turns=2",
-                             "context.window=slide", "context.num_history=1"]}
+                             "context.window=slide", "context.num_history=1"],
+         "ssm_state": ["context.kind=ssm_state"]}
+MAMBA_ONLY = ("ssm_state",)  # the kinds of a Mamba backbone, and what it runs with
+CASES = [(kind, preset) for kind in KINDS for preset in ("tiny", "tiny-oft")
+         if not kind.startswith(MAMBA_ONLY)]
+CASES += [(kind, "tiny-mamba") for kind in ("ssm_state", "none", "memory_tokens", "frames")]
 
 
 def test_every_registered_kind_is_tested_here():
@@ -61,7 +66,7 @@ def test_registry_and_state_checks():
                        r"whose memory_tokens state this policy holds; call reset\(\) first"):
         ctx.check_state(ctx.initial_state(3), 2)
     with pytest.raises(ValueError, match=r"context.kind must be one of \('none', "
-                       r"'memory_tokens', 'frames', 'slow_fast'\), got 'tape'"):
+                       r"'memory_tokens', 'frames', 'slow_fast', 'ssm_state'\), got 'tape'"):
         ContextConfig(kind="tape")
     with pytest.raises(ValueError, match=r"context.num_frames is an option of "
                        r"context.kind='frames', not of 'memory_tokens': expected its default "
@@ -105,13 +110,12 @@ def _chunk(policy, obs: dict, noise, state):
     return policy.normalizer.unnormalize("action", x[..., : policy.config.action_dim])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind, preset", CASES)
 def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
 
     torch.manual_seed(0)
-    steps = ["model.num_steps=2"] if preset == "tiny" else []
+    steps = ["model.num_steps=2"] if preset != "tiny-oft" else []
     cfg = narrow_config(preset, extra=[*steps, "n_action_steps=4", *KINDS[kind]])
     policy = make_policy(cfg).eval()
     length, n, m = 13, 4, cfg.model

@@ -10,8 +10,9 @@ from memvla.presets import PRESETS, count_parameters, get_preset
 
 # published sizes (SmolVLA paper / blog: 450M; pi0: PaliGemma 3B + 300M expert, ~3.3B;
 # OpenVLA 7.5B (7.54B), to which OFT adds its proprio projector and action head, ~0.17B)
+# RoboMamba: CLIP ViT-L/14 (0.30B) + Mamba-2.8B (2.77B) = 3.07B)
 PUBLISHED = {"smolvla-450m": (450e6, 0.03), "pi0-3b": (3.3e9, 0.03),
-             "openvla-oft-7b": (7.5e9, 0.03)}
+             "openvla-oft-7b": (7.5e9, 0.03), "robomamba-2.8b": (3.07e9, 0.03)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

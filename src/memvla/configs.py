@@ -141,6 +141,29 @@ class PrunerConfig:
 
 
 STATE_TOKEN_PLACES = ("prefix", "suffix")
+BACKBONES = ("transformer", "mamba")
+KERNEL_CHOICES = ("auto", "pure", "cuda")
+
+
+@dataclass
+class MambaOptions:
+    """The selective-SSM settings of a Mamba backbone (``model.backbone=mamba``; its width,
+    depth and vocabulary are ``model.text``'s): state size per channel, causal convolution
+    width, inner expansion, time-step rank ("auto" = ceil(width / 16)) and the kernels
+    ("auto": mamba_ssm's CUDA kernels when installed and on a GPU, "pure", "cuda")."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+    kernels: str = "auto"
+
+    def __post_init__(self):
+        _positive("model.mamba", d_state=self.d_state, d_conv=self.d_conv, expand=self.expand)
+        _require(self.dt_rank == "auto" or (isinstance(self.dt_rank, int) and self.dt_rank > 0),
+                 f"model.mamba.dt_rank must be 'auto' or an int > 0, got {self.dt_rank!r}")
+        _require(self.kernels in KERNEL_CHOICES, f"model.mamba.kernels must be one of "
+                 f"{KERNEL_CHOICES}, got {self.kernels!r}")
 
 
 @dataclass
@@ -148,7 +171,10 @@ class FlowVLAConfig:
     """The flow-matching VLA (SmolVLA / π0 family): a VLM over the prefix (images,
     language, state) and a narrower action expert over the suffix (the action chunk).
     ``pruner``: LightVLA's token pruner over the image tokens of every camera, with the
-    language tokens (and ``pruner.action_context``) as its task keys."""
+    language tokens (and ``pruner.action_context``) as its task keys. ``backbone``:
+    ``transformer`` (``text`` is the decoder) or ``mamba`` (RoboMamba: ``text.depth`` Mamba
+    blocks of ``text.width`` with ``mamba``'s settings; the expert reads keys/values
+    projected from each block's output, in ``text``'s ``kv_heads × head_dim``)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: DecoderConfig = field(default_factory=DecoderConfig)  # the kept backbone layers
@@ -173,8 +199,15 @@ class FlowVLAConfig:
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    backbone: str = "transformer"
+    mamba: MambaOptions = field(default_factory=MambaOptions)
 
     def __post_init__(self):
+        _require(self.backbone in BACKBONES, f"model.backbone must be one of {BACKBONES}, got "
+                 f"{self.backbone!r}")
+        _require(self.backbone == "transformer" or not self.pruner.enabled,
+                 "model.pruner.enabled: the token pruner drops prefix tokens of a "
+                 "transformer; with model.backbone='mamba' set model.pruner.enabled=false")
         _positive("model", connector_scale=self.connector_scale,
                   self_attn_every_n_layers=self.self_attn_every_n_layers,
                   chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
@@ -341,7 +374,7 @@ class TokenizerConfig:
         _positive("tokenizer", max_length=self.max_length)
 
 
-CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast")
+CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
 FRAMES_MODES = ("tokens", "pooled", "mem")
@@ -349,6 +382,7 @@ POOL_MODES = ("avg", "max", "bilinear")
 # the options of each kind; the others must keep their defaults
 CONTEXT_OPTIONS = {
     "none": (),
+    "ssm_state": (),
     "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
                "temporal_every"),
@@ -472,7 +506,7 @@ class ContextConfig:
     def recurrent(self) -> bool:
         """True when the context is trained through whole episodes (memory tokens, the
         slow-fast cache: BPTT)."""
-        return self.kind in ("memory_tokens", "slow_fast")
+        return self.kind in ("memory_tokens", "slow_fast", "ssm_state")
 
     @property
     def stateful(self) -> bool:
@@ -551,6 +585,13 @@ class PolicyConfig:
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")
+        backbone = getattr(self.model, "backbone", "transformer")
+        _require(self.context.kind != "ssm_state" or backbone == "mamba",
+                 f"context.kind='ssm_state' carries a Mamba backbone's recurrent state: "
+                 f"expected model.backbone='mamba', got {backbone!r}")
+        _require(self.context.kind != "slow_fast" or backbone == "transformer",
+                 "context.kind='slow_fast' keeps earlier turns in a KV cache; a Mamba "
+                 "backbone carries them in its state: use context.kind='ssm_state'")
         if getattr(self.model, "action_head", "l1") == "text":
             _require(self.action_dim == self.model.text_actions,
                      f"model.action_head='text': each action is one of model.text_actions "

@@ -8,6 +8,8 @@
   action expert; joint attention in every layer, the state token in the suffix).
 - ``tiny-oft``: the parallel-decoding VLA (OpenVLA-OFT family) at the size of ``tiny``;
   64 patch tokens per 64×64 image (patch 8, no pixel shuffle: room for the pruner).
+- ``tiny-mamba``: ``tiny`` with a Mamba backbone carrying the episode in its state.
+- ``robomamba-2.8b``: RoboMamba's shapes (CLIP ViT-L/14 at 224 px + Mamba-2.8B).
 - ``tiny-oft-text``: ``tiny-oft`` with actions as text tokens (StreamVLN's ↑ ← → STOP):
   4 discrete actions, 4 future steps per turn (for memory-maze).
 - ``openvla-oft-7b``: OpenVLA-OFT's shapes (Llama-2 7B; the fused DINOv2 ViT-L/14 +
@@ -27,8 +29,10 @@ from dataclasses import replace
 
 from .config_utils import apply_overrides
 from .configs import (
+    ContextConfig,
     DecoderConfig,
     FlowVLAConfig,
+    MambaOptions,
     ParallelVLAConfig,
     PolicyConfig,
     TokenizerConfig,
@@ -76,6 +80,36 @@ def tiny() -> PolicyConfig:
     return PolicyConfig(model=model, cameras=["top"], image_shape=(3, 64, 64), state_dim=3,
                         action_dim=3, n_action_steps=8,
                         tokenizer=TokenizerConfig(kind="words", max_length=24))
+
+
+@register("tiny-mamba")
+def tiny_mamba() -> PolicyConfig:
+    """``tiny`` with a Mamba backbone (4 blocks of width 64, state 16) carrying the episode
+    in its recurrent state (``context.kind=ssm_state``)."""
+    cfg = tiny()
+    model = replace(cfg.model, backbone="mamba", mamba=MambaOptions(d_state=16, d_conv=4,
+                                                                    expand=2))
+    return replace(cfg, model=model, context=ContextConfig(kind="ssm_state"))
+
+
+@register("robomamba-2.8b")
+def robomamba_2_8b() -> PolicyConfig:
+    # RoboMamba: CLIP ViT-L/14 at 224 px (256 patches, a linear projector) + Mamba-2.8B
+    # (64 blocks of width 2560, state 16, vocabulary 50280); a narrow action expert reads
+    # one key/value head of 64 per block
+    vision = VisionConfig(width=1024, depth=24, heads=16, mlp_dim=4096, image_size=224,
+                          patch_size=14, eps=1e-5, act="gelu")
+    text = DecoderConfig(width=2560, depth=64, heads=1, kv_heads=1, head_dim=64, mlp_dim=1,
+                         vocab_size=50280, rms_eps=1e-5)
+    expert = DecoderConfig(width=128, depth=64, heads=2, kv_heads=1, head_dim=64, mlp_dim=512)
+    model = FlowVLAConfig(vision=vision, text=text, expert=expert, connector_scale=1,
+                          connector_bias=True, chunk_size=8, max_state_dim=8,
+                          max_action_dim=8, backbone="mamba",
+                          mamba=MambaOptions(d_state=16, d_conv=4, expand=2))
+    return PolicyConfig(model=model, cameras=["top"], image_shape=(3, 224, 224), state_dim=7,
+                        action_dim=7, n_action_steps=8,
+                        context=ContextConfig(kind="ssm_state"),
+                        tokenizer=TokenizerConfig(kind="words", max_length=48))
 
 
 @register("smolvla-450m")

@@ -8,6 +8,7 @@ behind one interface (:mod:`memvla.context.base`).
   (:mod:`memvla.context.frames`).
 - ``slow_fast``: StreamVLN's recent turns in the KV cache and pooled older frames
   (:mod:`memvla.context.slow_fast`).
+- ``ssm_state``: a Mamba backbone's recurrent state (:mod:`memvla.context.ssm_state`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from .base import (
 from .frames import FramesContext
 from .memory_tokens import MemoryTokensContext
 from .slow_fast import SlowFastContext
+from .ssm_state import SSMStateContext
 
 CONTEXTS: dict[str, type[TemporalContext]] = {"none": TemporalContext,
                                               "memory_tokens": MemoryTokensContext,
                                               "frames": FramesContext,
-                                              "slow_fast": SlowFastContext}
+                                              "slow_fast": SlowFastContext,
+                                              "ssm_state": SSMStateContext}
 
 
 def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
@@ -40,7 +43,8 @@ def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
     return cls() if cls is TemporalContext else cls(cfg, width)
 
 
-__all__ = ["CONTEXTS", "FramesContext", "MemoryTokensContext", "SlowFastContext", "State",
+__all__ = ["CONTEXTS", "FramesContext", "MemoryTokensContext", "SSMStateContext",
+           "SlowFastContext", "State",
            "TemporalContext",
            "detach_state", "make_context", "map_state", "select_state", "state_batch",
            "state_leaves"]

@@ -24,6 +24,8 @@ class KVCache:
         self.key_pad: Tensor | None = None  # (B, L) bool, True for real tokens
         self.key_block: Tensor | None = None  # (B, L) long, cumulative block ids
         self.key_pos: Tensor | None = None  # (B, L) long, RoPE positions of the keys
+        # a recurrent backbone's state (Mamba: one per layer), continued by the prefill
+        self.recurrent: list | None = None
 
     # -- writing ---------------------------------------------------------------------------
     def append_tokens(self, pad: Tensor, block: Tensor, positions: Tensor) -> None:

@@ -131,16 +131,22 @@ class MambaMixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt).float())  # (..., Di)
         return dt, B, C
 
-    def _conv(self, xs: Tensor, conv_state: Tensor | None,
-              kernels: dict | None) -> tuple[Tensor, Tensor]:
+    def _conv(self, xs: Tensor, conv_state: Tensor | None, kernels: dict | None,
+              lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv + silu over xs (B, N, Di), continuing ``conv_state``;
-        returns the activations (B, N, Di) and the new conv state (B, Di, Kc - 1)."""
+        returns the activations (B, N, Di) and the new conv state (B, Di, Kc - 1): the
+        inputs before each sequence's end (``lengths`` (B,) real tokens; None: all N)."""
         w = self.conv1d.weight  # (Di, 1, Kc)
         x = xs.transpose(1, 2)  # (B, Di, N)
         prev = conv_state if conv_state is not None else x.new_zeros(
             x.shape[0], self.d_inner, self.d_conv - 1)  # (B, Di, Kc-1)
         full = torch.cat([prev.to(x.dtype), x], dim=-1)  # (B, Di, Kc-1+N)
-        new_state = full[..., full.shape[-1] - (self.d_conv - 1):].to(w.dtype)  # (B, Di, Kc-1)
+        if lengths is None:
+            new_state = full[..., full.shape[-1] - (self.d_conv - 1):]  # (B, Di, Kc-1)
+        else:  # the Kc - 1 inputs up to each sequence's last real token
+            at = lengths.to(x.device)[:, None] + torch.arange(self.d_conv - 1, device=x.device)
+            new_state = full.gather(2, at[:, None].expand(-1, self.d_inner, -1))  # (B,Di,Kc-1)
+        new_state = new_state.to(w.dtype)
         if kernels is not None and conv_state is None and "causal_conv1d_fn" in kernels:
             out = kernels["causal_conv1d_fn"](x.contiguous(), w.squeeze(1), self.conv1d.bias,
                                               activation="silu")  # (B, Di, N)
@@ -150,18 +156,33 @@ class MambaMixer(nn.Module):
 
     # -- running -----------------------------------------------------------------------------
     def forward(self, x: Tensor, state: MambaState | tuple | None = None,
-                chunk: int | None = None) -> tuple[Tensor, MambaState]:
+                chunk: int | None = None, mask: Tensor | None = None
+                ) -> tuple[Tensor, MambaState]:
         """x (B, N, D), state (zeros when None) -> y (B, N, D), the state after the last token.
-        ``chunk``: chunk length of the parallel scan (default ~sqrt N)."""
+        ``chunk``: chunk length of the parallel scan (default ~sqrt N). ``mask`` (B, N) bool:
+        real tokens first, then padding, which changes neither state (its inputs are zero
+        and its time step 0; its outputs are meaningless)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MambaMixer: x must be (B, N, D) with D = {self.d_model}, got "
                              f"{tuple(x.shape)}")
         if state is not None:
             state = self.check_state(state, x.shape[0], x.device)
-        kernels = cuda_kernels(self.kernels, x)
+        lengths = None
+        if mask is not None:
+            lengths = mask.sum(1)  # (B,)
+            if bool((mask != (torch.arange(x.shape[1], device=mask.device)[None]
+                              < lengths[:, None])).any()):
+                raise ValueError("MambaMixer: mask must hold each sequence's real tokens "
+                                 "first, then its padding")
+        kernels = None if mask is not None else cuda_kernels(self.kernels, x)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, N, Di) each
-        xs, conv_state = self._conv(xs, None if state is None else state.conv, kernels)
+        if mask is not None:
+            xs = xs * mask[..., None].to(xs.dtype)  # (B, N, Di) padding: no input
+        xs, conv_state = self._conv(xs, None if state is None else state.conv, kernels,
+                                    lengths)
         dt, B, C = self._ssm_inputs(xs)  # (B, N, Di), (B, N, Dn), (B, N, Dn)
+        if mask is not None:
+            dt = dt * mask[..., None].to(dt.dtype)  # (B, N, Di) padding: the state holds
         A = -torch.exp(self.A_log.float())  # (Di, Dn)
         y, h = selective_scan(xs, dt, A, B, C, self.D, z, None if state is None else state.ssm,
                               kernels=self.kernels, chunk=chunk)  # (B, N, Di), (B, Di, Dn)

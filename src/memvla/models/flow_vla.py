@@ -74,7 +74,12 @@ class VLMInner(nn.Module):
                                               v.patch_size, v.channels, v.eps, v.act)
         self.connector = Connector(v.width, cfg.text.width, cfg.connector_scale,
                                    cfg.connector_bias)
-        self.text_model = Decoder(cfg.text)
+        if cfg.backbone == "mamba":
+            from .mamba_prefix import MambaTextModel
+
+            self.text_model = MambaTextModel(cfg)
+        else:
+            self.text_model = Decoder(cfg.text)
 
 
 class VLM(nn.Module):
@@ -127,6 +132,8 @@ class VLMWithExpert(nn.Module):
         """Run the backbone over the prefix, appending to ``cache`` -> hidden (B, Np, D)
         (before the final norm with ``final_norm=False``)."""
         pos, block, mask = self.prefix_layout(prefix, cache)
+        if self.cfg.backbone == "mamba":  # the recurrent state in the cache, keys projected
+            return self.text_model.prefill(prefix, pos, block, cache, final_norm)
         cache.append_tokens(prefix.pad, block, pos)
         return self.text_model(prefix.embs, pos, mask, cache, final_norm)  # (B, Np, D)
 
@@ -215,10 +222,13 @@ class FlowMatchingVLA(nn.Module):
         A temporal context that reads the prefix's outputs (memory tokens) makes them used:
         then only the LM head is unused, and the final norm too unless the context reads
         through it (memory tokens with ``context.write="norm"``)."""
-        if self.context.reads_prefix_output:
+        if self.context.reads_prefix_output or self.cfg.backbone == "mamba":
+            # (a Mamba backbone: every block's output is read, as keys/values)
             unused = ["vlm_with_expert.vlm.lm_head."]
             if not self.context.reads_normed_output:
-                unused.append("vlm_with_expert.vlm.model.text_model.norm.")
+                unused.append("vlm_with_expert.vlm.model.text_model.norm."
+                              if self.cfg.backbone == "transformer"
+                              else "vlm_with_expert.vlm.model.text_model.backbone.norm_f.")
             return {n for n, _ in self.named_parameters() if n.startswith(tuple(unused))}
         last = f"vlm_with_expert.vlm.model.text_model.layers.{self.cfg.text.depth - 1}."
         names = {n for n, _ in self.named_parameters()

@@ -89,9 +89,11 @@ class MambaBlock(nn.Module):
         return x.float() if self.residual_in_fp32 else x
 
     def forward(self, x: Tensor, state: MambaState | None = None,
-                chunk: int | None = None) -> tuple[Tensor, MambaState]:
-        """x (B, N, D) -> (B, N, D), the mixer's new state."""
-        y, state = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, chunk)  # (B, N, D)
+                chunk: int | None = None, mask: Tensor | None = None
+                ) -> tuple[Tensor, MambaState]:
+        """x (B, N, D) -> (B, N, D), the mixer's new state (``mask``: see the mixer)."""
+        y, state = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, chunk,
+                              mask)  # (B, N, D)
         return self._residual(x) + y, state
 
     def step(self, x_t: Tensor, state: MambaState | None = None) -> tuple[Tensor, MambaState]:
@@ -134,14 +136,18 @@ class MambaBackbone(nn.Module):
         return list(states)
 
     def forward(self, x: Tensor, states: list[MambaState] | None = None,
-                chunk: int | None = None, final_norm: bool = True
-                ) -> tuple[Tensor, list[MambaState]]:
+                chunk: int | None = None, final_norm: bool = True, mask: Tensor | None = None,
+                layer_outputs: list | None = None) -> tuple[Tensor, list[MambaState]]:
         """x (B, N, D), per-layer states (zeros when None) -> hidden (B, N, D) after norm_f
-        (the residual stream before it with ``final_norm=False``), the new states."""
+        (the residual stream before it with ``final_norm=False``), the new states.
+        ``mask`` (B, N): real tokens first (see :class:`MambaMixer`); ``layer_outputs``, a
+        list, receives each layer's output (B, N, D)."""
         new_states = []
         for layer, state in zip(self.layers, self._states(states, "MambaBackbone"), strict=True):
-            x, state = layer(x, state, chunk)  # (B, N, D)
+            x, state = layer(x, state, chunk, mask)  # (B, N, D)
             new_states.append(state)
+            if layer_outputs is not None:
+                layer_outputs.append(x)
         return (self.norm_f(x) if final_norm else x), new_states
 
     def step(self, x_t: Tensor, states: list[MambaState] | None = None,

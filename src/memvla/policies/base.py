@@ -212,7 +212,13 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         if meta["type"] != self.policy_type:
             raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
                              f"{self.policy_type!r}")
-        saved = from_dict(PolicyConfig, meta["config"]).context
+        saved_config = from_dict(PolicyConfig, meta["config"])
+        mine, theirs = (getattr(c.model, "backbone", "transformer")
+                        for c in (self.config, saved_config))
+        if mine != theirs:
+            raise ValueError(f"{d / 'config.json'}: a checkpoint of another backbone: "
+                             f"model.backbone is {theirs!r} there, {mine!r} here")
+        saved = saved_config.context
         if saved != self.config.context:
             diff = [f"context.{k} is {getattr(saved, k)!r} there, {v!r} here"
                     for k, v in vars(self.config.context).items() if getattr(saved, k) != v]
