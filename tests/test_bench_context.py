@@ -74,3 +74,20 @@ def test_bad_arguments_are_refused_before_timing(flags, message, capsys, monkeyp
     monkeypatch.setattr(bench, "episode_cost", no_timing)
     assert main(["bench", "context", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_scaling_reports_every_kind_with_memory_the_scan_and_a_plot(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["bench", "scaling", "--steps", "24", "--repeats", "1", "--warmup", "0",
+                 "--kinds", "none,memory_tokens,mamba", "--scan-lengths", "16",
+                 "--scan-repeats", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["kinds"]) == {"none", "memory_tokens", "mamba"}
+    for r in figures["kinds"].values():
+        assert r["at"]["24"]["peak_rss_bytes"] >= r["at"]["10"]["peak_rss_bytes"] > 0
+    mamba = figures["kinds"]["mamba"]["at"]
+    # the Mamba state: a fixed size, and no keys beyond the step's own tokens
+    assert mamba["10"]["state_bytes"] == mamba["24"]["state_bytes"] > 0
+    assert mamba["24"]["attended_keys"] == mamba["24"]["prefix_tokens"]
+    assert [r["length"] for r in figures["scan"]] == [16]
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -22,6 +22,12 @@ predicted every ``n_action_steps`` steps. Recorded at the calls that predict a c
   :func:`memvla.context.state_leaves` of ``policy.context_state`` after the chunk call
   (what is allocated: a buffer's spare capacity counts).
 
+- resident memory: the process's RSS after each chunk call; per target step the largest
+  so far (``peak_rss_bytes``), beside the RSS when the kind's episode began.
+
+``mamba`` is the flow family with a Mamba backbone carrying its recurrent state
+(``model.backbone=mamba``, ``context.kind=ssm_state``): its prefix tokens attend no keys.
+
 The full-history baseline is the slow-fast kind with the whole episode in its KV cache
 (``context.num_turns=0``) and no slow memory: its cost grows with the episode, which stops
 early once its carried state passes ``--max-state-mb`` (the step is reported).
@@ -53,6 +59,7 @@ KINDS = {
     "frames-mem": ["context.kind=frames", "context.frames_mode=mem"],
     "slow_fast": ["context.kind=slow_fast"],
     "full-history": ["context.kind=slow_fast", "context.num_turns=0", "context.num_history=0"],
+    "mamba": ["model.backbone=mamba", "context.kind=ssm_state"],
 }
 AT = (10, 100, 1000, 10000)  # target steps of the figures
 WINDOW = 5  # chunk calls per latency figure: the nearest to the target step
@@ -175,6 +182,18 @@ class ChunkCall:
     tokens: int  # new prefix tokens the backbone ran over
     keys: int  # keys they attended: new + cached
     state_bytes: int  # carried after the call
+    rss_bytes: int = 0  # the process's resident memory after the call
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm; else its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def targets(done: int) -> list[int]:
@@ -189,7 +208,9 @@ def around(chunks: list[ChunkCall], target: int, k: int = WINDOW) -> dict:
     return {"window_steps": sorted(c.step for c in near),
             "chunk_ms": statistics.median(c.ms for c in near),
             "step": near[0].step, "prefix_tokens": near[0].tokens,
-            "attended_keys": near[0].keys, "state_bytes": near[0].state_bytes}
+            "attended_keys": near[0].keys, "state_bytes": near[0].state_bytes,
+            "peak_rss_bytes": max((c.rss_bytes for c in chunks if c.step <= target),
+                                  default=0)}
 
 
 def episode_cost(kind: str, steps: int, preset: str = "tiny", overrides=(), device=None,
@@ -212,8 +233,13 @@ def episode_cost(kind: str, steps: int, preset: str = "tiny", overrides=(), devi
     flow = cfg.family == "flow"
     backbone = model.vlm_with_expert.text_model if flow else model.decoder
     seen: list[tuple[int, int]] = []  # (new tokens, attended keys) per backbone call
-    hook = backbone.register_forward_pre_hook(  # args: x (B, N, D), positions, mask (B, N, L)
-        lambda _module, args: seen.append((args[0].shape[1], args[2].shape[-1])))
+    if flow and model.cfg.backbone == "mamba":  # args: x (B, N, D), states: no keys
+        hook = backbone.backbone.register_forward_pre_hook(
+            lambda _module, args: seen.append((args[0].shape[1], args[0].shape[1])))
+    else:  # args: x (B, N, D), positions, mask (B, N, L)
+        hook = backbone.register_forward_pre_hook(
+            lambda _module, args: seen.append((args[0].shape[1], args[2].shape[-1])))
+    rss_start = resident_bytes()
     last_chunk = 1 + n * ((steps - 1) // n)
     early_step = min(1 + n * round((AT[0] - 1) / n), last_chunk)  # the chunk nearest step 10
     chunks: list[ChunkCall] = []
@@ -233,7 +259,7 @@ def episode_cost(kind: str, steps: int, preset: str = "tiny", overrides=(), devi
                 ms = 1e3 * timed_call(lambda: policy.select_action(obs), sync)
                 if predicts:
                     nbytes = state_bytes(policy.context_state)
-                    chunks.append(ChunkCall(step, ms, *seen[-1], nbytes))
+                    chunks.append(ChunkCall(step, ms, *seen[-1], nbytes, resident_bytes()))
                     if nbytes > max_state_mb * 2 ** 20:
                         stopped = step
                         break
@@ -253,6 +279,7 @@ def episode_cost(kind: str, steps: int, preset: str = "tiny", overrides=(), devi
             "chunk_every": n, "chunk_calls": len(chunks),
             "tokens_per_image": cfg.model.tokens_per_image, "cameras": len(cfg.cameras),
             "at": at, "latency_ratio": last["chunk_ms"] / first["chunk_ms"],
+            "rss_start_bytes": rss_start,
             "paired": {"early_step": early_at, "late_step": chunks[-1].step,
                        "early": e.to_dict(), "late": lt.to_dict(),
                        "ratio": lt.median_ms / e.median_ms},

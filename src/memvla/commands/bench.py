@@ -19,6 +19,7 @@ BENCHES = {
     "pruning": "pruning",
     "context": "context",
     "ssm": "ssm_speed",
+    "scaling": "scaling",
 }
 
 
