@@ -53,6 +53,9 @@ VARIANTS = [
             ["policy.context.kind=frames", "policy.context.frames_mode=mem"], cost=4.0),
     Variant("slow-fast", "slow-fast context: 8 turns in the KV cache, pooled older frames",
             ["policy.context.kind=slow_fast", "train.bptt_depth=-1"], cost=1.3),
+    Variant("mamba", "Mamba backbone carrying its recurrent state (RoboMamba)",
+            ["policy.model.backbone=mamba", "policy.context.kind=ssm_state",
+             "train.bptt_depth=-1"], cost=1.5),
     Variant("slow-fast-voxel", "slow-fast context, older frames pruned by 0.5 m voxels "
             "(needs depth and pose)", ["policy.context.kind=slow_fast", "train.bptt_depth=-1",
                                        "policy.context.voxel_size=0.5"], cost=1.3),
