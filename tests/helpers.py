@@ -30,10 +30,12 @@ def small_config(name: str, extra: list[str] | None = None):
         cfg = apply_overrides(cfg, overrides)
     elif not name.startswith("tiny"):
         depth = cfg.model.self_attn_every_n_layers
+        mamba = (["model.text.width=256", "model.vision.image_size=112"]
+                 if cfg.model.backbone == "mamba" else [])  # a Mamba block's cost is its width
         cfg = apply_overrides(cfg, [
             f"model.text.depth={depth}", f"model.expert.depth={depth}", "model.vision.depth=1",
             f"model.text.vocab_size={WORD_VOCAB}", "model.num_steps=2",
-            f'cameras=["{cfg.cameras[0]}"]'])
+            f'cameras=["{cfg.cameras[0]}"]', *mamba])
     return apply_overrides(cfg, extra) if extra else cfg
 
 
