@@ -67,7 +67,7 @@ DEMO_VARIANTS = ["plain", "memory-bptt", "frames-3x8", "slow-fast", "plain-twin"
 @dataclass
 class DemoSettings:
     """A sweep: one task, its expert data, every variant trained on the same budget and
-    evaluated on the same seeds. The defaults are the demo's (about 6 minutes on a 2-core
+    evaluated on the same seeds. The defaults are the demo's (about 12 minutes on a 2-core
     CPU); ``memvla bench memory`` runs bigger ones."""
 
     task: str = TASK
