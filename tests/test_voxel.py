@@ -98,8 +98,11 @@ def test_bad_voxel_sizes_are_refused():
                            rf"None: no voxel pruning\), got {bad}"):
             ContextConfig(kind="slow_fast", voxel_size=bad)
     with pytest.raises(ValueError, match=r"context.voxel_size is an option of "
-                       r"context.kind='slow_fast', not of 'frames'"):
-        ContextConfig(kind="frames", voxel_size=0.5)
+                       r"context.kind='frames', not of 'memory_tokens'"):
+        ContextConfig(kind="memory_tokens", voxel_size=0.5)
+    with pytest.raises(ValueError, match=r"context.frames_mode='mem' puts none there: "
+                       r"expected 'tokens' or 'pooled', got 'mem'"):
+        ContextConfig(kind="frames", frames_mode="mem", voxel_size=0.5)
 
 
 # -- the slow-fast context with voxel pruning ------------------------------------------------------
@@ -194,3 +197,70 @@ def test_segments_past_an_episodes_end_need_no_geometry():
     state = policy._segment_state({**both, "segment_is_pad": torch.tensor([False, True])},
                                   None, 2)
     assert state["geometry"]["points"].shape[0] == 2
+
+
+@pytest.fixture(scope="module")
+def maze(tmp_path_factory):
+    """Two expert episodes of memory-maze, with depth, pose and intrinsics."""
+    from memvla.data.record import generate_dataset
+
+    root = tmp_path_factory.mktemp("maze") / "ds"
+    generate_dataset("memory-maze", 2, root, seed=3, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("kind", [
+    ["context.kind=frames", "context.num_frames=2", "context.frame_stride=3"],
+    ["context.kind=frames", "context.num_frames=3", "context.frame_stride=2",
+     "context.frames_mode=pooled", "context.pool_stride=1"],
+    ["context.kind=slow_fast", "context.num_turns=2", "context.num_history=4",
+     "context.pool_stride=1"]],
+    ids=["frames", "frames-pooled", "slow_fast"])
+def test_voxel_pruning_on_memory_maze_streams_as_it_trains(kind, maze):
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset
+    from memvla.data.segments import EpisodeSegmentLoader
+    from memvla.policies.frames import FrameCollate, frame_delta_indices
+
+    torch.manual_seed(0)
+    cfg = narrow_config("tiny", extra=["model.num_steps=2", "n_action_steps=2", "state_dim=4",
+                                       "action_dim=4", "tokenizer.max_length=32", *kind,
+                                       "context.voxel_size=0.5"])
+    policy = make_policy(cfg).eval()
+    ds = LeRobotV3Dataset(maze)
+    length = 16
+    assert int(ds[length - 1]["episode_index"]) == 0  # every frame of the first episode
+    keys = ("observation.images.top", "observation.state", "observation.depth",
+            "observation.pose", "observation.intrinsics")
+    frames = [{**{k: ds[t][k][None] for k in keys}, "task": [ds[t]["task"]]}
+              for t in range(length)]
+    m, n = cfg.model, cfg.n_action_steps
+    noises = [torch.randn(1, m.chunk_size, m.max_action_dim) for _ in range(0, length, n)]
+    policy.reset()
+    streamed, kept = [], []
+    for t, obs in enumerate(frames):
+        if policy.queued_actions == 0:
+            first = policy.select_action(obs, noise=noises[t // n])
+            streamed.append(torch.stack([first, *policy._queue], 1))
+            kept.append(dict(policy.model.context.last_memory))
+        else:
+            policy.select_action(obs)
+    if cfg.context.recurrent:  # the training path: segments with their geometry
+        ep = EpisodeSegmentLoader(ds, m.chunk_size, 1, shuffle=False, stride=n).collate([0])
+        states, carried = [], None
+        for s in range(len(streamed)):
+            seg = ep.segment(s)
+            states.append(policy._segment_state(seg, carried, 1))
+            with torch.no_grad():
+                _, _, carried = policy._segment_losses(seg, carried)
+    else:
+        hist = LeRobotV3Dataset(maze, delta_indices=frame_delta_indices(cfg))
+        states = [policy._history_from_batch(FrameCollate(cfg)([hist[t]]))
+                  for t in range(0, length, n)]
+    for i, (chunk, state) in enumerate(zip(streamed, states, strict=True)):
+        with torch.no_grad():
+            x, _ = policy.model.sample_actions(*policy.encode_observation(frames[i * n]),
+                                               noises[i], context_state=state)
+        want = policy.normalizer.unnormalize("action", x[..., :4])[:, :n]
+        assert (chunk - want).abs().max().item() <= 1e-5, i
+    pruned = [k for k in kept if k and int(k["kept"][0]) < int(k["tokens"][0])]
+    assert pruned, "voxel pruning never removed a token along the episode"

@@ -385,7 +385,7 @@ CONTEXT_OPTIONS = {
     "ssm_state": (),
     "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
-               "temporal_every"),
+               "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
                   "voxel_size"),
 }
@@ -435,8 +435,8 @@ class ContextConfig:
     ``pool_mode``), before the current prefix. Trained through the episode (the cache is
     the carried state, ``train.bptt_depth`` truncates it).
 
-    ``voxel_size`` (metres; ``slow_fast``): StreamVLN's voxel pruning of the slow memory's
-    tokens (:mod:`memvla.layers.voxel`):
+    ``voxel_size`` (metres; ``slow_fast``, and ``frames`` with ``tokens`` / ``pooled``):
+    StreamVLN's voxel pruning of the past frames' tokens (:mod:`memvla.layers.voxel`):
     each token's patch centre is back-projected with the frame's depth, pose and
     intrinsics (``observation.depth``, ``observation.pose``, ``observation.intrinsics``,
     one camera) and only the newest token per voxel is kept. None: off.
@@ -485,6 +485,10 @@ class ContextConfig:
             _require(isinstance(self.voxel_size, int | float) and self.voxel_size > 0,
                      f"context.voxel_size must be > 0 metres (or None: no voxel pruning), "
                      f"got {self.voxel_size!r}")
+            _require(self.kind == "slow_fast" or self.frames_mode != "mem",
+                     "context.voxel_size prunes past frames' tokens in the prefix; "
+                     "context.frames_mode='mem' puts none there: expected 'tokens' or "
+                     "'pooled', got 'mem'")
         if self.kind == "slow_fast":
             _require(self.num_turns >= 0, f"context.num_turns must be >= 1 turn (or 0: the "
                      f"whole episode), got {self.num_turns}")

@@ -123,13 +123,15 @@ class TemporalContext(nn.Module):
         return None
 
     # -- inference: what the policy carries ------------------------------------------------
-    def observe(self, state: State, images: list[Tensor], written: State = None) -> State:
+    def observe(self, state: State, images: list[Tensor], written: State = None,
+                geometry: dict | None = None) -> State:
         """The carried state after an environment step: ``images`` are this step's
         frames per camera (B, C, H, W) as given; ``written`` is the state the model wrote
-        if the step predicted a chunk (else None)."""
+        if the step predicted a chunk (else None); ``geometry`` this frame's memory-token
+        points for voxel pruning (``points`` (B, T', 3), ``valid`` (B, T')) or None."""
         return written if written is not None else state
 
-    def read(self, state: State, images: list[Tensor]) -> State:
+    def read(self, state: State, images: list[Tensor], geometry: dict | None = None) -> State:
         """The model's input state for a chunk predicted now, from the carried state
         (None at an episode's start)."""
         return state

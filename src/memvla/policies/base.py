@@ -182,8 +182,9 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
             chunk = self.predict_action_chunk(obs, noise=noise)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
         elif self.model.context.stateful:  # e.g. frame history records every frame
-            self._context_state = self.model.context.observe(self._context_state,
-                                                             self.observed_images(obs))
+            images = self.observed_images(obs)
+            self._context_state = self.model.context.observe(
+                self._context_state, images, geometry=self.step_geometry(obs, images[0].shape[0]))
         else:
             check_observation(obs, self.config)
         return self._queue.popleft()

@@ -24,10 +24,10 @@ class ContextPolicyMixin:
 
     # -- inference ------------------------------------------------------------------------
     def _context_input(self, seen: list[Tensor], batch: int, obs: dict):
-        """-> (the model state a chunk predicted now reads, ``seen`` (this frame's checked
-        images on the device) when the context records frames, else None). Checks the
-        carried state is for ``batch``; ``obs`` is the observation (its camera geometry,
-        for voxel pruning)."""
+        """-> (the model state a chunk predicted now reads, what the context records of
+        this frame when it records frames (its checked images on the device and, for voxel
+        pruning, its geometry), else None). Checks the carried state is for ``batch``;
+        ``obs`` is the observation."""
         ctx, carried = self.model.context, self._context_state
         ctx.check_state(carried, batch)
         if ctx.recurrent:  # the state the model wrote last (or the initial one)
@@ -35,17 +35,15 @@ class ContextPolicyMixin:
         if not ctx.stateful:
             return None, None
         # e.g. the frame history seen so far, and this one
-        return self.model_state(ctx.read(carried, seen)), seen
+        geometry = self.step_geometry(obs, batch)
+        return self.model_state(ctx.read(carried, seen, geometry)), (seen, geometry)
 
-    def _segment_state(self, batch: dict, context_state, b: int):
-        """The state a recurrent context's model call reads: the carried one (the initial
-        state at an episode's start), with this frame's camera geometry where the context
-        prunes by voxel (``geometry``: the world points (B, T', 3) of the memory-token
-        patch centres and whether each exists (B, T'))."""
-        if context_state is None:
-            context_state = self.model.initial_state(b)
+    def step_geometry(self, batch: dict, b: int) -> dict | None:
+        """This frame's camera geometry for voxel pruning (None without it): the world
+        points (B, T', 3) of the memory-token patch centres and whether each exists
+        (B, T'), from ``observation.depth`` / ``pose`` / ``intrinsics`` (checked)."""
         if self.config.context.voxel_size is None:
-            return context_state
+            return None
         from ..layers.voxel import backproject, patch_centres
         from .inputs import check_geometry
 
@@ -56,14 +54,25 @@ class ContextPolicyMixin:
                                    self.config.image_pad)  # (T', 2), (T',)
         dev = self.device
         points, valid = backproject(depth.to(dev), pose.to(dev), k.to(dev), uv.to(dev))
-        return {**context_state, "geometry": {"points": points,  # (B, T', 3)
-                                              "valid": valid & inside.to(dev)}}  # (B, T')
+        return {"points": points, "valid": valid & inside.to(dev)}  # (B, T', 3), (B, T')
+
+    def _segment_state(self, batch: dict, context_state, b: int):
+        """The state a recurrent context's model call reads: the carried one (the initial
+        state at an episode's start), with this frame's ``geometry`` where the context
+        prunes by voxel (:meth:`step_geometry`)."""
+        if context_state is None:
+            context_state = self.model.initial_state(b)
+        geometry = self.step_geometry(batch, b)
+        return context_state if geometry is None else {**context_state, "geometry": geometry}
 
     def _context_output(self, seen, written) -> None:
-        """Carry the context's state past a predicted chunk (``written``: the model's)."""
+        """Carry the context's state past a predicted chunk (``written``: the model's;
+        ``seen``: what :meth:`_context_input` said the context records of the frame)."""
         ctx = self.model.context
         if ctx.stateful:
-            self._context_state = ctx.observe(self._context_state, seen, detach_state(written))
+            images, geometry = seen if seen is not None else (None, None)
+            self._context_state = ctx.observe(self._context_state, images,
+                                              detach_state(written), geometry)
 
     def model_state(self, view):
         """A context's input state with its raw history images prepared like the current
@@ -92,7 +101,33 @@ class ContextPolicyMixin:
             frames = check_history(hkey, batch[hkey], len(offsets), self.config)
             images.append(frames.to(self.device, non_blocking=True))  # (B, K, C, H, W)
             valid = ~batch[f"{hkey}_is_pad"].to(self.device)  # (B, K)
-        return self.model_state({"images": images, "valid": valid})
+        state = {"images": images, "valid": valid}
+        if self.config.context.voxel_size is not None:
+            state.update(self._history_geometry(batch, len(offsets)))
+        return self.model_state(state)
+
+    def _history_geometry(self, batch: dict, k: int) -> dict:
+        """The past frames' memory-token points (B, K, T', 3) and validity (B, K, T'), from
+        the ``history.`` depth, pose and intrinsics of a frame batch."""
+        from .inputs import DEPTH_KEY, INTRINSICS_KEY, POSE_KEY
+
+        flat = {}
+        for key in (DEPTH_KEY, POSE_KEY, INTRINSICS_KEY):
+            hkey = f"{HISTORY_PREFIX}{key}"
+            if hkey not in batch:
+                raise ValueError(f"missing key {hkey!r}: context.voxel_size prunes the past "
+                                 f"frames by their {key}; build the dataset with "
+                                 "frame_delta_indices(config) and collate it with "
+                                 "FrameCollate(config)")
+            x = batch[hkey]
+            if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != k:
+                raise ValueError(f"{hkey}: expected (B, {k}, ...) past values, got "
+                                 f"{tuple(getattr(x, 'shape', ()))}")
+            flat[key] = x.flatten(0, 1)  # (B·K, ...)
+        b = batch[f"{HISTORY_PREFIX}{DEPTH_KEY}"].shape[0]
+        geometry = self.step_geometry(flat, b * k)
+        return {"points": geometry["points"].unflatten(0, (b, k)),  # (B, K, T', 3)
+                "points_valid": geometry["valid"].unflatten(0, (b, k))}  # (B, K, T')
 
     def _normalized_chunk(self, batch: dict) -> tuple[Tensor, Tensor]:
         """A batch's action chunk, normalised and padded (B, A, Da'), and its real steps."""

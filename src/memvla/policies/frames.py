@@ -6,7 +6,8 @@ executed chunk (``pruner.action_context = "prev_chunk"``) also needs, for every 
 ``n_action_steps`` actions executed before it — what it keeps between calls at inference —
 as ``prev_action`` (B, n, Da) with ``prev_action_is_pad`` (B, n) True before the episode's
 first frame. A frame-history policy (``context.kind = "frames"``) needs every camera's past
-frames, ``history.<camera key>`` (B, K, ...) with ``history.<camera key>_is_pad`` (B, K).
+frames, ``history.<camera key>`` (B, K, ...) with ``history.<camera key>_is_pad`` (B, K)
+(with voxel pruning also ``history.observation.depth`` / ``pose`` / ``intrinsics``).
 :func:`frame_delta_indices` asks the dataset for them in one stack with what follows, and
 :class:`FrameCollate` splits them. Recurrent policies train on whole episodes instead
 (:mod:`memvla.data.segments`), where the previous chunk is the previous segment's.
@@ -42,8 +43,17 @@ def frame_delta_indices(cfg: PolicyConfig) -> dict[str, list[int]] | None:
     deltas = {"action": list(range(-prev_steps(cfg), cfg.model.chunk_size))}
     history = cfg.context.history_offsets
     if history:
-        deltas.update({key: [*history, 0] for key in cfg.image_keys})
+        deltas.update({key: [*history, 0] for key in history_keys(cfg)})
     return deltas
+
+
+def history_keys(cfg: PolicyConfig) -> list[str]:
+    """The features a frame-history policy reads with their past: every camera, and with
+    voxel pruning the camera's depth, pose and intrinsics."""
+    from .inputs import DEPTH_KEY, INTRINSICS_KEY, POSE_KEY
+
+    geometry = [DEPTH_KEY, POSE_KEY, INTRINSICS_KEY] if cfg.context.voxel_size else []
+    return [*cfg.image_keys, *geometry]
 
 
 class FrameCollate:
@@ -55,7 +65,7 @@ class FrameCollate:
         self.n = prev_steps(cfg)
         self.chunk = cfg.model.chunk_size
         self.history = len(cfg.context.history_offsets)
-        self.image_keys = cfg.image_keys if self.history else []
+        self.image_keys = history_keys(cfg) if self.history else []
 
     def __call__(self, items: list[dict]) -> dict:
         batch = default_collate(items)
