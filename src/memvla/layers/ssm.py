@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KERNEL_MODES = ("auto", "pure", "cuda")
+from ..configs import KERNEL_CHOICES
+
+KERNEL_MODES = KERNEL_CHOICES  # "auto", "pure", "cuda"
 STATE_DTYPE = torch.float32  # the SSM state h, whatever the model's dtype
 
 _WARNED: set[str] = set()  # warning keys already given in this process

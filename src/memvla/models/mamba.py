@@ -16,14 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..configs import _require
 from ..layers.mamba import MambaMixer, MambaState
 from ..layers.norm import RMSNorm
 from ..layers.ssm import KERNEL_MODES
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 @dataclass

@@ -209,11 +209,7 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         The checkpoint must be of this policy's type, temporal context and shapes; any
         difference is an error naming it."""
         d = resolve_checkpoint(directory)
-        meta = read_config(d)
-        if meta["type"] != self.policy_type:
-            raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
-                             f"{self.policy_type!r}")
-        saved_config = from_dict(PolicyConfig, meta["config"])
+        saved_config = self._saved_config(d)
         mine, theirs = (getattr(c.model, "backbone", "transformer")
                         for c in (self.config, saved_config))
         if mine != theirs:
@@ -243,13 +239,18 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         return weights
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
-        d = Path(directory)
+    def _saved_config(cls, d: Path) -> PolicyConfig:
+        """The policy config of checkpoint ``d``, which must be of this policy's type."""
         meta = read_config(d)
         if meta["type"] != cls.policy_type:
             raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
                              f"{cls.policy_type!r}")
-        config = from_dict(PolicyConfig, meta["config"])
+        return from_dict(PolicyConfig, meta["config"])
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        d = Path(directory)
+        config = cls._saved_config(d)
         with torch.device("meta"):  # no random initialisation: every weight is loaded
             policy = cls(config)
         policy.normalizer = Normalizer.from_state_dict(config.normalization,
