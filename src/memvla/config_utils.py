@@ -11,6 +11,17 @@ from typing import Any, TypeVar
 
 from .utils import did_you_mean
 
+
+def _require(cond: bool, msg: str) -> None:
+    """A ValueError with ``msg`` unless ``cond`` (configs validate with it)."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def _positive(owner: str, **values: int | float) -> None:
+    for name, v in values.items():
+        _require(v > 0, f"{owner}.{name} must be > 0, got {v}")
+
 T = TypeVar("T")
 
 

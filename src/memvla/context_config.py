@@ -1,0 +1,158 @@
+"""The temporal-context config (:mod:`memvla.context`): which kind a policy carries from
+one chunk to the next, and the options of each kind. Re-exported by :mod:`memvla.configs`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config_utils import _positive, _require
+
+CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state")
+MEMORY_LAYOUTS = ("smolvla", "rmt")
+MEMORY_WRITES = ("norm", "clip")
+FRAMES_MODES = ("tokens", "pooled", "mem")
+POOL_MODES = ("avg", "max", "bilinear")
+# the options of each kind; the others must keep their defaults
+CONTEXT_OPTIONS = {
+    "none": (),
+    "ssm_state": (),
+    "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
+    "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
+               "temporal_every", "voxel_size"),
+    "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
+                  "voxel_size"),
+}
+WINDOWS = ("reset", "slide")
+
+
+@dataclass
+class ContextConfig:
+    """Temporal context of the policy: what it carries from one chunk to the next.
+
+    ``none``: nothing (each chunk sees the current observation only).
+    ``memory_tokens``: ``num_tokens`` recurrent memory tokens in the prefix, in the
+    ``smolvla`` (read = write at the start) or ``rmt`` (read at the start, write at the
+    end; no prefix token sees the write tokens, the action expert does) layout; trained
+    through the episode (see ``train.bptt_depth``), one memory update per predicted chunk:
+    training cuts episodes into segments every ``n_action_steps`` frames (how often the
+    policy predicts a chunk at inference), each with its ``chunk_size`` actions.
+
+    ``write``: what bounds the written memory over a long episode. ``clip`` (default): the
+    backbone's residual stream at the write positions, scaled down per token where its RMS
+    exceeds ``max_rms`` (inside the bound the memory is the raw hidden state, so the
+    residual connections carry it from segment to segment unchanged unless the layers
+    change it; keep the bound above the RMS the memory reaches within the trained horizon).
+    ``norm``: the output of the backbone's final RMSNorm (its scale is fixed by that norm's
+    weight, so the memory's norm stays flat however long the episode; but every update
+    rescales what is carried: in a synthetic task a cue did not survive 8 updates that way,
+    while remember-color learnt with either write, see README).
+
+    ``frames``: frame history, the past ``num_frames`` frames at ``frame_stride``
+    environment steps (t − stride, t − 2·stride, ...; LeRobot's visual memory: 6 and 10),
+    trained on frames with that history from the dataset (no BPTT). ``frames_mode``:
+    ``tokens`` = each past frame's image tokens in the prefix before the current ones,
+    ``pooled`` = the same 2-D pooled with ``pool_stride`` / ``pool_mode``
+    (:mod:`memvla.layers.pooling`), ``mem`` = MEM's space-time vision encoder
+    (:mod:`memvla.layers.temporal_vision`: the same ViT weights with causal attention
+    across time every ``temporal_every``-th layer; only the current frame's tokens enter
+    the prefix). Frames before the episode's start are masked (``tokens``, ``pooled``) or
+    are the first frame (``mem``).
+
+    ``slow_fast``: StreamVLN's slow-fast context (:mod:`memvla.context.slow_fast`). Fast:
+    the previous turns (one turn = one predicted chunk) stay in the backbone's KV cache and
+    each new turn's prefix attends to them; ``window="reset"`` empties the cache every
+    ``num_turns`` turns (StreamVLN's schedule), ``"slide"`` evicts the oldest turn beyond
+    ``num_turns``; ``num_turns=0`` keeps the whole episode (the full-history baseline).
+    Slow: up to ``num_history`` frames of the turns before the window, sampled with
+    StreamVLN's ``slice(0, t0, max(t0 // num_history, 1))``, 2-D pooled (``pool_stride``,
+    ``pool_mode``), before the current prefix. Trained through the episode (the cache is
+    the carried state, ``train.bptt_depth`` truncates it).
+
+    ``voxel_size`` (metres; ``slow_fast``, and ``frames`` with ``tokens`` / ``pooled``):
+    StreamVLN's voxel pruning of the past frames' tokens (:mod:`memvla.layers.voxel`):
+    each token's patch centre is back-projected with the frame's depth, pose and
+    intrinsics (``observation.depth``, ``observation.pose``, ``observation.intrinsics``,
+    one camera) and only the newest token per voxel is kept. None: off.
+
+    Options of another kind than ``kind`` must keep their defaults (a clear error says
+    which).
+    """
+
+    kind: str = "none"
+    num_tokens: int = 4
+    layout: str = "smolvla"
+    init_std: float = 0.02
+    write: str = "clip"
+    max_rms: float = 16.0
+    num_frames: int = 6
+    frame_stride: int = 10
+    frames_mode: str = "tokens"
+    pool_stride: int = 2
+    pool_mode: str = "avg"
+    temporal_every: int = 1
+    num_turns: int = 8
+    window: str = "reset"
+    num_history: int = 8
+    voxel_size: float | None = None
+
+    def __post_init__(self):
+        _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
+                 f"got {self.kind!r}")
+        defaults = ContextConfig.__dataclass_fields__
+        for kind, names in CONTEXT_OPTIONS.items():
+            for name in names:
+                value, default = getattr(self, name), defaults[name].default
+                _require(name in CONTEXT_OPTIONS[self.kind] or value == default,
+                         f"context.{name} is an option of context.kind={kind!r}, not of "
+                         f"{self.kind!r}: expected its default {default!r}, got {value!r}")
+        if self.kind == "frames":
+            _positive("context", num_frames=self.num_frames, frame_stride=self.frame_stride,
+                      pool_stride=self.pool_stride, temporal_every=self.temporal_every)
+            _require(self.frames_mode in FRAMES_MODES, f"context.frames_mode must be one of "
+                     f"{FRAMES_MODES}, got {self.frames_mode!r}")
+        if self.kind in ("frames", "slow_fast"):
+            _require(self.pool_mode in POOL_MODES, f"context.pool_mode must be one of "
+                     f"{POOL_MODES}, got {self.pool_mode!r}")
+            _positive("context", pool_stride=self.pool_stride)
+        if self.voxel_size is not None:
+            _require(isinstance(self.voxel_size, int | float) and self.voxel_size > 0,
+                     f"context.voxel_size must be > 0 metres (or None: no voxel pruning), "
+                     f"got {self.voxel_size!r}")
+            _require(self.kind == "slow_fast" or self.frames_mode != "mem",
+                     "context.voxel_size prunes past frames' tokens in the prefix; "
+                     "context.frames_mode='mem' puts none there: expected 'tokens' or "
+                     "'pooled', got 'mem'")
+        if self.kind == "slow_fast":
+            _require(self.num_turns >= 0, f"context.num_turns must be >= 1 turn (or 0: the "
+                     f"whole episode), got {self.num_turns}")
+            _require(self.window in WINDOWS, f"context.window must be one of {WINDOWS}, got "
+                     f"{self.window!r}")
+            _require(self.num_history >= 0, f"context.num_history must be >= 0, got "
+                     f"{self.num_history}")
+        if self.kind == "memory_tokens":
+            _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
+                     f"context.kind=memory_tokens, got {self.num_tokens}")
+            _require(self.layout in MEMORY_LAYOUTS, f"context.layout must be one of "
+                     f"{MEMORY_LAYOUTS}, got {self.layout!r}")
+            _require(self.init_std > 0, f"context.init_std must be > 0, got {self.init_std}")
+            _require(self.write in MEMORY_WRITES, f"context.write must be one of "
+                     f"{MEMORY_WRITES}, got {self.write!r}")
+            _require(self.max_rms > 0, f"context.max_rms must be > 0, got {self.max_rms}")
+
+    @property
+    def recurrent(self) -> bool:
+        """True when the context is trained through whole episodes (memory tokens, the
+        slow-fast cache: BPTT)."""
+        return self.kind in ("memory_tokens", "slow_fast", "ssm_state")
+
+    @property
+    def stateful(self) -> bool:
+        """True when the policy carries something from step to step at inference."""
+        return self.kind != "none"
+
+    @property
+    def history_offsets(self) -> list[int]:
+        """Offsets of the past frames a frame sample needs (oldest first; [] for none)."""
+        if self.kind != "frames":
+            return []
+        return [-k * self.frame_stride for k in range(self.num_frames, 0, -1)]
