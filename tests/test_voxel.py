@@ -264,3 +264,18 @@ def test_voxel_pruning_on_memory_maze_streams_as_it_trains(kind, maze):
         assert (chunk - want).abs().max().item() <= 1e-5, i
     pruned = [k for k in kept if k and int(k["kept"][0]) < int(k["tokens"][0])]
     assert pruned, "voxel pruning never removed a token along the episode"
+
+
+def test_a_checkpoint_prunes_by_voxel_when_loaded_with_the_option(tmp_path):
+    from memvla.policies import load_policy
+
+    torch.manual_seed(0)
+    plain = make_policy(narrow_config("tiny", extra=["model.num_steps=2",
+                                                     "context.kind=slow_fast"]))
+    plain.save_pretrained(tmp_path / "sf")
+    voxel = load_policy(tmp_path / "sf", device="cpu", overrides=["context.voxel_size=0.5"])
+    assert voxel.config.context.voxel_size == 0.5 and voxel.model.context.voxel is not None
+    for a, b in zip(plain.state_dict().values(), voxel.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # training-free: the same weights
+    with pytest.raises(ValueError, match=r"weights do not match the config: \d+ missing keys"):
+        load_policy(tmp_path / "sf", device="cpu", overrides=["context.kind=memory_tokens"])

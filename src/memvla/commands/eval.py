@@ -15,6 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="task option (repeatable), e.g. --opt delay=30")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted option of the checkpoint's policy config changed for this "
+                        "evaluation (repeatable; the weights must fit), e.g. --set "
+                        "context.voxel_size=0.5 or --set model.num_steps=5")
     parser.add_argument("--record", type=int, default=3, help="episodes saved as GIFs")
     parser.add_argument("--device", help="where the policy runs: cpu, cuda or cuda:N "
                         "(default: CUDA when available, else cpu)")
@@ -34,12 +38,13 @@ def run(args) -> int:
     if args.policy == "checkpoint":
         if not args.checkpoint:
             raise ValueError("give --checkpoint RUN (or --policy expert)")
-        policy = load_policy(args.checkpoint, device=device).eval()
+        policy = load_policy(args.checkpoint, device=device, overrides=args.set).eval()
     results, recs = evaluate(args.task, args.episodes, policy, args.batch, args.seed,
                              parse_options(args.opt), args.record, not args.no_progress)
     results["policy"] = ("expert" if policy is None
                          else str(resolve_checkpoint(args.checkpoint)))
     results["device"] = None if policy is None else str(device)
+    results["overrides"] = list(args.set)
     write_results(Path(args.out), results, recs)
     print(format_results(results))
     print(f"wrote {Path(args.out) / 'eval.json'}")

@@ -48,17 +48,19 @@ def policy_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_policy(path: str | Path, device: str | torch.device | None = None):
+def load_policy(path: str | Path, device: str | torch.device | None = None,
+                overrides: list[str] | None = None):
     """Load a memvla policy from a checkpoint directory or a training run directory (its
     last checkpoint, see :func:`resolve_checkpoint`) onto ``device`` (None: CUDA when
-    available, else the CPU)."""
+    available, else the CPU). ``overrides``: dotted config options changed for this use,
+    e.g. ``["context.voxel_size=0.5"]`` (training-free options; the weights must fit)."""
     dev = policy_device(device)
     directory = resolve_checkpoint(path)
     kind = read_config(directory)["type"]
     if kind not in POLICIES:
         raise ValueError(f"{directory / 'config.json'}: unknown policy type {kind!r}; "
                          f"known: {sorted(POLICIES)}")
-    return POLICIES[kind].from_pretrained(directory, dev)
+    return POLICIES[kind].from_pretrained(directory, dev, overrides)
 
 
 __all__ = ["FlowVLAPolicy", "POLICIES", "ParallelVLAPolicy", "VLAPolicy", "batch_observation",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config_utils import from_dict, to_dict
+from ..config_utils import apply_overrides, from_dict, to_dict
 from ..configs import PolicyConfig
 from ..data.tokenizers import make_tokenizer
 from .checkpoint import (
@@ -248,9 +248,16 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         return from_dict(PolicyConfig, meta["config"])
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        overrides: list[str] | None = None):
+        """The policy of checkpoint ``directory`` on ``device``. ``overrides``: dotted
+        options of its config changed for this use (``context.voxel_size=0.5``,
+        ``model.num_steps=5``, ``n_action_steps=4``): any that keeps the weights' names and
+        shapes (a change that does not is an error naming the keys)."""
         d = Path(directory)
         config = cls._saved_config(d)
+        if overrides:
+            config = apply_overrides(config, list(overrides))
         with torch.device("meta"):  # no random initialisation: every weight is loaded
             policy = cls(config)
         policy.normalizer = Normalizer.from_state_dict(config.normalization,
