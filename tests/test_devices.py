@@ -50,9 +50,9 @@ def test_eval_loads_the_policy_on_the_device_it_is_given(tmp_path, monkeypatch):
     asked = []
     real = policies.load_policy
 
-    def spy(path, device=None):
+    def spy(path, device=None, overrides=None):
         asked.append(device)
-        return real(path, device=device)
+        return real(path, device=device, overrides=overrides)
 
     monkeypatch.setattr(policies, "load_policy", spy)
     for flags, expected in ((["--device", "cpu"], torch.device("cpu")),
