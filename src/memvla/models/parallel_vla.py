@@ -35,7 +35,7 @@ Module names follow OpenVLA-OFT (``vision_backbone.featurizer``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -380,12 +380,14 @@ class ParallelVLA(nn.Module):
         return KVCache(self.cfg.text.depth) if cache is None else cache
 
     def action_hidden(self, images, lang_ids, lang_pad, state, context_state=None,
-                      slot_ids: Tensor | None = None
+                      slot_ids: Tensor | None = None, seq: ParallelSequence | None = None
                       ) -> tuple[Tensor, ParallelSequence, object]:
         """Hidden states at the placeholders (B, A·Da, D) (the text head's slots: (B, A, D)),
-        the sequence they came from and the context's next state (None without one)."""
+        the sequence they came from and the context's next state (None without one).
+        ``seq``: the sequence :meth:`encode` built for these inputs (then not built again)."""
         cache = self.turn_cache(context_state)
-        seq = self.encode(images, lang_ids, lang_pad, state, context_state, cache, slot_ids)
+        if seq is None:
+            seq = self.encode(images, lang_ids, lang_pad, state, context_state, cache, slot_ids)
         reads_raw = self.context.reads_prefix_output and not self.context.reads_normed_output
         h = self.hidden_states(seq, not reads_raw, cache)  # (B, N, D)
         new_state = None if context_state is None else self.context.update(
@@ -438,12 +440,21 @@ class ParallelVLA(nn.Module):
 
     def _decode_tokens(self, images, lang_ids, lang_pad, state, context_state):
         """Greedy decoding of the text head -> (one-hot actions (B, A, n), next state: that
-        of the last pass, whose slot inputs are the decoded tokens)."""
+        of the last pass, whose slot inputs are the decoded tokens). The sequence (images,
+        prompt, the context's parts) is built once; each pass changes its slots only."""
         cfg, last = self.cfg, {}
 
         def logits_of(slot_ids: Tensor) -> Tensor:
+            if "seq" not in last:
+                last["seq"] = self.encode(images, lang_ids, lang_pad, state, context_state,
+                                          self.turn_cache(context_state), slot_ids)
+            else:
+                seq = last["seq"]
+                embs = seq.embs.clone()  # (B, N, D)
+                embs[:, seq.action_slice] = self.decoder.embed(slot_ids)  # (B, A, D)
+                last["seq"] = replace(seq, embs=embs)
             h, seq, last["state"] = self.action_hidden(images, lang_ids, lang_pad, state,
-                                                       context_state, slot_ids)  # (B, A, D)
+                                                       context_state, seq=last["seq"])
             self.last_prune_stat_tensors = seq.stats
             return self.language_model.lm_head(h)  # (B, A, V)
 
