@@ -146,16 +146,10 @@ class FramesContext(TemporalContext):
         frames that exist, and with voxel pruning the newest per voxel of them. Records
         the counts in :attr:`last_memory`."""
         b, k, n = tokens.shape[:3]
-        keep = valid[:, :, None].expand(b, k, n)  # (B, K, T')
-        total = keep.sum((1, 2))  # (B,)
-        if self.voxel is not None:
-            points, ok = state["points"], state["points_valid"]  # (B, K, T'', 3), (B, K, T'')
-            if points.shape[2] != n:
-                raise ValueError(f"context.voxel_size: the state's points hold {points.shape[2]}"
-                                 f" patch centres per frame, the history has {n} tokens")
-            keep = self.voxel(points.flatten(1, 2), ok.flatten(1, 2),
-                              keep.flatten(1, 2)).unflatten(1, (k, n))  # (B, K, T')
-        self.last_memory = {"tokens": total, "kept": keep.sum((1, 2))}  # (B,) each
+        present = valid[:, :, None].expand(b, k, n)  # (B, K, T')
+        keep = present if self.voxel is None else self.voxel.frames(
+            state["points"], state["points_valid"], present)  # (B, K, T')
+        self.last_memory = {"tokens": present.sum((1, 2)), "kept": keep.sum((1, 2))}  # (B,)
         return keep
 
     def extra_repr(self) -> str:

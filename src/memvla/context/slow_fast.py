@@ -170,18 +170,10 @@ class SlowFastContext(TemporalContext):
         pruning the newest per voxel over the K frames (oldest first). Records the counts
         in :attr:`last_memory`."""
         b, k, n = tokens.shape[:3]
-        keep = torch.ones(b, k, n, dtype=torch.bool, device=tokens.device)  # (B, K, T')
-        if self.voxel is not None:
-            points = state["points"][:, turns]  # (B, K, T'', 3)
-            if points.shape[2] != n:
-                raise ValueError(f"context.voxel_size: the state's points hold {points.shape[2]}"
-                                 f" patch centres per frame, the slow memory pools to {n} "
-                                 "tokens")
-            valid = state["points_valid"][:, turns]  # (B, K, T')
-            keep = self.voxel(points.flatten(1, 2), valid.flatten(1, 2),
-                              keep.flatten(1, 2)).unflatten(1, (k, n))  # (B, K, T')
-        self.last_memory = {"tokens": torch.full((b,), k * n, device=tokens.device),
-                            "kept": keep.sum((1, 2))}  # (B,) each
+        present = torch.ones(b, k, n, dtype=torch.bool, device=tokens.device)  # (B, K, T')
+        keep = present if self.voxel is None else self.voxel.frames(
+            state["points"][:, turns], state["points_valid"][:, turns], present)  # (B, K, T')
+        self.last_memory = {"tokens": present.sum((1, 2)), "kept": keep.sum((1, 2))}  # (B,)
         return keep
 
     def extra_repr(self) -> str:

@@ -113,5 +113,15 @@ class VoxelPruner(nn.Module):
         subset of ``present``."""
         return voxel_keep(points, valid & present, self.voxel_size) & present
 
+    def frames(self, points: Tensor, valid: Tensor, present: Tensor) -> Tensor:
+        """The same over K frames of T' tokens, oldest first: points (B, K, T', 3), valid
+        and present (B, K, T') -> keep (B, K, T'), the newest per voxel across the frames."""
+        b, k, n = present.shape
+        if points.shape[2] != n:
+            raise ValueError(f"context.voxel_size: the state's points hold {points.shape[2]} "
+                             f"patch centres per frame, the memory has {n} tokens per frame")
+        return self(points.flatten(1, 2), valid.flatten(1, 2),
+                    present.flatten(1, 2)).unflatten(1, (k, n))  # (B, K, T')
+
     def extra_repr(self) -> str:
         return f"voxel_size={self.voxel_size}"
