@@ -305,10 +305,9 @@ def train_and_evaluate(out: str, settings: dict, variant: dict, dataset: str, la
         torch.set_num_threads(1)
     s, v, out = DemoSettings(**settings), Variant(**variant), Path(out)
     run = out / "runs" / v.name
-    recurrent = ContextConfig(kind=variant_kind(v.overrides)).recurrent
-    batch = s.episode_batch if recurrent else s.frame_batch
     preset, overrides = variant_overrides(s, v)
     rc = make_run_config(preset, dataset, s.steps, overrides)
+    batch, recurrent = rc.train.batch_size, rc.policy.context.recurrent
     create_run(run, rc, overwrite=True)
     t_train = time.perf_counter()
     summary = train(run, progress=progress, desc=f"train {v.name}", position=lane)
