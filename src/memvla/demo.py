@@ -56,6 +56,9 @@ VARIANTS = [
     Variant("mamba", "Mamba backbone carrying its recurrent state (RoboMamba)",
             ["policy.model.backbone=mamba", "policy.context.kind=ssm_state",
              "train.bptt_depth=-1"], cost=1.5),
+    Variant("mamba-twin", "Mamba backbone, cue visible (its ceiling)",
+            ["policy.model.backbone=mamba", "policy.context.kind=ssm_state",
+             "train.bptt_depth=-1"], twin=True, cost=1.5),
     Variant("slow-fast-voxel", "slow-fast context, older frames pruned by 0.5 m voxels "
             "(needs depth and pose)", ["policy.context.kind=slow_fast", "train.bptt_depth=-1",
                                        "policy.context.voxel_size=0.5"], cost=1.3),
