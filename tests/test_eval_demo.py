@@ -233,3 +233,12 @@ def test_demo_overrides_reach_their_variants_and_bad_ones_fail_first(tmp_path, c
     assert main(["demo", "--quick", "--out", str(out), "--no-progress",
                  "--set", "policy.model.chunk_size=0"]) == 2
     assert "variant plain: " in capsys.readouterr().err and not out.exists()
+
+
+def test_demo_variants_named_or_added_to_the_defaults():
+    from memvla.demo import DEMO_VARIANTS, variant_names
+
+    assert variant_names("plain, memory-bptt") == ["plain", "memory-bptt"]
+    assert variant_names("+mamba,+plain") == [*DEMO_VARIANTS, "mamba"]
+    with pytest.raises(ValueError, match="'\\+name'"):
+        variant_names("plain,+mamba")

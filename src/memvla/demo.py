@@ -70,7 +70,7 @@ DEMO_VARIANTS = ["plain", "memory-bptt", "frames-3x8", "slow-fast", "plain-twin"
 @dataclass
 class DemoSettings:
     """A sweep: one task, its expert data, every variant trained on the same budget and
-    evaluated on the same seeds. The defaults are the demo's (about 12 minutes on a 2-core
+    evaluated on the same seeds. The defaults are the demo's (about 4 minutes on a 2-core
     CPU); ``memvla bench memory`` runs bigger ones."""
 
     task: str = TASK
@@ -86,7 +86,7 @@ class DemoSettings:
     data_options: dict = field(default_factory=dict)  # of the expert data only, e.g. max_swaps
     image_size: int = 32
     action_noise: float = 0.0  # perturbed demonstrations (DART), see memvla datagen
-    steps: int = 3000
+    steps: int = 1000  # memory tokens and slow-fast converge by ~600 (see README)
     frame_batch: int = 64  # frames per step for plain policies
     episode_batch: int = 16  # episodes per step for memory policies
     lr: float = 5e-4  # at 2e-3 the image tokens lose the cue before the memory can use it
@@ -131,6 +131,19 @@ class DemoSettings:
             depth.append("policy.model.expert.depth=2")
         return [f"policy.model.vision.image_size={self.image_size}", *depth,
                 "policy.tokenizer.max_length=16"]
+
+
+def variant_names(spec: str, default: list[str] | None = None) -> list[str]:
+    """``--variants``: "a,b" runs a and b; "+a,+b" adds them to ``default`` (the demo's)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    added = [n[1:].strip() for n in names if n.startswith("+")]
+    if added and len(added) != len(names):
+        raise ValueError(f"--variants: either name the variants or add to the demo's with "
+                         f"'+name', not both; got {spec!r}")
+    if not added:
+        return names
+    base = list(DEMO_VARIANTS if default is None else default)
+    return base + [n for n in added if n not in base]
 
 
 def _variant(name: str) -> Variant:

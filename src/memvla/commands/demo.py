@@ -22,7 +22,8 @@ def add_arguments(parser) -> None:
                         help="each place keeps its colour in every episode (fixed, default: the "
                         "cue alone says where to go) or the colours swap places (shuffled: the "
                         "policy must also match the remembered colour to a disc)")
-    parser.add_argument("--variants", help="comma-separated subset of the variants")
+    parser.add_argument("--variants", help="comma-separated variants to run (e.g. "
+                        "plain,memory-bptt), or '+name,...' to add to the demo's (e.g. +mamba)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override of every variant (repeatable), e.g. "
                         "--set policy.context.frame_stride=4 (a policy.context option "
@@ -36,7 +37,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoSettings, run_demo
+    from ..demo import DemoSettings, run_demo, variant_names
 
     s = DemoSettings.quick() if args.quick else DemoSettings()
     for key in ("steps", "episodes", "eval_episodes", "delay", "seed", "layout", "palette_size",
@@ -44,7 +45,7 @@ def run(args) -> int:
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.variants:
-        s.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        s.variants = variant_names(args.variants, s.variants)
     s.overrides = [*s.overrides, *args.set]
     run_demo(args.out, s, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
