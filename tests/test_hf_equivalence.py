@@ -287,3 +287,23 @@ def test_rope_matches_hf_llama_with_gaps(theta):
     shifted = (apply_rope(q, shifted_cos, shifted_sin)
                @ apply_rope(q, shifted_cos, shifted_sin).transpose(-1, -2))  # (B, H, N, N)
     assert max_diff(scores, shifted) <= 1e-4 * scores.abs().max().item()
+
+
+
+@pytest.mark.parametrize("side", [4, 7])
+def test_smolvlm_bucketed_patch_positions(side):
+    """transformers 4.x's SmolVLM (what LeRobot 0.4.x runs; the LeRobot comparison in
+    test_import_lerobot checks it end to end) buckets i / n · (1 − 1e-6) against 1/n, 2/n,
+    ...: rows and columns 0, 0, 1, ..., n − 2. With ``position_buckets`` the embeddings add
+    those rows of the table; without, the plain 0 .. P − 1."""
+    from memvla.layers.vision import VisionEmbeddings, bucketed_positions
+
+    ids = bucketed_positions(side).view(side, side)
+    line = [0, 0, *range(1, side - 1)]
+    assert (ids // side)[:, 0].tolist() == line and (ids % side)[0].tolist() == line
+    emb = VisionEmbeddings(16, side * 4, 4, position_buckets=True)
+    plain = VisionEmbeddings(16, side * 4, 4)
+    plain.load_state_dict(emb.state_dict())
+    x = torch.randn(2, 3, side * 4, side * 4)
+    table = emb.position_embedding.weight
+    assert torch.allclose(emb(x) - plain(x), (table[ids.flatten()] - table)[None], atol=1e-6)

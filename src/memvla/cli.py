@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train",
     "eval": "eval",
     "demo": "demo",
+    "import": "import_",
 }
 
 

@@ -35,6 +35,9 @@ class VisionConfig:
     channels: int = 3
     eps: float = 1e-6
     act: str = "gelu_tanh"
+    # SmolVLM's patch positions: coordinates bucketed so that an n×n grid gets rows and
+    # columns 0, 0, 1, ..., n − 2 (what transformers' SmolVLM and so SmolVLA compute)
+    position_buckets: bool = False
 
     def __post_init__(self):
         _positive("vision", width=self.width, depth=self.depth, heads=self.heads,
@@ -363,9 +366,13 @@ TOKENIZER_KINDS = ("words", "hf")
 @dataclass
 class TokenizerConfig:
     kind: str = "words"  # "words": built-in word/byte tokenizer; "hf": a local HF tokenizer
-    path: str | None = None  # directory of a Hugging Face tokenizer (kind = "hf")
+    # directory of a Hugging Face tokenizer (kind = "hf"); a relative path is read from the
+    # checkpoint's directory (checkpoints hold their tokenizer's files in ``tokenizer/``)
+    path: str | None = None
     max_length: int = 48  # tasks are padded to this many tokens; longer ones are an error
     words: list[str] | None = None  # vocabulary of the word tokenizer (None = built-in)
+    # kind = "hf": append "\n" to a task that does not end with one (SmolVLA's processor)
+    append_newline: bool = False
 
     def __post_init__(self):
         _require(self.kind in TOKENIZER_KINDS, f"tokenizer.kind must be one of "

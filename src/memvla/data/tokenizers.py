@@ -9,6 +9,7 @@ an error, never truncated.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -83,10 +84,16 @@ class WordTokenizer:
         return _pad_batch([self.encode(t) for t in texts], self.max_length, self.pad_id, key)
 
 
+# the files a Hugging Face tokenizer may be read from
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                      "chat_template.jinja", "chat_template.json")
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer from a local directory (``transformers`` is needed)."""
 
-    def __init__(self, path: str, max_length: int = 48):
+    def __init__(self, path: str, max_length: int = 48, append_newline: bool = False):
         try:
             from transformers import AutoTokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -97,7 +104,9 @@ class HFTokenizer:
         except Exception as e:
             raise ValueError(f"tokenizer.path {path!r}: could not load a Hugging Face tokenizer "
                              f"from this local directory ({type(e).__name__}: {e})") from e
+        self.path = Path(path)
         self.max_length = max_length
+        self.append_newline = append_newline
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.bos_id = self.tok.bos_token_id  # None for tokenizers without one
 
@@ -106,7 +115,16 @@ class HFTokenizer:
         return len(self.tok)
 
     def encode(self, text: str) -> list[int]:
+        if self.append_newline and not text.endswith("\n"):
+            text += "\n"
         return list(self.tok(text, add_special_tokens=True)["input_ids"])
+
+    def files(self) -> dict[str, bytes]:
+        """The tokenizer's files by name, as found in its directory (copied verbatim, so
+        that any transformers version reads them as it read the source), to travel with a
+        checkpoint."""
+        return {name: (self.path / name).read_bytes() for name in HF_TOKENIZER_FILES
+                if (self.path / name).is_file()}
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -131,5 +149,5 @@ def _pad_batch(seqs: list[list[int]], max_length: int, pad_id: int,
 
 def make_tokenizer(cfg: TokenizerConfig) -> WordTokenizer | HFTokenizer:
     if cfg.kind == "hf":
-        return HFTokenizer(cfg.path, cfg.max_length)
+        return HFTokenizer(cfg.path, cfg.max_length, cfg.append_newline)
     return WordTokenizer(cfg.words if cfg.words is not None else DEFAULT_WORDS, cfg.max_length)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .attention import merge_heads, scaled_attention, split_heads
@@ -18,9 +19,22 @@ def patchify_conv(images: Tensor, weight: Tensor, bias: Tensor | None, patch: in
     return x.flatten(2).transpose(1, 2)  # (B, P, D)
 
 
+def bucketed_positions(side: int, device=None) -> Tensor:
+    """SmolVLM's position ids of a full side × side patch grid (P,): each coordinate
+    i / side · (1 − 1e-6) bucketed against 1/side, 2/side, ... (right-closed), in float32
+    as transformers does, so that rows and columns run 0, 0, 1, ..., side − 2."""
+    bounds = torch.arange(1 / side, 1.0, 1 / side, device=device)  # (side − 1,)
+    frac = torch.arange(side, dtype=torch.float32, device=device) / side * (1 - 1e-6)
+    rows = torch.bucketize(frac, bounds, right=True)  # (side,)
+    return (rows[:, None] * side + rows[None, :]).flatten()  # (P,)
+
+
 class VisionEmbeddings(nn.Module):
-    def __init__(self, width: int, image_size: int, patch_size: int, channels: int = 3):
+    def __init__(self, width: int, image_size: int, patch_size: int, channels: int = 3,
+                 position_buckets: bool = False):
         super().__init__()
+        self.side = image_size // patch_size
+        self.position_buckets = position_buckets
         if image_size % patch_size:
             raise ValueError(f"vision: image_size {image_size} is not a multiple of "
                              f"patch_size {patch_size}")
@@ -32,7 +46,10 @@ class VisionEmbeddings(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         x = patchify_conv(images, self.patch_embedding.weight, self.patch_embedding.bias,
                           self.patch_size)  # (B, P, D)
-        return x + self.position_embedding.weight[None]  # (B, P, D)
+        pos = self.position_embedding.weight  # (P, D)
+        if self.position_buckets:
+            pos = pos[bucketed_positions(self.side, pos.device)]  # (P, D)
+        return x + pos[None]  # (B, P, D)
 
 
 class VisionAttention(nn.Module):
@@ -78,11 +95,12 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, image_size: int,
                  patch_size: int, channels: int = 3, eps: float = 1e-6,
-                 act: str = "gelu_tanh"):
+                 act: str = "gelu_tanh", position_buckets: bool = False):
         super().__init__()
         self.image_size = image_size
         self.channels = channels
-        self.embeddings = VisionEmbeddings(width, image_size, patch_size, channels)
+        self.embeddings = VisionEmbeddings(width, image_size, patch_size, channels,
+                                           position_buckets)
         self.encoder = VisionEncoder(depth, width=width, heads=heads, mlp_dim=mlp_dim,
                                      eps=eps, act=act)
         self.post_layernorm = nn.LayerNorm(width, eps=eps)

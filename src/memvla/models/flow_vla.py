@@ -71,7 +71,8 @@ class VLMInner(nn.Module):
         super().__init__()
         v = cfg.vision
         self.vision_model = VisionTransformer(v.width, v.depth, v.heads, v.mlp_dim, v.image_size,
-                                              v.patch_size, v.channels, v.eps, v.act)
+                                              v.patch_size, v.channels, v.eps, v.act,
+                                              v.position_buckets)
         self.connector = Connector(v.width, cfg.text.width, cfg.connector_scale,
                                    cfg.connector_bias)
         if cfg.backbone == "mamba":

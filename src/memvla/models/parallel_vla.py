@@ -183,7 +183,7 @@ def build_sequence_ref(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_
 
 def _vit(v: VisionConfig) -> VisionTransformer:
     return VisionTransformer(v.width, v.depth, v.heads, v.mlp_dim, v.image_size, v.patch_size,
-                             v.channels, v.eps, v.act)
+                             v.channels, v.eps, v.act, v.position_buckets)
 
 
 class VisionBackbone(nn.Module):

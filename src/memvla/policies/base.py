@@ -22,9 +22,11 @@ from ..configs import PolicyConfig
 from ..data.tokenizers import make_tokenizer
 from .checkpoint import (
     PROCESSOR_FILE,
+    TOKENIZER_DIR,
     WEIGHTS_FILE,
     check_keys,
     checkpoint_files,
+    checkpoint_tokenizer_path,
     read_config,
     read_tensors,
     resolve_checkpoint,
@@ -197,8 +199,14 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
     # -- persistence ----------------------------------------------------------------------
     def checkpoint_files(self) -> dict[str, bytes]:
         """The policy's checkpoint files by name (config, weights, processor), serialised."""
-        return checkpoint_files(self.policy_type, to_dict(self.config),
-                                self.model.state_dict(), self.normalizer.state_dict())
+        config = to_dict(self.config)
+        tokenizer_files = {}
+        if self.config.tokenizer.kind == "hf":  # the tokenizer travels with the weights
+            config["tokenizer"]["path"] = TOKENIZER_DIR
+            tokenizer_files = {f"{TOKENIZER_DIR}/{name}": data
+                               for name, data in self.tokenizer.files().items()}
+        return {**checkpoint_files(self.policy_type, config, self.model.state_dict(),
+                                   self.normalizer.state_dict()), **tokenizer_files}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write (or replace, as a whole and atomically) the checkpoint ``directory``."""
@@ -245,7 +253,10 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         if meta["type"] != cls.policy_type:
             raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
                              f"{cls.policy_type!r}")
-        return from_dict(PolicyConfig, meta["config"])
+        config = from_dict(PolicyConfig, meta["config"])
+        if config.tokenizer.kind == "hf":
+            config.tokenizer.path = checkpoint_tokenizer_path(d, config.tokenizer.path)
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",

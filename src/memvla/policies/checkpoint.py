@@ -36,9 +36,19 @@ def checkpoint_files(policy_type: str, config: dict, weights: dict[str, Tensor],
     }
 
 
+TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer's files, inside the checkpoint
+
+
 def write_files(directory: Path, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
+    for name, data in files.items():  # a name may hold one folder: "tokenizer/vocab.json"
+        (directory / name).parent.mkdir(exist_ok=True)
         write_file(directory / name, data)
+
+
+def checkpoint_tokenizer_path(directory: Path, path: str) -> str:
+    """A tokenizer path as saved in a checkpoint's config -> where to read it: a relative
+    path is inside the checkpoint ``directory``."""
+    return path if Path(path).is_absolute() else str(Path(directory) / path)
 
 
 def write_checkpoint(directory: str | Path, files: dict[str, bytes]) -> Path:

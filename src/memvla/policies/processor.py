@@ -106,8 +106,8 @@ def resize_with_pad(images: Tensor, size: int, pad: str = "top_left") -> Tensor:
     b, c, h, w = images.shape
     if h == size and w == size:
         return images
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    ratio = max(w / size, h / size)  # LeRobot's and openpi's arithmetic, floor included
+    nh, nw = max(1, int(h / ratio)), max(1, int(w / ratio))
     out = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False)
     ph, pw = size - nh, size - nw
     if pad == "center":

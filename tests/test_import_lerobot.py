@@ -1,0 +1,107 @@
+"""Importing LeRobot checkpoints: a tiny SmolVLA built and saved by LeRobot's own classes
+(in the environment ``scripts/lerobot-env`` makes, run as a subprocess) imports into memvla
+and gives LeRobot's action chunk for the same observation and noise, normalisation
+included; bad sources get errors that name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memvla.cli import main
+from memvla.interop.importer import import_checkpoint
+from memvla.policies import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+LEROBOT_PYTHON = Path(os.environ.get("MEMVLA_LEROBOT_PYTHON",
+                                     ROOT / ".venv-lerobot" / "bin" / "python"))
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smolvla_case(tmp_path_factory) -> Path:
+    """LeRobot's tiny SmolVLA checkpoint, its VLM directory and its recorded actions."""
+    if not LEROBOT_PYTHON.is_file():
+        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
+    out = tmp_path_factory.mktemp("lerobot-smolvla")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot/make_smolvla.py"),
+                           str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _case(d: Path):
+    t = load_file(d / "case.safetensors")
+    obs = {k: v for k, v in t.items() if k.startswith("observation.")}
+    obs["task"] = json.loads((d / "case.json").read_text())["task"]
+    return obs, t["noise"], t["actions"]
+
+
+def test_smolvla_import_gives_lerobots_actions(smolvla_case, tmp_path, capsys):
+    out = tmp_path / "imported"
+    assert main(["import", "lerobot-smolvla", str(smolvla_case / "checkpoint"), "--out",
+                 str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "mapped" in table and "missing (needed, not in the source)       0" in table
+    obs, noise, want = _case(smolvla_case)
+    policy = load_policy(out, "cpu")
+    got = policy.predict_action_chunk(obs, noise=noise.clone())  # (B, A, Da)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= TOL
+    # the checkpoint carries its tokenizer: it still loads once the VLM directory is gone
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    again = load_policy(moved, "cpu").predict_action_chunk(obs, noise=noise.clone())
+    assert torch.equal(again, got)
+
+
+def test_smolvla_import_bad_sources(smolvla_case, tmp_path):
+    src = smolvla_case / "checkpoint"
+    # another format: named for what it looks like
+    import_checkpoint("lerobot-smolvla", src, tmp_path / "ok")
+    with pytest.raises(ValueError, match="looks like a memvla checkpoint"):
+        import_checkpoint("lerobot-smolvla", tmp_path / "ok", tmp_path / "x")
+    with pytest.raises(ValueError, match="not known.*lerobot-smolvla"):
+        import_checkpoint("lerobot-smolvlaa", src, tmp_path / "x")
+    # a truncated weights file
+    broken = tmp_path / "truncated"
+    shutil.copytree(src, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        import_checkpoint("lerobot-smolvla", broken, tmp_path / "x")
+    # a config whose shapes disagree with the weights: the tensor is named
+    wrong = tmp_path / "wrong-shapes"
+    shutil.copytree(src, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["max_state_dim"] = 6
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model.state_proj.weight has shape \(64, 8\)"):
+        import_checkpoint("lerobot-smolvla", wrong, tmp_path / "x")
+    # the VLM directory (config and tokenizer) missing
+    novlm = tmp_path / "no-vlm"
+    shutil.copytree(src, novlm)
+    cfg = json.loads((novlm / "config.json").read_text())
+    cfg["vlm_model_name"] = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+    (novlm / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="--vlm DIR"):
+        import_checkpoint("lerobot-smolvla", novlm, tmp_path / "x")
+    import_checkpoint("lerobot-smolvla", novlm, tmp_path / "via-vlm",
+                      vlm=str(smolvla_case / "vlm"))
+    # normalisation statistics missing
+    nostats = tmp_path / "no-stats"
+    shutil.copytree(src, nostats)
+    for f in nostats.glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="unnormalizer_processor"):
+        import_checkpoint("lerobot-smolvla", nostats, tmp_path / "x")
+
