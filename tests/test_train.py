@@ -339,3 +339,31 @@ def test_the_parallel_family_trains_with_a_temporal_context(dataset, tmp_path, e
     assert policy.config.family == "parallel" and policy.model.context.stateful
     s = summary(run)
     assert s["step"] == 3 and all(np.isfinite(s["losses"]))
+
+
+def test_init_from_a_checkpoint_adds_memory_and_freezes_the_vlm(dataset, tmp_path, capsys):
+    """--init-from: the checkpoint's config and weights plus a new temporal context; the
+    frozen VLM keeps the checkpoint's weights, the expert trains, the memory is new."""
+    from memvla.training.init_from import freeze
+
+    base = tmp_path / "base"
+    assert main(["train", "--preset", "tiny", "--dataset", str(dataset), "--steps", "2",
+                 "--out", str(base), *ARGS]) == 0
+    run = tmp_path / "mem"
+    assert main(["train", "--init-from", str(base), "--dataset", str(dataset), "--steps", "2",
+                 "--out", str(run), *ARGS, "policy.context.kind=memory_tokens",
+                 "train.freeze=[\"vlm\"]", "train.lr=1e-2"]) == 0
+    assert read_run_config(run).init_from == str(resolve_checkpoint(base).resolve())
+    before = load_policy(base, "cpu").model.state_dict()
+    after = load_policy(run, "cpu").model.state_dict()
+    vlm = [k for k in before if k.startswith("vlm_with_expert.vlm.")]
+    expert = [k for k in before if k.startswith("vlm_with_expert.lm_expert.")]
+    assert vlm and all(torch.equal(before[k], after[k]) for k in vlm)
+    assert any(not torch.equal(before[k], after[k]) for k in expert)
+    assert set(after) - set(before)  # the memory's parameters
+    # a group that names nothing, and a weight the new config reshaped, are errors
+    with pytest.raises(ValueError, match="train.freeze: 'vlmm'.*Did you mean 'vlm'"):
+        freeze(load_policy(base, "cpu").model, ["vlmm"])
+    assert main(["train", "--init-from", str(base), "--dataset", str(dataset), "--steps", "1",
+                 "--out", str(tmp_path / "bad"), *ARGS, "policy.model.max_state_dim=6"]) == 2
+    assert "has shape" in capsys.readouterr().err

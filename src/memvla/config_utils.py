@@ -60,6 +60,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             except (ValueError, TypeError):
                 continue
         raise ValueError(f"config {where}: {value!r} does not fit {typ}")
+    if origin in (tuple, list) and not isinstance(value, (list, tuple)):
+        raise ValueError(f"config {where}: expected a list (JSON, e.g. [\"a\", \"b\"]), "
+                         f"got {value!r}")
     if origin is tuple:
         args = typing.get_args(typ)
         if len(args) == 2 and args[1] is Ellipsis:

@@ -11,6 +11,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, help="optimisation steps (train.steps)")
     parser.add_argument("--out", help="run directory to create")
     parser.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="start from a checkpoint's config and weights (an imported or "
+                        "trained policy) instead of a preset; overrides may add to it, e.g. "
+                        "policy.context.kind=memory_tokens 'train.freeze=[\"vlm\"]'")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it exists (never done otherwise)")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
@@ -40,11 +44,13 @@ def run(args) -> int:
         except ValueError as e:
             raise ValueError(f"--resume {run_dir}: {e}") from e
     else:
-        missing = [f"--{k}" for k in ("preset", "dataset", "out") if not getattr(args, k)]
+        need = ("dataset", "out") if args.init_from else ("preset", "dataset", "out")
+        missing = [f"--{k}" for k in need if not getattr(args, k)]
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or give --resume RUN)")
         run_dir = Path(args.out)
-        rc = make_run_config(args.preset, args.dataset, args.steps, args.overrides)
+        rc = make_run_config(args.preset, args.dataset, args.steps, args.overrides,
+                             init_from=args.init_from)
         import torch
         from accelerate import PartialState
 

@@ -39,6 +39,9 @@ class TrainConfig:
     bptt_depth: int = -1  # k: -1 whole episode, 0 detach every segment, k > 0 k updates
     curriculum_segments: int = 0  # 0: all segments; n > 0: start with n segments ...
     curriculum_every: int = 200  # ... and allow one more every this many steps
+    # parts whose parameters are not trained: vision, connector, text, vlm, expert, or any
+    # parameter-name prefix (e.g. train.freeze='["vlm"]': train the expert and a new memory)
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -82,3 +85,4 @@ class RunConfig:
     dataset: str = ""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: str = ""  # a checkpoint whose config and weights the run starts from

@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,27 +87,35 @@ def resume_run_config(saved: RunConfig, preset: str | None, dataset: str | None,
     if overrides:
         asked = apply_overrides(saved, overrides)
     if preset is not None and preset != saved.preset:
-        asked = RunConfig(preset, asked.dataset, asked.policy, asked.train)
+        asked = replace(asked, preset=preset)
     if dataset is not None and str(Path(dataset).resolve()) != saved.dataset:
-        asked = RunConfig(asked.preset, str(Path(dataset).resolve()), asked.policy, asked.train)
+        asked = replace(asked, dataset=str(Path(dataset).resolve()))
     diff = config_differences(saved, asked)
     if diff:
         raise ValueError("the run was made with a different config: " + "; ".join(diff))
     return saved
 
 
-def make_run_config(preset: str, dataset: str, steps: int | None,
-                    overrides: list[str]) -> RunConfig:
-    """Preset + dataset features + per-preset training defaults + dotted overrides
+def make_run_config(preset: str | None, dataset: str, steps: int | None,
+                    overrides: list[str], init_from: str | None = None) -> RunConfig:
+    """Preset (or the config of checkpoint ``init_from``, whose weights the run starts
+    from) + dataset features + per-preset training defaults + dotted overrides
     (``policy.model.chunk_size=8``, ``train.lr=3e-4``)."""
     from ..data.v3_format import read_info
 
     read_info(Path(dataset))  # a clear error for a directory that is not a v3.0 dataset
-    policy = fit_policy_to_dataset(get_preset(preset), dataset_features(dataset),
+    if init_from:
+        from .init_from import checkpoint_policy_config
+
+        ckpt, base = checkpoint_policy_config(init_from)
+        init_from, preset = str(ckpt.resolve()), preset or ""
+    else:
+        base = get_preset(preset)
+    policy = fit_policy_to_dataset(base, dataset_features(dataset),
                                    str(Path(dataset) / "meta" / "info.json"))
     train = TrainConfig(**PRESET_TRAIN_DEFAULTS.get(preset, {}))
     rc = RunConfig(preset=preset, dataset=str(Path(dataset).resolve()), policy=policy,
-                   train=train)
+                   train=train, init_from=init_from or "")
     if steps is not None:
         overrides = [f"train.steps={steps}", *overrides]
     bad = [o for o in overrides if not o.startswith(("policy.", "train."))]
@@ -243,10 +251,18 @@ def setup(run: Path) -> Training:
     torch.manual_seed(tc.seed)  # the initial weights: the same on every process
     ds = _dataset(rc)
     policy = make_policy(rc.policy, stats=ds.stats)
+    if rc.init_from:  # (a resumed run's checkpoint then replaces these weights)
+        from .init_from import load_init_weights
+
+        load_init_weights(policy.model, rc.init_from)
     seed_process(tc.seed, acc.process_index)
     for name, p in policy.model.named_parameters():
         if name in policy.model.unused_parameter_names():
             p.requires_grad_(False)  # never reached by the loss (see unused_parameter_names)
+    if tc.freeze:
+        from .init_from import freeze
+
+        freeze(policy.model, tc.freeze)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.eps,
                             weight_decay=tc.weight_decay)
@@ -271,7 +287,7 @@ def _dataset(rc: RunConfig):
     fitted = fit_policy_to_dataset(rc.policy, ds.features, str(Path(rc.dataset)))
     if fitted != rc.policy:
         raise ValueError(f"{rc.dataset}: the dataset's cameras/shapes no longer match the run "
-                         f"({config_differences(rc, RunConfig(rc.preset, rc.dataset, fitted))})")
+                         f"({config_differences(rc, replace(rc, policy=fitted))})")
     return ds
 
 
