@@ -105,3 +105,29 @@ def test_smolvla_import_bad_sources(smolvla_case, tmp_path):
     with pytest.raises(FileNotFoundError, match="unnormalizer_processor"):
         import_checkpoint("lerobot-smolvla", nostats, tmp_path / "x")
 
+
+
+def test_lerobot_trains_and_runs_a_memvla_policy_through_the_plugin(tmp_path):
+    """``lerobot-train --policy.type=memvla`` (the plugin found by LeRobot's discovery)
+    trains 2 steps on a LeRobot v3.0 dataset memvla wrote; the saved checkpoint loads as a
+    LeRobot ``PreTrainedPolicy`` with its processors and acts through ``select_action``."""
+    if not LEROBOT_PYTHON.is_file():
+        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
+    from memvla.data.record import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset("remember-color", 6, data, seed=0, options={"image_size": 32},
+                     progress=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot/run_plugin.py"),
+                           str(data), str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["type"] == "memvla" and result["memvla_class"] == "FlowVLAPolicy"
+    actions = torch.tensor(result["actions"])  # (steps, 1, Da)
+    assert actions.shape == (3, 1, 3) and result["finite"]
+    # the run directory is LeRobot's: its checkpoint holds LeRobot's config and processors
+    saved = tmp_path / "train" / "checkpoints" / "last" / "pretrained_model"
+    assert json.loads((saved / "config.json").read_text())["type"] == "memvla"
+    assert (saved / "policy_preprocessor.json").is_file()
