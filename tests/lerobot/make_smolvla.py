@@ -15,42 +15,19 @@ import torch  # noqa: E402
 import tv_ops  # noqa: E402,F401  (before LeRobot)
 from safetensors.torch import save_file  # noqa: E402
 
-WORDS = ["pick", "up", "the", "red", "cube", "put", "it", "in", "box", "move", "left",
-         "right", "touch"]
 TASKS = ["pick up the red cube", "move left\n"]  # one with SmolVLA's newline, one without
 IMAGE, STATE, ACTION, B = (3, 40, 48), 5, 3, 2
 
 
 def make_vlm(out: Path) -> None:
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, SmolVLMConfig
-    from transformers.models.smolvlm import SmolVLMImageProcessor, SmolVLMProcessor
-    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+    from memvla.bench.lerobot import write_smolvlm_dir
 
-    specials = ["<unk>", "<pad>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                "<global-img>", "<video>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_tokens([AddedToken("\n", normalized=False)])  # SmolVLA appends it to every task
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"fake_image_token": "<fake_token_around_image>",
-                              "image_token": "<image>", "global_image_token": "<global-img>",
-                              "end_of_utterance_token": "<end_of_utterance>",
-                              "video_token": "<video>"})
-    cfg = SmolVLMConfig(
-        text_config={"model_type": "llama", "vocab_size": len(fast), "hidden_size": 64,
-                     "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        scale_factor=2, image_token_id=vocab["<image>"])
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(out)
-    SmolVLMProcessor(SmolVLMImageProcessor(), fast, SmolVLMVideoProcessor(),
-                     image_seq_len=4).save_pretrained(out)
+    write_smolvlm_dir(out, text={"hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 3, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5},
+                      vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                      scale_factor=2)
 
 
 def main(out: Path) -> None:

@@ -1,16 +1,6 @@
-"""Import before LeRobot in its test environment (``scripts/lerobot-env``).
+"""Import before LeRobot in its test environment (``scripts/lerobot-env``): see
+:func:`memvla.bench.lerobot.declare_torchvision_ops`."""
 
-PyPI's torchvision wheel is built for CUDA: beside the CPU torch its C extension does not
-load, and torchvision's fake-op registrations then fail on ``torchvision::nms``. Declaring
-the two operator schemas first lets ``import torchvision`` succeed; the C ops themselves
-stay unavailable, and nothing LeRobot's policies run uses them.
-"""
+from memvla.bench.lerobot import declare_torchvision_ops
 
-import torch
-
-try:
-    _ = torch.ops.torchvision.nms
-except (AttributeError, RuntimeError):
-    for name in ("nms", "qnms"):
-        torch.library.define(f"torchvision::{name}",
-                             "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+declare_torchvision_ops()

@@ -20,6 +20,7 @@ BENCHES = {
     "context": "context",
     "ssm": "ssm_speed",
     "scaling": "scaling",
+    "lerobot": "lerobot",
 }
 
 
