@@ -74,6 +74,8 @@ def narrow_config(name: str, depth: int = 3, extra: list[str] | None = None):
         "model.chunk_size=6", "n_action_steps=6", "model.num_steps=4",
         f'cameras=["{cfg.cameras[0]}"]',
     ]
+    if cfg.model.expert.cond_dim:  # π0.5: the norms' condition is the expert's width
+        overrides.append("model.expert.cond_dim=48")
     return apply_overrides(cfg, overrides + (extra or []))
 
 

@@ -8,6 +8,7 @@ from helpers import narrow_config
 
 from memvla.layers.attention import merge_heads, scaled_attention, split_heads
 from memvla.layers.masks import block_mask
+from memvla.layers.norm import rms_norm
 from memvla.layers.rope import apply_rope
 from memvla.layers.tokens import TokenSegment
 from memvla.models.flow_vla import FlowMatchingVLA
@@ -29,10 +30,20 @@ def test_cached_sampling_equals_recomputed_prefix(name):
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
-def joint_reference(model: FlowMatchingVLA, prefix: TokenSegment, suffix: TokenSegment):
-    """SmolVLA / π0 training forward, written as in those designs: one pass over
+def _expert_norm(norm, x, cond):
+    """The expert's norm, plain (a gate of 1) or π0.5's adaptive one, written out."""
+    if cond is None:
+        return norm(x), 1.0
+    scale, shift, gate = norm.dense(cond)[:, None].chunk(3, -1)
+    return rms_norm(x, None, norm.eps) * (1 + scale) + shift, gate
+
+
+def joint_reference(model: FlowMatchingVLA, prefix: TokenSegment, suffix: TokenSegment,
+                    cond=None):
+    """SmolVLA / π0 / π0.5 training forward, written as in those designs: one pass over
     [prefix; suffix], joint attention with concatenated q/k/v in joint layers, the expert
-    cross-attending to the backbone's rotated keys in the others."""
+    cross-attending to the backbone's rotated keys in the others (π0.5: the expert's norms
+    scaled, shifted and gated by the time's condition)."""
     cfg = model.cfg
     vlm = model.vlm_with_expert.text_model
     exp = model.vlm_with_expert.lm_expert
@@ -46,7 +57,7 @@ def joint_reference(model: FlowMatchingVLA, prefix: TokenSegment, suffix: TokenS
     cross_cos, cross_sin = exp.rope(s_pos - s_pos.min(dim=1, keepdim=True).values)
     xp, xs = prefix.embs, suffix.embs
     for i, (lp, ls) in enumerate(zip(vlm.layers, exp.layers, strict=True)):
-        hp, hs = lp.input_layernorm(xp), ls.input_layernorm(xs)
+        hp, (hs, gate) = lp.input_layernorm(xp), _expert_norm(ls.input_layernorm, xs, cond)
         qp, kp, vp = lp.self_attn.project(hp, cos[:, :np_], sin[:, :np_])
         if cfg.is_joint_layer(i):
             qs, ks, vs = ls.self_attn.project(hs, cos[:, np_:], sin[:, np_:])
@@ -62,12 +73,13 @@ def joint_reference(model: FlowMatchingVLA, prefix: TokenSegment, suffix: TokenS
             as_ = merge_heads(scaled_attention(qs, ks, vs, mask[:, np_:, :np_]))
         xp = xp + lp.self_attn.o_proj(ap)
         xp = xp + lp.mlp(lp.post_attention_layernorm(xp))
-        xs = xs + ls.self_attn.o_proj(as_)
-        xs = xs + ls.mlp(ls.post_attention_layernorm(xs))
-    return exp.norm(xs)
+        xs = xs + ls.self_attn.o_proj(as_) * gate
+        hs, gate = _expert_norm(ls.post_attention_layernorm, xs, cond)
+        xs = xs + ls.mlp(hs) * gate
+    return _expert_norm(exp.norm, xs, cond)[0]
 
 
-@pytest.mark.parametrize("name", ["tiny", "smolvla-450m", "pi0-3b"])
+@pytest.mark.parametrize("name", ["tiny", "smolvla-450m", "pi0-3b", "pi05-3b"])
 def test_two_pass_forward_equals_joint_attention(name):
     cfg = narrow_config(name, depth=3)
     model = FlowMatchingVLA(cfg.model).eval()
@@ -77,20 +89,21 @@ def test_two_pass_forward_equals_joint_attention(name):
     t = torch.tensor([0.3, 0.9])
     with torch.no_grad():
         prefix = TokenSegment.cat(model.embed_prefix(images, ids, pad, state))
-        suffix = model.embed_suffix(state, x_t, t)
-        ref = joint_reference(model, prefix, suffix)
+        suffix, cond = model.embed_suffix(state, x_t, t)
+        ref = joint_reference(model, prefix, suffix, cond)
         cache, _ = model.prefill(images, ids, pad, state)
-        got = model.vlm_with_expert.expert(suffix, cache)
+        got = model.vlm_with_expert.expert(suffix, cache, cond)
     assert (got - ref).abs().max().item() <= 1e-5
 
 
 def test_suffix_block_structure():
     smol = narrow_config("smolvla-450m").model
     pi0 = narrow_config("pi0-3b").model
+    pi05 = narrow_config("pi05-3b").model
     x = torch.zeros(1, smol.chunk_size, smol.max_action_dim)
-    for cfg, want_first, want_rest in [(smol, [1], 1), (pi0, [1, 1], 0)]:
+    for cfg, want_first, want_rest in [(smol, [1], 1), (pi0, [1, 1], 0), (pi05, [1], 0)]:
         model = FlowMatchingVLA(cfg)
-        suf = model.embed_suffix(torch.zeros(1, cfg.max_state_dim), x, torch.ones(1))
+        suf, _ = model.embed_suffix(torch.zeros(1, cfg.max_state_dim), x, torch.ones(1))
         flags = suf.flags[0].tolist()
         assert flags[: len(want_first)] == want_first
         assert set(flags[len(want_first):]) == {want_rest}

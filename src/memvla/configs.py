@@ -71,8 +71,12 @@ class DecoderConfig:
     act: str = "silu"
     norm_unit_offset: bool = False  # Gemma: scale by 1 + weight
     lm_head: bool = False  # keep an (untied) output head, for checkpoint compatibility
+    # > 0: adaptive RMSNorms conditioned on a (B, cond_dim) vector, with gated residuals
+    # (π0.5's action expert, conditioned on the flow time); 0: plain norms
+    cond_dim: int = 0
 
     def __post_init__(self):
+        _require(self.cond_dim >= 0, f"decoder.cond_dim must be >= 0, got {self.cond_dim}")
         _positive("decoder", width=self.width, depth=self.depth, heads=self.heads,
                   kv_heads=self.kv_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim)
         _require(self.heads % self.kv_heads == 0,
@@ -144,7 +148,12 @@ class PrunerConfig:
                  f"be one of {PRUNER_ACTION_CONTEXTS}, got {self.action_context!r}")
 
 
-STATE_TOKEN_PLACES = ("prefix", "suffix")
+# prefix: a token after the language (SmolVLA); suffix: before the actions (π0); prompt:
+# no token, the state discretised into 256 bins and written into the prompt (π0.5)
+STATE_TOKEN_PLACES = ("prefix", "suffix", "prompt")
+# how the expert learns the flow time: concat (an MLP over [action; time], SmolVLA / π0) or
+# adarms (an MLP of the time conditions every expert norm, π0.5)
+TIME_CONDITIONINGS = ("concat", "adarms")
 BACKBONES = ("transformer", "mamba")
 KERNEL_CHOICES = ("auto", "pure", "cuda")
 
@@ -192,7 +201,8 @@ class FlowVLAConfig:
     chunk_size: int = 50
     max_state_dim: int = 32
     max_action_dim: int = 32
-    state_token: str = "prefix"  # "prefix" (SmolVLA) or "suffix" (π0)
+    state_token: str = "prefix"  # "prefix" (SmolVLA), "suffix" (π0) or "prompt" (π0.5)
+    time_conditioning: str = "concat"  # "concat" (SmolVLA, π0) or "adarms" (π0.5)
     causal_actions: bool = True  # action tokens attend causally (SmolVLA) or jointly (π0)
     scale_image_embeddings: bool = True  # multiply image tokens by sqrt(width)
     scale_text_embeddings: bool = True  # multiply language tokens by sqrt(width)
@@ -220,6 +230,16 @@ class FlowVLAConfig:
         _require(self.state_token in STATE_TOKEN_PLACES,
                  f"model.state_token must be one of {STATE_TOKEN_PLACES}, got "
                  f"{self.state_token!r}")
+        _require(self.time_conditioning in TIME_CONDITIONINGS,
+                 f"model.time_conditioning must be one of {TIME_CONDITIONINGS}, got "
+                 f"{self.time_conditioning!r}")
+        want = self.expert.width if self.time_conditioning == "adarms" else 0
+        _require(self.expert.cond_dim == want,
+                 f"model.expert.cond_dim must be {want} with model.time_conditioning="
+                 f"{self.time_conditioning!r} (adaptive norms conditioned on the time), got "
+                 f"{self.expert.cond_dim}")
+        _require(self.text.cond_dim == 0, f"model.text.cond_dim must be 0 (only the expert's "
+                 f"norms are conditioned), got {self.text.cond_dim}")
         _require(self.text.vocab_size > 0, "model.text.vocab_size must be > 0 (the backbone "
                  "embeds language tokens)")
         _require(self.expert.vocab_size == 0, "model.expert.vocab_size must be 0 (the action "

@@ -6,6 +6,8 @@
   at 512 px with 64 tokens per image after pixel shuffle, expert at 0.75 width).
 - ``pi0-3b``: π0's shapes (PaliGemma: SigLIP So400m/14 at 224 px, Gemma 2B; Gemma 300M
   action expert; joint attention in every layer, the state token in the suffix).
+- ``pi05-3b``: π0.5's shapes: π0's, with the state discretised into the prompt and the
+  flow time conditioning the expert's norms (adaptive RMSNorm).
 - ``tiny-oft``: the parallel-decoding VLA (OpenVLA-OFT family) at the size of ``tiny``;
   64 patch tokens per 64×64 image (patch 8, no pixel shuffle: room for the pruner).
 - ``tiny-mamba``: ``tiny`` with a Mamba backbone carrying the episode in its state.
@@ -148,6 +150,21 @@ def pi0_3b() -> PolicyConfig:
                         image_shape=(3, 224, 224), state_dim=14, action_dim=14,
                         n_action_steps=50,
                         tokenizer=TokenizerConfig(kind="words", max_length=48))
+
+
+@register("pi05-3b")
+def pi05_3b() -> PolicyConfig:
+    """π0.5: π0's PaliGemma and Gemma 300M expert; the state discretised into 256 bins in
+    the prompt (no state token), the flow time through an MLP that conditions every expert
+    norm (adaptive RMSNorm with gated residuals), 200 prompt tokens."""
+    cfg = pi0_3b()
+    expert = replace(cfg.model.expert, cond_dim=cfg.model.expert.width)
+    model = replace(cfg.model, expert=expert, state_token="prompt",
+                    time_conditioning="adarms")
+    # the bins cover [-1, 1]: min-max normalisation puts the state there (LeRobot's π0.5
+    # uses quantiles, which memvla does not have)
+    return replace(cfg, model=model, tokenizer=TokenizerConfig(kind="words", max_length=200),
+                   normalization={"observation.state": "min_max", "action": "mean_std"})
 
 
 @register("tiny-oft")

@@ -62,6 +62,15 @@ def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor,
     return x
 
 
+def time_condition(t: Tensor, mlp_in: nn.Linear, mlp_out: nn.Linear,
+                   min_period: float = 4e-3, max_period: float = 4.0) -> Tensor:
+    """Times t (B,) -> the condition (B, De) of π0.5's adaptive norms:
+    silu(mlp_out(silu(mlp_in(sincos(t)))))."""
+    te = sinusoidal_time_embedding(t, mlp_in.in_features, min_period, max_period)  # (B, De)
+    h = nn.functional.silu(mlp_in(te.to(mlp_in.weight.dtype)))  # (B, De)
+    return nn.functional.silu(mlp_out(h))  # (B, De)
+
+
 def action_time_embed(x: Tensor, t: Tensor, action_in_proj: nn.Linear, mlp_in: nn.Linear,
                       mlp_out: nn.Linear, min_period: float = 4e-3,
                       max_period: float = 4.0) -> Tensor:

@@ -12,8 +12,20 @@ from ..configs import DecoderConfig
 from ..layers.attention import Attention
 from ..layers.kv_cache import KVCache
 from ..layers.mlp import GatedMLP
-from ..layers.norm import RMSNorm
+from ..layers.norm import AdaRMSNorm, RMSNorm, gated_residual
 from ..layers.rope import rope_cos_sin
+
+
+def make_norm(cfg: DecoderConfig) -> nn.Module:
+    """The decoder's norm: RMSNorm, or with ``cond_dim`` π0.5's adaptive one."""
+    if cfg.cond_dim:
+        return AdaRMSNorm(cfg.width, cfg.cond_dim, cfg.rms_eps)
+    return RMSNorm(cfg.width, cfg.rms_eps, cfg.norm_unit_offset)
+
+
+def apply_norm(norm: nn.Module, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """-> (normed x, the gate of the residual it feeds: None for a plain norm)."""
+    return norm(x, cond) if isinstance(norm, AdaRMSNorm) else (norm(x), None)
 
 
 class DecoderLayer(nn.Module):
@@ -22,21 +34,27 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim,
                                    kv_in_dim=kv_in_dim)
         self.mlp = GatedMLP(cfg.width, cfg.mlp_dim, cfg.act)
-        self.input_layernorm = RMSNorm(cfg.width, cfg.rms_eps, cfg.norm_unit_offset)
-        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.rms_eps, cfg.norm_unit_offset)
+        self.input_layernorm = make_norm(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 cache: KVCache | None = None, layer: int = 0,
-                past: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Self-attention block (see :meth:`Attention.forward` for cache / past)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, past)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                past: tuple[Tensor, Tensor] | None = None, cond: Tensor | None = None
+                ) -> Tensor:
+        """Self-attention block (see :meth:`Attention.forward` for cache / past; ``cond``
+        (B, Dc): the condition of adaptive norms)."""
+        h, gate = apply_norm(self.input_layernorm, x, cond)
+        x = gated_residual(x, self.self_attn(h, cos, sin, mask, cache, layer, past), gate)
+        h, gate = apply_norm(self.post_attention_layernorm, x, cond)
+        return gated_residual(x, self.mlp(h), gate)
 
     def forward_cross(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                      src_k: Tensor, src_v: Tensor) -> Tensor:
+                      src_k: Tensor, src_v: Tensor, cond: Tensor | None = None) -> Tensor:
         """Cross-attention block over another stack's keys/values."""
-        x = x + self.self_attn.cross(self.input_layernorm(x), cos, sin, mask, src_k, src_v)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, gate = apply_norm(self.input_layernorm, x, cond)
+        x = gated_residual(x, self.self_attn.cross(h, cos, sin, mask, src_k, src_v), gate)
+        h, gate = apply_norm(self.post_attention_layernorm, x, cond)
+        return gated_residual(x, self.mlp(h), gate)
 
 
 class Decoder(nn.Module):
@@ -52,7 +70,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width) if cfg.vocab_size else None
         dims = kv_in_dims or [None] * cfg.depth
         self.layers = nn.ModuleList(DecoderLayer(cfg, d) for d in dims)
-        self.norm = RMSNorm(cfg.width, cfg.rms_eps, cfg.norm_unit_offset)
+        self.norm = make_norm(cfg)
 
     def embed(self, ids: Tensor) -> Tensor:
         if self.embed_tokens is None:
@@ -70,4 +88,7 @@ class Decoder(nn.Module):
         cos, sin = self.rope(positions)  # (B, N, Dh)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        return self.norm(x) if final_norm else x
+        return self.final_norm(x) if final_norm else x
+
+    def final_norm(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return apply_norm(self.norm, x, cond)[0]

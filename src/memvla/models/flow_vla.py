@@ -55,6 +55,7 @@ from ..layers.flow_matching import (
     interpolate,
     sample_time,
     target_velocity,
+    time_condition,
 )
 from ..layers.kv_cache import KVCache
 from ..layers.masks import block_mask_between
@@ -138,9 +139,11 @@ class VLMWithExpert(nn.Module):
         cache.append_tokens(prefix.pad, block, pos)
         return self.text_model(prefix.embs, pos, mask, cache, final_norm)  # (B, Np, D)
 
-    def expert(self, suffix: TokenSegment, cache: KVCache) -> Tensor:
-        """Run the expert over the suffix, reading (not changing) the prefix cache.
-        -> normed hidden states (B, Ns, De)."""
+    def expert(self, suffix: TokenSegment, cache: KVCache, cond: Tensor | None = None
+               ) -> Tensor:
+        """Run the expert over the suffix, reading (not changing) the prefix cache
+        (``cond`` (B, De): the condition of π0.5's adaptive norms) -> normed hidden states
+        (B, Ns, De)."""
         offset = cache.next_position()  # (B, 1) after the last real prefix token
         pos = offset + torch.cumsum(suffix.pad.long(), 1) - 1  # (B, Ns)
         block = cache.key_block[:, -1:] + torch.cumsum(suffix.flags.long(), 1)  # (B, Ns)
@@ -156,10 +159,10 @@ class VLMWithExpert(nn.Module):
         for i, layer in enumerate(exp.layers):
             k, v = cache.get(i)  # (B, Hkv, L, Dh)
             if self.cfg.is_joint_layer(i):
-                x = layer(x, cos, sin, joint_mask, past=(k, v))
+                x = layer(x, cos, sin, joint_mask, past=(k, v), cond=cond)
             else:
-                x = layer.forward_cross(x, cross_cos, cross_sin, cross_mask, k, v)
-        return exp.norm(x)  # (B, Ns, De)
+                x = layer.forward_cross(x, cross_cos, cross_sin, cross_mask, k, v, cond)
+        return exp.final_norm(x, cond)  # (B, Ns, De)
 
 
 class FlowMatchingVLA(nn.Module):
@@ -176,11 +179,17 @@ class FlowMatchingVLA(nn.Module):
         self.cfg = cfg
         d, de = cfg.text.width, cfg.expert.width
         self.vlm_with_expert = VLMWithExpert(cfg)
-        self.state_proj = nn.Linear(cfg.max_state_dim, d if cfg.state_token == "prefix" else de)
+        if cfg.state_token != "prompt":  # (π0.5 writes the state into the prompt)
+            self.state_proj = nn.Linear(cfg.max_state_dim,
+                                        d if cfg.state_token == "prefix" else de)
         self.action_in_proj = nn.Linear(cfg.max_action_dim, de)
         self.action_out_proj = nn.Linear(de, cfg.max_action_dim)
-        self.action_time_mlp_in = nn.Linear(2 * de, de)
-        self.action_time_mlp_out = nn.Linear(de, de)
+        if cfg.time_conditioning == "adarms":  # the time's MLP conditions the expert's norms
+            self.time_mlp_in = nn.Linear(de, de)
+            self.time_mlp_out = nn.Linear(de, de)
+        else:
+            self.action_time_mlp_in = nn.Linear(2 * de, de)
+            self.action_time_mlp_out = nn.Linear(de, de)
         self.context = make_context(context or ContextConfig(), d)
         self.pruner: TokenPruner | None = None
         self.pruner_key_proj: nn.Linear | None = None  # action (or state) -> pruner key
@@ -190,7 +199,7 @@ class FlowMatchingVLA(nn.Module):
             self.pruner = TokenPruner(pc, pc.num_patches or num_cameras * cfg.tokens_per_image)
             if pc.action_context in ACTION_KEY_CONTEXTS:
                 self.pruner_key_proj = nn.Linear(cfg.max_action_dim, d)
-            elif pc.action_context == "state" and cfg.state_token == "suffix":
+            elif pc.action_context == "state" and cfg.state_token in ("suffix", "prompt"):
                 self.pruner_key_proj = nn.Linear(cfg.max_state_dim, d)
 
     @property
@@ -325,21 +334,31 @@ class FlowMatchingVLA(nn.Module):
                   for i, p in enumerate(parts)]
         return placed[:first] + [images] + placed[last:]
 
-    def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor) -> TokenSegment:
-        emb = action_time_embed(x_t, t, self.action_in_proj, self.action_time_mlp_in,
-                                self.action_time_mlp_out, self.cfg.time_min_period,
-                                self.cfg.time_max_period)  # (B, A, De)
-        actions = TokenSegment.full(emb, 1, int(self.cfg.causal_actions))
-        if self.cfg.state_token == "suffix":
+    def embed_suffix(self, state: Tensor, x_t: Tensor, t: Tensor
+                     ) -> tuple[TokenSegment, Tensor | None]:
+        """The expert's tokens of the noisy chunk x_t at times t (B,) (and the state token
+        with ``state_token="suffix"``) -> (tokens, the condition (B, De) of the expert's
+        adaptive norms with ``time_conditioning="adarms"``, else None)."""
+        cfg, cond = self.cfg, None
+        if cfg.time_conditioning == "adarms":
+            emb = self.action_in_proj(x_t)  # (B, A, De)
+            cond = time_condition(t, self.time_mlp_in, self.time_mlp_out, cfg.time_min_period,
+                                  cfg.time_max_period).to(emb.dtype)  # (B, De)
+        else:
+            emb = action_time_embed(x_t, t, self.action_in_proj, self.action_time_mlp_in,
+                                    self.action_time_mlp_out, cfg.time_min_period,
+                                    cfg.time_max_period)  # (B, A, De)
+        actions = TokenSegment.full(emb, 1, int(cfg.causal_actions))
+        if cfg.state_token == "suffix":
             st = TokenSegment.full(self.state_proj(state)[:, None], 1, 1)  # (B, 1, De)
-            return TokenSegment.cat([st, actions])
-        return actions
+            return TokenSegment.cat([st, actions]), cond
+        return actions, cond
 
     def velocity(self, cache: KVCache, state: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The predicted velocity (B, A, Da') of the noisy chunk x_t at times t (B,), the
         expert reading the filled prefix ``cache`` (one denoising step)."""
-        suffix = self.embed_suffix(state, x_t, t)
-        h = self.vlm_with_expert.expert(suffix, cache)  # (B, Ns, De)
+        suffix, cond = self.embed_suffix(state, x_t, t)
+        h = self.vlm_with_expert.expert(suffix, cache, cond)  # (B, Ns, De)
         return self.action_out_proj(h[:, -self.cfg.chunk_size:])  # (B, A, Da)
 
     # -- pruner -----------------------------------------------------------------------------

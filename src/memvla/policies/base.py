@@ -35,7 +35,7 @@ from .checkpoint import (
 )
 from .episodes import ContextPolicyMixin
 from .inputs import check_observation, images_to_float
-from .processor import Normalizer, resize_with_pad
+from .processor import Normalizer, resize_with_pad, state_prompts
 
 
 def pad_last(x: Tensor, size: int) -> Tensor:
@@ -132,9 +132,11 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         images, state, tasks = check_observation(batch, cfg)
         dev, dtype = self.device, self.dtype
         raw = [img.to(dev, non_blocking=True) for img in images]
-        ids, pad = self.tokenize(tasks)  # (B, Nl)
         state = self.normalizer.normalize("observation.state", state.to(dev))  # (B, Ds)
         state = pad_last(state, cfg.model.max_state_dim).to(dtype)  # (B, Ds')
+        if getattr(cfg.model, "state_token", None) == "prompt":  # π0.5: in the prompt
+            tasks = state_prompts(tasks, state)
+        ids, pad = self.tokenize(tasks)  # (B, Nl)
         return raw, (self.prepare_images(raw), ids.to(dev), pad.to(dev), state)
 
     def prepare_images(self, images: list[Tensor]) -> list[Tensor]:

@@ -113,3 +113,23 @@ def resize_with_pad(images: Tensor, size: int, pad: str = "top_left") -> Tensor:
     if pad == "center":
         return F.pad(out, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
     return F.pad(out, (pw, 0, ph, 0))  # (B, C, size, size)
+
+
+STATE_BINS = 256  # π0.5's discretisation of the state in the prompt
+
+
+def discretize_state(state: Tensor, bins: int = STATE_BINS) -> Tensor:
+    """Normalised state (B, Ds) (meant to lie in [-1, 1]) -> bin indices (B, Ds) long: bin i
+    covers [-1 + 2i / bins, -1 + 2(i + 1) / bins), as ``np.digitize(x,
+    np.linspace(-1, 1, bins + 1)[:-1]) - 1`` (openpi, LeRobot): values at or above the last
+    left edge fall into the last bin, values below -1 into -1."""
+    edges = torch.linspace(-1, 1, bins + 1, dtype=torch.float64, device=state.device)[:-1]
+    return torch.bucketize(state.double(), edges, right=True) - 1  # (B, Ds)
+
+
+def state_prompts(tasks: list[str], state: Tensor) -> list[str]:
+    """π0.5's prompt: the task and the discretised normalised state (B, Ds), as
+    ``"Task: <task>, State: <i j ...>;\nAction: "``."""
+    bins = discretize_state(state).tolist()
+    return [f"Task: {t.strip().replace('_', ' ').replace(chr(10), ' ')}, State: "
+            f"{' '.join(map(str, b))};\nAction: " for t, b in zip(tasks, bins, strict=True)]
