@@ -70,8 +70,15 @@ def test_smolvla_import_bad_sources(smolvla_case, tmp_path):
     import_checkpoint("lerobot-smolvla", src, tmp_path / "ok")
     with pytest.raises(ValueError, match="looks like a memvla checkpoint"):
         import_checkpoint("lerobot-smolvla", tmp_path / "ok", tmp_path / "x")
-    with pytest.raises(ValueError, match="not known.*lerobot-smolvla"):
+    with pytest.raises(ValueError, match="not known.*Did you mean 'lerobot-smolvla'"):
         import_checkpoint("lerobot-smolvlaa", src, tmp_path / "x")
+    # a shape-preserving option set on the way; one that reshapes a weight is refused
+    import_checkpoint("lerobot-smolvla", src, tmp_path / "plain-positions",
+                      overrides=["model.vision.position_buckets=false"])
+    assert not load_policy(tmp_path / "plain-positions").config.model.vision.position_buckets
+    with pytest.raises(ValueError, match="has shape"):
+        import_checkpoint("lerobot-smolvla", src, tmp_path / "x",
+                          overrides=["model.max_action_dim=6"])
     # a truncated weights file
     broken = tmp_path / "truncated"
     shutil.copytree(src, broken)

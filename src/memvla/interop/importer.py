@@ -62,17 +62,23 @@ def _smolvla(src: Path, vlm: str | None) -> Imported:
 FORMATS: dict[str, Callable[[Path, str | None], Imported]] = {"lerobot-smolvla": _smolvla}
 
 
-def import_checkpoint(fmt: str, src: str | Path, out: str | Path, vlm: str | None = None
-                      ) -> ImportReport:
+def import_checkpoint(fmt: str, src: str | Path, out: str | Path, vlm: str | None = None,
+                      overrides: list[str] | None = None) -> ImportReport:
     """Convert checkpoint directory ``src`` of format ``fmt`` into the memvla checkpoint
     ``out`` (written atomically). ``vlm``: the local VLM directory (config and tokenizer)
-    where the checkpoint names a hub model. A missing weight or a shape that differs from
-    the config is an error naming the tensor."""
+    where the checkpoint names a hub model. ``overrides``: dotted options of the policy
+    config read from the source, applied before the weights are mapped (e.g.
+    ``model.vision.position_buckets=false``, ``n_action_steps=10``). A missing weight or a
+    shape that differs from the config is an error naming the tensor."""
     if fmt not in FORMATS:
         raise ValueError(f"import format {fmt!r} is not known; expected one of "
-                         f"{sorted(FORMATS)}{did_you_mean(fmt, FORMATS)}")
+                         f"{sorted(FORMATS)} ({did_you_mean(fmt, FORMATS, 'format')})")
     src = Path(src)
     got = FORMATS[fmt](src, vlm)
+    if overrides:
+        from ..config_utils import apply_overrides
+
+        got.config = apply_overrides(got.config, list(overrides))
     from ..policies import make_policy
 
     with torch.device("meta"):  # no random initialisation: every weight is imported
