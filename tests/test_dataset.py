@@ -433,3 +433,34 @@ def test_png_codec():
         np.testing.assert_array_equal(decode_png(buf.getvalue()), image)
     ours = PIL.open(io.BytesIO(encode_png(image)))
     np.testing.assert_array_equal(np.asarray(ours), image)
+
+
+def test_video_seeking_reads_what_decoding_front_to_back_reads(dataset_dir, tmp_path):
+    """image_cache=False decodes videos by seeking, keeping nothing: the same frames as the
+    whole-file decode, in any order, with a bounded number of open files."""
+    root = tmp_path / "video"
+    to_video_dataset(dataset_dir[0], root)
+    whole = LeRobotV3Dataset(root)
+    seek = LeRobotV3Dataset(root, image_cache=False, delta_indices={IMG: [-2, -1, 0]})
+    seek._seeker.max_open = 1
+    n = len(whole)
+    want = whole.get_numpy(IMG, np.arange(n))  # (N, H, W, 3)
+    order = np.random.default_rng(0).permutation(n)
+    assert np.array_equal(seek.get_numpy(IMG, order), want[order])
+    assert np.array_equal(seek.get_numpy(IMG, np.array([5, 5, 3, 9, 4])), want[[5, 5, 3, 9, 4]])
+    for i in order[:12]:
+        item = seek[int(i)]
+        start, _ = seek.episode_range(int(seek.frame_episode[i]))
+        rows = np.clip(np.array([i - 2, i - 1, i]), start, None)
+        assert np.allclose(item[IMG].numpy(), want[rows].transpose(0, 3, 1, 2) / 255.0)
+    assert not seek._cache and seek._seeker.open_files == 1  # nothing kept
+
+
+def test_a_truncated_video_names_its_file(dataset_dir, tmp_path):
+    root = tmp_path / "video"
+    to_video_dataset(dataset_dir[0], root)
+    path = next((root / "videos").rglob("file-001.mp4"))
+    path.write_bytes(path.read_bytes()[:200])
+    ds = LeRobotV3Dataset(root, image_cache=False)
+    with pytest.raises(ValueError, match=r"file-001.mp4.*episodes \[2, 3\]"):
+        ds.get_numpy(IMG, np.arange(len(ds)))

@@ -5,8 +5,10 @@ itself: it follows ``meta/info.json`` (feature dtypes and shapes, the ``data_pat
 template) and ``meta/episodes/*/*.parquet`` (which data file holds which episode), so any
 number of data chunks and files works. Image features stored as parquet image columns
 (``{bytes: PNG, path}``) are decoded with ``memvla.data.png``; features stored as videos
-(``videos/<key>/chunk-XXX/file-XXX.mp4``) need the optional PyAV (``pip install av``;
-without it a NotImplementedError names them) and are decoded a whole file at a time.
+(``videos/<key>/chunk-XXX/file-XXX.mp4``) need PyAV (without it a NotImplementedError
+names them): with ``image_cache=True`` a whole file is decoded at a time and kept, with
+``image_cache=False`` the wanted frames are decoded by seeking and nothing is kept
+(memory bounded whatever the dataset's size).
 
 Samples look like LeRobot's: ``ds[i]`` is a dict of torch tensors, one per feature, with
 images as float32 (C, H, W) in [0, 1], scalars as 0-d tensors, plus ``task`` (str). With
@@ -23,7 +25,7 @@ Memory: every non-image column is loaded into numpy arrays at once. Images stay 
 until first used; with ``image_cache=True`` (default) each frame is decoded once and kept
 as uint8 (N, H, W, C) in memory (so the first epoch decodes and later ones do not; 4,000
 episodes of 50 frames at 64x64x3 take 2.5 GB). ``image_cache=False`` decodes on every
-access (videos are always cached). ``preload_images()`` decodes everything up front.
+access (videos by seeking). ``preload_images()`` decodes everything up front.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from memvla.data.v3_format import (
     read_table,
     read_tasks,
 )
-from memvla.data.video import decode_video_frames, require_av
+from memvla.data.video import VideoSeeker, decode_video_frames, require_av
 
 _CAMERA = ("image", "video")
 _VIDEO_COLUMNS = ["chunk_index", "file_index", "from_timestamp"]
@@ -133,6 +135,7 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
         self._load_data()
         self._locate_video_frames()
         self.image_cache = image_cache
+        self._seeker = VideoSeeker()
         self._cache: dict[str, np.ndarray] = {}
         self._cached: dict[str, np.ndarray] = {}
         self.delta_indices = self._check_deltas(delta_indices, delta_timestamps)
@@ -316,6 +319,18 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
     def _images(self, key: str, flat: np.ndarray) -> np.ndarray:
         if not self.image_cache and key not in self.video_keys:
             return np.stack([self._decode(key, int(i)) for i in flat])  # (n, H, W, C)
+        if not self.image_cache:  # videos by seeking: nothing kept
+            out = np.empty((len(flat), *self.features[key]["shape"]), np.uint8)  # (n, H, W, C)
+            files = self._video_file[key][flat]  # (n,)
+            for f in np.unique(files):
+                rows = np.nonzero(files == f)[0]
+                try:
+                    out[rows] = self._seeker.frames(self._video_paths[key][f],
+                                                    self._video_time[key][flat[rows]], self.fps)
+                except ValueError as e:
+                    episodes = sorted(set(self.frame_episode[flat[rows]].tolist()))
+                    raise ValueError(f"{e} (frames of episodes {episodes[:8]} of {key})") from e
+            return out
         if key not in self._cache:
             self._cache[key] = np.empty((len(self), *self.features[key]["shape"]), np.uint8)
             self._cached[key] = np.zeros(len(self), dtype=bool)

@@ -276,14 +276,21 @@ def setup(run: Path) -> Training:
     return Training(run, rc, acc, policy, model, params, opt, loader, start)
 
 
+CACHE_BYTES = 4e9  # decoded frames of a dataset kept in memory at most
+
+
 def _dataset(rc: RunConfig):
     from ..data.lerobot_v3 import LeRobotV3Dataset
 
-    # images stay uint8 until the policy converts them on its device
+    # images stay uint8 until the policy converts them on its device; a dataset whose
+    # decoded frames fit in CACHE_BYTES is decoded once (worker processes share the arrays),
+    # a larger one is decoded per sample (videos by seeking), in bounded memory
     ds = LeRobotV3Dataset(rc.dataset, delta_indices=frame_delta_indices(rc.policy),
                           images_as="uint8")
-    if ds.num_frames * _frame_bytes(ds) < 4e9:
-        ds.preload_images()  # decode once; worker processes share the arrays
+    if ds.num_frames * _frame_bytes(ds) < CACHE_BYTES:
+        ds.preload_images()
+    else:
+        ds.image_cache = False
     fitted = fit_policy_to_dataset(rc.policy, ds.features, str(Path(rc.dataset)))
     if fitted != rc.policy:
         raise ValueError(f"{rc.dataset}: the dataset's cameras/shapes no longer match the run "
