@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -138,3 +139,28 @@ def test_lerobot_trains_and_runs_a_memvla_policy_through_the_plugin(tmp_path):
     saved = tmp_path / "train" / "checkpoints" / "last" / "pretrained_model"
     assert json.loads((saved / "config.json").read_text())["type"] == "memvla"
     assert (saved / "policy_preprocessor.json").is_file()
+
+
+@pytest.mark.parametrize("vcodec", ["libsvtav1", "h264"])
+def test_video_datasets_lerobot_wrote_read_frame_by_frame(vcodec, tmp_path):
+    """A dataset LeRobot 0.4.4 wrote with its own encoder (AV1 by SVT-AV1, or H.264) reads
+    in memvla, decoded whole or by seeking, with every frame closest to the frame LeRobot
+    was given at that index (a frame off by one would be far from it)."""
+    if not LEROBOT_PYTHON.is_file():
+        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
+    from memvla.data.lerobot_v3 import LeRobotV3Dataset
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot/make_video_dataset.py"),
+                           str(tmp_path), vcodec], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    given = load_file(tmp_path / "frames.safetensors")["frames"].numpy().astype(int)
+    key = "observation.images.top"
+    for cache in (True, False):
+        ds = LeRobotV3Dataset(tmp_path / "dataset", image_cache=cache)
+        assert ds.features[key]["dtype"] == "video" and len(ds) == len(given) == 49
+        got = ds.get_numpy(key, np.arange(len(ds))).astype(int)  # (N, H, W, 3)
+        dist = np.abs(got[:, None] - given[None]).reshape(len(ds), len(ds), -1).mean(-1)
+        assert (dist.argmin(1) == np.arange(len(ds))).all()
+        assert dist.diagonal().max() < 20  # lossy, but the frame at that index
