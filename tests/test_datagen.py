@@ -82,7 +82,7 @@ def test_parse_options():
 
 def test_datagen_keeps_successful_episodes(fake_envs, tmp_path, capsys):
     out = tmp_path / "ds"
-    code = main(["datagen", "--task", "fake", "--episodes", "5", "--out", str(out),
+    code = main(["datagen", "--no-video", "--task", "fake", "--episodes", "5", "--out", str(out),
                  "--seed", "10", "--opt", "size=6", "--opt", "bonus=0.5", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -115,9 +115,10 @@ def test_datagen_keeps_successful_episodes(fake_envs, tmp_path, capsys):
         assert ds[start]["task"] == f"reach target {seed % 2}"
     assert "action" in load_stats(out)
     # refuses to overwrite, unless asked
-    assert main(["datagen", "--task", "fake", "--episodes", "1", "--out", str(out)]) == 2
+    assert main(["datagen", "--no-video", "--task", "fake", "--episodes", "1",
+                 "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["datagen", "--task", "fake", "--episodes", "2", "--out", str(out),
+    assert main(["datagen", "--no-video", "--task", "fake", "--episodes", "2", "--out", str(out),
                  "--keep", "all", "--seed", "2", "--overwrite", "--no-progress"]) == 0
     assert read_info(out)["total_episodes"] == 2  # seed 2 fails but is kept
     assert not list(tmp_path.glob(".ds.*"))  # no temporary directories left
@@ -125,7 +126,7 @@ def test_datagen_keeps_successful_episodes(fake_envs, tmp_path, capsys):
 
 def test_datagen_reports_too_few_successes(fake_envs, tmp_path, capsys):
     out = tmp_path / "ds"
-    code = main(["datagen", "--task", "fake", "--episodes", "3", "--out", str(out),
+    code = main(["datagen", "--no-video", "--task", "fake", "--episodes", "3", "--out", str(out),
                  "--seed", "2", "--max-attempts", "3", "--no-progress"])
     assert code == 1  # seeds 2, 3, 4: only two succeed
     assert "only 2 of 3" in capsys.readouterr().err
@@ -136,8 +137,8 @@ def test_datagen_workers_give_the_same_dataset(fake_envs, tmp_path):
     tables = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        assert main(["datagen", "--task", "fake", "--episodes", "6", "--out", str(out),
-                     "--workers", str(workers), "--no-progress"]) == 0
+        assert main(["datagen", "--no-video", "--task", "fake", "--episodes", "6",
+                     "--out", str(out), "--workers", str(workers), "--no-progress"]) == 0
         tables.append(pq.read_table(out / "data/chunk-000/file-000.parquet"))
         assert read_info(out)["memvla"]["attempts"] == 8
     assert tables[0].equals(tables[1])
@@ -166,7 +167,7 @@ def _builtin_tasks() -> list[str]:
 @pytest.mark.parametrize("task", _builtin_tasks())
 def test_datagen_builtin_task(task, tmp_path):
     out = tmp_path / task
-    assert main(["datagen", "--task", task, "--episodes", "3", "--out", str(out),
+    assert main(["datagen", "--no-video", "--task", task, "--episodes", "3", "--out", str(out),
                  "--no-progress"]) == 0
     info = read_info(out)
     assert info["total_episodes"] == 3 and info["codebase_version"] == "v3.0"
@@ -223,3 +224,26 @@ def test_generate_dataset_rejects_bad_requests_before_writing(kwargs, message, t
     with pytest.raises(ValueError, match=message):
         generate_dataset("reach-color", out=tmp_path / "ds", progress=False, **args)
     assert not list(tmp_path.iterdir())
+
+
+def test_datagen_writes_the_cameras_as_video_by_default(tmp_path):
+    """As LeRobot does: the cameras as MP4 (AV1 where PyAV has it, else H.264), many
+    episodes per file, each frame close to the exact one (lossy; that every frame is at its
+    index is checked on distinct frames in test_dataset)."""
+    out = tmp_path / "video"
+    assert main(["datagen", "--task", "remember-color", "--episodes", "3", "--out", str(out),
+                 "--opt", "image_size=32", "--no-progress"]) == 0
+    info = read_info(out)
+    ft = info["features"][IMG]
+    assert ft["dtype"] == "video" and ft["info"]["video.codec"] in ("av1", "h264")
+    assert info["video_path"].startswith("videos/{video_key}/")
+    assert len(list((out / "videos").rglob("*.mp4"))) == 1  # the three episodes in one file
+    png = tmp_path / "png"
+    assert main(["datagen", "--no-video", "--task", "remember-color", "--episodes", "3",
+                 "--out", str(png), "--opt", "image_size=32", "--no-progress"]) == 0
+    want = LeRobotV3Dataset(png)
+    n = len(want)
+    exact = want.get_numpy(IMG, np.arange(n)).astype(int)
+    for cache in (True, False):
+        got = LeRobotV3Dataset(out, image_cache=cache).get_numpy(IMG, np.arange(n)).astype(int)
+        assert np.abs(got - exact).reshape(n, -1).mean(1).max() < 8

@@ -464,3 +464,31 @@ def test_a_truncated_video_names_its_file(dataset_dir, tmp_path):
     ds = LeRobotV3Dataset(root, image_cache=False)
     with pytest.raises(ValueError, match=r"file-001.mp4.*episodes \[2, 3\]"):
         ds.get_numpy(IMG, np.arange(len(ds)))
+
+
+@pytest.mark.parametrize("codec", ["av1", "h264"])
+def test_video_writer_puts_every_frame_at_its_index(codec, tmp_path):
+    """LeRobotV3Writer(video=True): episodes one after the other in one MP4 per camera; on
+    distinct (random) frames, every decoded frame is nearest to the one written at its
+    index, whole-file decode and seeking alike."""
+    from memvla.data.lerobot_v3 import LeRobotV3Writer
+
+    rng = np.random.default_rng(0)
+    written = []
+    with LeRobotV3Writer(tmp_path / "v", fps=10, video=True, video_codec=codec) as w:
+        for t in (12, 7, 15):
+            images = rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)
+            written.append(images)
+            w.add_episode({IMG: images, "observation.state": rng.normal(size=(t, 2)).astype(
+                np.float32), "action": rng.normal(size=(t, 2)).astype(np.float32)}, task="x")
+    want = np.concatenate(written).astype(int)
+    n = len(want)
+    info = json.loads((tmp_path / "v/meta/info.json").read_text())
+    assert info["features"][IMG]["info"]["video.codec"] == codec
+    for cache in (True, False):
+        got = LeRobotV3Dataset(tmp_path / "v", image_cache=cache).get_numpy(IMG, np.arange(n))
+        dist = np.abs(got.astype(int)[:, None] - want[None]).reshape(n, n, -1).mean(-1)
+        assert (dist.argmin(1) == np.arange(n)).all()
+    with pytest.raises(ValueError, match="make the writer with video=True"):
+        LeRobotV3Writer(tmp_path / "w", fps=10, features={IMG: {"dtype": "video",
+                                                                "shape": [8, 8, 3]}})

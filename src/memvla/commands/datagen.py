@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
                         help="perturbed demonstrations (DART): execute the expert's action plus "
                         "N(0, SIGMA²) noise on the motion axes, record the expert's own (0)")
+    parser.add_argument("--no-video", action="store_true",
+                        help="store the cameras as PNG columns (exact pixels) instead of MP4 "
+                        "videos (AV1 where PyAV has it, else H.264, as LeRobot writes them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -50,7 +53,7 @@ def run(args) -> int:
             args.task, args.episodes, args.out, seed=args.seed, options=parse_options(args.opt),
             keep=args.keep, max_attempts=args.max_attempts, overwrite=args.overwrite,
             progress=not args.no_progress, workers=args.workers,
-            action_noise=args.action_noise,
+            action_noise=args.action_noise, video=not args.no_video,
         )
     except FileExistsError as e:
         print(f"memvla datagen: error: {e}", file=sys.stderr)

@@ -58,10 +58,12 @@ from memvla.data.v3_format import (
     MAX_ARRAY_DIMS,
     STATS_PATH,
     TASKS_PATH,
+    VIDEO_PATH,
     data_schema,
     next_chunk_file,
     write_tasks,
 )
+from memvla.data.video_write import video_feature_info
 
 # buffered frames are written as one parquet row group once either limit is reached
 _ROW_GROUP_ROWS = 8192
@@ -107,10 +109,11 @@ def _check_features(features: Mapping[str, dict]) -> dict[str, dict]:
             continue
         if "/" in key:
             raise ValueError(f"feature names may not contain '/': {key!r}")
+        info = ft.get("info")
         ft = {"dtype": ft["dtype"], "shape": list(ft["shape"]), "names": ft.get("names")}
-        if ft["dtype"] == "video":
-            raise NotImplementedError(f"{key!r}: writing video features is not supported")
-        if ft["dtype"] == "image":
+        if ft["dtype"] == "video" and info is not None:
+            ft["info"] = dict(info)
+        if ft["dtype"] in ("image", "video"):
             if len(ft["shape"]) != 3:
                 raise ValueError(f"image feature {key!r} needs shape [H, W, C], got {ft['shape']}")
             ft["names"] = ft["names"] or IMAGE_NAMES
@@ -123,7 +126,7 @@ def _check_features(features: Mapping[str, dict]) -> dict[str, dict]:
 
 def _is_array(feature: dict) -> bool:
     """A numeric feature of 2 or more axes (a depth map, a pose), not a vector or scalar."""
-    return feature["dtype"] != "image" and len(feature["shape"]) >= 2
+    return feature["dtype"] not in ("image", "video") and len(feature["shape"]) >= 2
 
 
 class LeRobotV3Writer:
@@ -140,6 +143,10 @@ class LeRobotV3Writer:
         data_files_size_in_mb: start a new data file when one would grow past this.
         chunks_size: data files per ``chunk-XXX`` directory.
         png_level: zlib level of the PNG images (1 = fast, 9 = small).
+        video: store camera features as MP4 videos (``dtype: video``, see
+            :mod:`memvla.data.video_write`) instead of PNG columns.
+        video_codec, pix_fmt: the videos' codec ("auto": AV1 where available, else H.264)
+            and pixel format ("yuv420p" as LeRobot; "yuv444p" keeps small images' colours).
     """
 
     def __init__(
@@ -152,6 +159,9 @@ class LeRobotV3Writer:
         data_files_size_in_mb: float = DEFAULT_DATA_FILE_SIZE_IN_MB,
         chunks_size: int = DEFAULT_CHUNK_SIZE,
         png_level: int = 1,
+        video: bool = False,
+        video_codec: str = "auto",
+        pix_fmt: str = "yuv420p",
     ):
         self.root = Path(root)
         self.overwrite = overwrite
@@ -163,9 +173,15 @@ class LeRobotV3Writer:
         self.png_level = png_level
         self.features: dict[str, dict] | None = None
         self._schema: pa.Schema | None = None
+        self._tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self._videos, self._video_keys = None, []
+        if video:
+            from memvla.data.video_write import VideoFiles
+
+            self._videos = VideoFiles(self._tmp, self.fps, video_codec, pix_fmt,
+                                      DEFAULT_VIDEO_FILE_SIZE_IN_MB, self.chunks_size)
         if features is not None:
             self._set_features(features)
-        self._tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:12]}"
         self._tmp.mkdir(parents=True)
         self._tasks: dict[str, int] = {}
         self._episodes: list[dict] = []
@@ -228,6 +244,12 @@ class LeRobotV3Writer:
 
         batch, ep_stats = self._episode_batch(arrays, length)
         self._store_batch(batch)
+        videos = {}
+        for key in self._video_keys:  # not in the parquet: the frames go to the videos
+            hist = image_histogram(arrays[key])  # (C, 256)
+            ep_stats[key] = histogram_stats(hist, length)
+            self._image_hist[key] = self._image_hist.get(key, 0) + hist
+            videos.update(self._videos.add(key, arrays[key]))
         row = {
             "episode_index": episode_index,
             "tasks": list(dict.fromkeys(tasks)),
@@ -236,6 +258,7 @@ class LeRobotV3Writer:
             "data/file_index": self._file,
             "dataset_from_index": start,
             "dataset_to_index": start + length,
+            **videos,
         }
         for key, ft_stats in ep_stats.items():
             for name, value in ft_stats.items():
@@ -258,6 +281,8 @@ class LeRobotV3Writer:
             self.abort()
             raise ValueError(f"no episodes were recorded for {self.root}")
         self._flush(close=True)
+        if self._videos is not None:
+            self._videos.close()
         (self._tmp / "meta").mkdir(exist_ok=True)
         write_tasks(self._tmp / TASKS_PATH, list(self._tasks))
         self._write_episodes()
@@ -283,6 +308,8 @@ class LeRobotV3Writer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._videos is not None:
+            self._videos.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._done = True
 
@@ -306,7 +333,17 @@ class LeRobotV3Writer:
             raise FileExistsError(f"{root} exists and is not empty (use overwrite=True)")
 
     def _set_features(self, features: Mapping[str, dict]) -> None:
-        self.features = _check_features(features)
+        features = _check_features(features)
+        if self._videos is not None:  # cameras as videos
+            v = self._videos
+            features = {k: {**ft, "dtype": "video", "info": video_feature_info(
+                ft["shape"], self.fps, v.codec, v.pix_fmt)} if ft["dtype"] == "image" else ft
+                for k, ft in features.items()}
+        videos = [k for k, ft in features.items() if ft["dtype"] == "video"]
+        if videos and self._videos is None:
+            raise ValueError(f"features {videos} are videos: make the writer with video=True")
+        self.features = features
+        self._video_keys = videos
         self._schema = data_schema(self.features)
 
     def _check_episode(self, frames: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -321,9 +358,10 @@ class LeRobotV3Writer:
             )
         arrays, length = {}, None
         for key, ft in recorded.items():
-            dtype = np.uint8 if ft["dtype"] == "image" else np.dtype(ft["dtype"])
+            camera = ft["dtype"] in ("image", "video")
+            dtype = np.uint8 if camera else np.dtype(ft["dtype"])
             x = np.asarray(frames[key])
-            if ft["dtype"] == "image" and x.dtype != np.uint8:
+            if camera and x.dtype != np.uint8:
                 raise ValueError(f"{key!r}: images must be uint8, got {x.dtype}")
             x = x.astype(dtype, copy=False)
             shape = tuple(ft["shape"])
@@ -432,7 +470,7 @@ class LeRobotV3Writer:
             "fps": self.fps,
             "splits": {"train": f"0:{len(self._episodes)}"},
             "data_path": DATA_PATH,
-            "video_path": None,
+            "video_path": VIDEO_PATH if self._video_keys else None,
             "features": self.features,
         }
 

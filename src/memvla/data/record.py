@@ -86,8 +86,11 @@ def generate_dataset(
     progress: bool = True,
     workers: int = 1,
     action_noise: float = 0.0,
+    video: bool = False,
 ) -> dict[str, Any]:
     """Record ``episodes`` expert episodes of ``task`` into a v3.0 dataset at ``out``.
+    ``video``: cameras as MP4 videos (AV1, else H.264) instead of PNG columns (exact
+    pixels; what the demo and the benchmarks train on).
 
     With ``workers`` > 1 the episodes are run in that many processes (attempt i still uses
     seed ``seed + i`` and the dataset is the same); this process writes them.
@@ -102,7 +105,8 @@ def generate_dataset(
     env = envs.make(task, **options)  # bad task names and options fail before any writing
     try:
         fps = int(env.metadata.get("render_fps", 10))
-        writer = LeRobotV3Writer(out, fps=fps, robot_type=ROBOT_TYPE, overwrite=overwrite)
+        writer = LeRobotV3Writer(out, fps=fps, robot_type=ROBOT_TYPE, overwrite=overwrite,
+                                 video=video)
         try:
             seeds = range(seed, seed + max_attempts)
             with _attempts(env, task, options, seeds, workers, action_noise) as attempts:
