@@ -62,6 +62,12 @@ def decode_video_frames(path: Path, times: np.ndarray, fps: float) -> np.ndarray
                 found[rows] = True
     except av.error.FFmpegError as e:
         raise ValueError(f"corrupt video file {path}: {e}") from e
+    return _all_found(path, out, found, times)
+
+
+def _all_found(path: Path, out: np.ndarray | None, found: np.ndarray, times: np.ndarray
+               ) -> np.ndarray:
+    """``out``, once every wanted time has its frame; else the error naming the times."""
     if out is None or not found.all():
         missing = times[~found]
         raise ValueError(f"video file {path} has no frames at {missing[:5].tolist()} s")
@@ -148,7 +154,4 @@ class VideoSeeker:
                 out[i], found[i] = cur_img, True
         except av.error.FFmpegError as e:
             raise ValueError(f"corrupt video file {path}: {e}") from e
-        if out is None or not found.all():
-            missing = times[~found]
-            raise ValueError(f"video file {path} has no frames at {missing[:5].tolist()} s")
-        return out
+        return _all_found(path, out, found, times)
