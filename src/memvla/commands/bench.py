@@ -21,6 +21,7 @@ BENCHES = {
     "ssm": "ssm_speed",
     "scaling": "scaling",
     "lerobot": "lerobot",
+    "data": "data",
 }
 
 
