@@ -40,6 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--segment", type=int, default=8, help="frames per segment (8)")
     parser.add_argument("--png", action="store_true", help="also write and read PNG columns")
     parser.add_argument("--out", help="keep the datasets here (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the datasets already in --out instead of writing them")
 
 
 def synthetic_episode(t: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -92,8 +94,20 @@ def _read(queue, root: str, mode: str, samples: int, segment: int, seed: int) ->
         for i in rng.integers(0, n, samples):
             read += len(ds.get_numpy(IMG, np.array([int(i)])))
     seconds = time.perf_counter() - start
-    queue.put({"frames_per_s": read / seconds, "frames": read,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"frames_per_s": read / seconds, "frames": read, "peak_rss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: ``VmHWM`` where /proc has it (ru_maxrss is
+    kept across exec, so a spawned child would report its parent's peak), else
+    ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def read(root: Path, mode: str, args) -> dict:
@@ -108,6 +122,8 @@ def read(root: Path, mode: str, args) -> dict:
 
 
 def run(args) -> int:
+    if args.reuse and not args.out:
+        raise ValueError("--reuse reads the datasets of --out DIR: give --out")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.out) if args.out else Path(tmp)
         decoded_gb = args.episodes * args.frames * args.height * args.width * 3 / 1e9
@@ -115,13 +131,15 @@ def run(args) -> int:
               f"({decoded_gb:.2f} GB decoded)", flush=True)
         results = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
                    "decoded_gb": decoded_gb, "write": {}, "read": {}}
-        results["write"]["video"] = write(base / "video", args, video=True)
+        if not args.reuse:
+            results["write"]["video"] = write(base / "video", args, video=True)
         from ..data.lerobot_v3 import LeRobotV3Dataset
 
         results["codec"] = LeRobotV3Dataset(base / "video").features[IMG]["info"]["video.codec"]
         modes = [("seek", "video"), ("segments", "video")]
         if args.png:
-            results["write"]["png"] = write(base / "png", args, video=False)
+            if not args.reuse:
+                results["write"]["png"] = write(base / "png", args, video=False)
             modes.append(("png", "png"))
         for mode, kind in modes:
             results["read"][mode] = read(base / kind, mode, args)
