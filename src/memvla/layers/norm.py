@@ -42,11 +42,9 @@ def ada_rms_norm(x: Tensor, modulation: Tensor, eps: float) -> tuple[Tensor, Ten
     """π0.5's adaptive RMSNorm: x (B, N, D) normalised in float32, then scaled and shifted
     by the condition's ``modulation`` (B, 3D) = [scale; shift; gate]: ``rms(x)·(1 + scale) +
     shift`` -> (that (B, N, D), the gate (B, 1, D) of the residual it feeds)."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (B, N, D)
+    xf = rms_norm(x.float(), None, eps)  # (B, N, D) float32
     scale, shift, gate = modulation[:, None].float().chunk(3, dim=-1)  # (B, 1, D) each
-    return (xf * (1 + scale) + shift).to(dtype), gate.to(dtype)
+    return (xf * (1 + scale) + shift).to(x.dtype), gate.to(x.dtype)
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:

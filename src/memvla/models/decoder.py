@@ -43,16 +43,20 @@ class DecoderLayer(nn.Module):
                 ) -> Tensor:
         """Self-attention block (see :meth:`Attention.forward` for cache / past; ``cond``
         (B, Dc): the condition of adaptive norms)."""
-        h, gate = apply_norm(self.input_layernorm, x, cond)
-        x = gated_residual(x, self.self_attn(h, cos, sin, mask, cache, layer, past), gate)
-        h, gate = apply_norm(self.post_attention_layernorm, x, cond)
-        return gated_residual(x, self.mlp(h), gate)
+        return self._block(x, cond, lambda h: self.self_attn(h, cos, sin, mask, cache, layer,
+                                                             past))
 
     def forward_cross(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                       src_k: Tensor, src_v: Tensor, cond: Tensor | None = None) -> Tensor:
         """Cross-attention block over another stack's keys/values."""
+        return self._block(x, cond, lambda h: self.self_attn.cross(h, cos, sin, mask, src_k,
+                                                                   src_v))
+
+    def _block(self, x: Tensor, cond: Tensor | None, attend) -> Tensor:
+        """Pre-norm attention (``attend``: normed x -> its output) and MLP, each added to
+        the residual (gated after adaptive norms)."""
         h, gate = apply_norm(self.input_layernorm, x, cond)
-        x = gated_residual(x, self.self_attn.cross(h, cos, sin, mask, src_k, src_v), gate)
+        x = gated_residual(x, attend(h), gate)
         h, gate = apply_norm(self.post_attention_layernorm, x, cond)
         return gated_residual(x, self.mlp(h), gate)
 
