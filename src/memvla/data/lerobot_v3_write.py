@@ -60,6 +60,7 @@ from memvla.data.v3_format import (
     TASKS_PATH,
     VIDEO_PATH,
     data_schema,
+    is_visual,
     next_chunk_file,
     write_tasks,
 )
@@ -109,11 +110,8 @@ def _check_features(features: Mapping[str, dict]) -> dict[str, dict]:
             continue
         if "/" in key:
             raise ValueError(f"feature names may not contain '/': {key!r}")
-        info = ft.get("info")
         ft = {"dtype": ft["dtype"], "shape": list(ft["shape"]), "names": ft.get("names")}
-        if ft["dtype"] == "video" and info is not None:
-            ft["info"] = dict(info)
-        if ft["dtype"] in ("image", "video"):
+        if is_visual(ft):
             if len(ft["shape"]) != 3:
                 raise ValueError(f"image feature {key!r} needs shape [H, W, C], got {ft['shape']}")
             ft["names"] = ft["names"] or IMAGE_NAMES
@@ -126,7 +124,7 @@ def _check_features(features: Mapping[str, dict]) -> dict[str, dict]:
 
 def _is_array(feature: dict) -> bool:
     """A numeric feature of 2 or more axes (a depth map, a pose), not a vector or scalar."""
-    return feature["dtype"] not in ("image", "video") and len(feature["shape"]) >= 2
+    return not is_visual(feature) and len(feature["shape"]) >= 2
 
 
 class LeRobotV3Writer:
@@ -246,9 +244,7 @@ class LeRobotV3Writer:
         self._store_batch(batch)
         videos = {}
         for key in self._video_keys:  # not in the parquet: the frames go to the videos
-            hist = image_histogram(arrays[key])  # (C, 256)
-            ep_stats[key] = histogram_stats(hist, length)
-            self._image_hist[key] = self._image_hist.get(key, 0) + hist
+            ep_stats[key] = self._image_stats(key, arrays[key])
             videos.update(self._videos.add(key, arrays[key]))
         row = {
             "episode_index": episode_index,
@@ -334,10 +330,10 @@ class LeRobotV3Writer:
 
     def _set_features(self, features: Mapping[str, dict]) -> None:
         features = _check_features(features)
-        if self._videos is not None:  # cameras as videos
+        if self._videos is not None:  # every camera as a video, described as written
             v = self._videos
             features = {k: {**ft, "dtype": "video", "info": video_feature_info(
-                ft["shape"], self.fps, v.codec, v.pix_fmt)} if ft["dtype"] == "image" else ft
+                ft["shape"], self.fps, v.codec, v.pix_fmt)} if is_visual(ft) else ft
                 for k, ft in features.items()}
         videos = [k for k, ft in features.items() if ft["dtype"] == "video"]
         if videos and self._videos is None:
@@ -358,7 +354,7 @@ class LeRobotV3Writer:
             )
         arrays, length = {}, None
         for key, ft in recorded.items():
-            camera = ft["dtype"] in ("image", "video")
+            camera = is_visual(ft)
             dtype = np.uint8 if camera else np.dtype(ft["dtype"])
             x = np.asarray(frames[key])
             if camera and x.dtype != np.uint8:
@@ -386,9 +382,7 @@ class LeRobotV3Writer:
                 column = pa.StructArray.from_arrays(
                     [encoded, pa.nulls(length, pa.string())], fields=list(IMAGE_TYPE)
                 )
-                hist = image_histogram(x)  # (C, 256)
-                ep_stats[key] = histogram_stats(hist, length)
-                self._image_hist[key] = self._image_hist.get(key, 0) + hist
+                ep_stats[key] = self._image_stats(key, x)
             else:
                 column = pa.array(np.ascontiguousarray(x).reshape(-1))
                 if tuple(ft["shape"]) != (1,):
@@ -411,6 +405,13 @@ class LeRobotV3Writer:
             ep_stats[key] = {k: v if k == "count" else v[cut] for k, v in joint.items()}
             offset += x.shape[1]
         return pa.RecordBatch.from_arrays(columns, schema=self._schema), ep_stats
+
+    def _image_stats(self, key: str, images: np.ndarray) -> dict[str, np.ndarray]:
+        """An episode's statistics of camera ``key`` (T, H, W, C), its histogram added to
+        the dataset's."""
+        hist = image_histogram(images)  # (C, 256)
+        self._image_hist[key] = self._image_hist.get(key, 0) + hist
+        return histogram_stats(hist, len(images))
 
     def _store_batch(self, batch: pa.RecordBatch) -> None:
         """Queue an episode's rows, starting a new data file when this one would be too big."""
