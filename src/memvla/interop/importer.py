@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..configs import PolicyConfig
+from ..policies.checkpoint import check_shapes
 from ..policies.processor import Normalizer
 from ..utils import did_you_mean
 
@@ -96,10 +97,7 @@ def import_checkpoint(fmt: str, src: str | Path, out: str | Path, vlm: str | Non
     if unexpected:
         raise ValueError(f"{src}: weights that memvla's {fmt} model has no place for: "
                          f"{unexpected[:8]}")
-    for k in report.mapped:
-        if got.weights[k].shape != own[k].shape:
-            raise ValueError(f"{src}: {k} has shape {tuple(got.weights[k].shape)}, the "
-                             f"config read from the checkpoint expects {tuple(own[k].shape)}")
+    check_shapes(src, got.weights, own, "the config read from the checkpoint expects")
     policy.load_state_dict({k: got.weights[k].float() for k in own}, assign=True)
     policy.save_pretrained(out)
     return report

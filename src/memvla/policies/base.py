@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config_utils import apply_overrides, from_dict, to_dict
+from ..config_utils import apply_overrides, to_dict
 from ..configs import PolicyConfig
 from ..data.tokenizers import make_tokenizer
 from .checkpoint import (
@@ -25,9 +25,9 @@ from .checkpoint import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     check_keys,
+    check_shapes,
     checkpoint_files,
-    checkpoint_tokenizer_path,
-    read_config,
+    read_policy_config,
     read_tensors,
     resolve_checkpoint,
     upgrade_keys,
@@ -242,22 +242,16 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
         weights = upgrade_keys(read_tensors(d / WEIGHTS_FILE))
         own = self.model.state_dict()
         check_keys(d / WEIGHTS_FILE, set(own), set(weights))
-        for k, v in weights.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the "
-                                 f"config expects {tuple(own[k].shape)}")
+        check_shapes(d / WEIGHTS_FILE, weights, own)
         return weights
 
     @classmethod
     def _saved_config(cls, d: Path) -> PolicyConfig:
         """The policy config of checkpoint ``d``, which must be of this policy's type."""
-        meta = read_config(d)
-        if meta["type"] != cls.policy_type:
-            raise ValueError(f"{d / 'config.json'}: policy type {meta['type']!r}, expected "
+        policy_type, config = read_policy_config(d)
+        if policy_type != cls.policy_type:
+            raise ValueError(f"{d / 'config.json'}: policy type {policy_type!r}, expected "
                              f"{cls.policy_type!r}")
-        config = from_dict(PolicyConfig, meta["config"])
-        if config.tokenizer.kind == "hf":
-            config.tokenizer.path = checkpoint_tokenizer_path(d, config.tokenizer.path)
         return config
 
     @classmethod

@@ -17,6 +17,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .. import __version__
+from ..config_utils import from_dict
+from ..configs import PolicyConfig
 from ..utils import atomic_directory, json_bytes, readable_directory, write_file
 
 CONFIG_FILE = "config.json"
@@ -45,10 +47,15 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
         write_file(directory / name, data)
 
 
-def checkpoint_tokenizer_path(directory: Path, path: str) -> str:
-    """A tokenizer path as saved in a checkpoint's config -> where to read it: a relative
-    path is inside the checkpoint ``directory``."""
-    return path if Path(path).is_absolute() else str(Path(directory) / path)
+def read_policy_config(directory: str | Path) -> tuple[str, PolicyConfig]:
+    """(policy type, policy config) of checkpoint ``directory``; a Hugging Face tokenizer's
+    relative path (its files inside the checkpoint) is made absolute."""
+    meta = read_config(directory)
+    config = from_dict(PolicyConfig, meta["config"])
+    tok = config.tokenizer
+    if tok.kind == "hf" and not Path(tok.path).is_absolute():
+        tok.path = str((Path(directory) / tok.path).resolve())
+    return meta["type"], config
 
 
 def write_checkpoint(directory: str | Path, files: dict[str, bytes]) -> Path:
@@ -110,6 +117,16 @@ def upgrade_keys(weights: dict[str, Tensor]) -> dict[str, Tensor]:
                 key = new + key[len(old):]
         out[key] = value
     return out
+
+
+def check_shapes(path: str | Path, weights: dict[str, Tensor], own: dict[str, Tensor],
+                 expects: str = "the config expects") -> None:
+    """A weight whose shape differs from the model's (``own``, by name) is an error naming
+    it; names ``own`` lacks are left to the caller."""
+    for k, v in weights.items():
+        if k in own and v.shape != own[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, {expects} "
+                             f"{tuple(own[k].shape)}")
 
 
 def check_keys(path: str | Path, expected: set[str], found: set[str]) -> None:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config_utils import from_dict
 from ..configs import PolicyConfig
 from ..policies.checkpoint import (
     WEIGHTS_FILE,
-    checkpoint_tokenizer_path,
-    read_config,
+    check_shapes,
+    read_policy_config,
     read_tensors,
     resolve_checkpoint,
     upgrade_keys,
@@ -41,11 +40,7 @@ FREEZE_GROUPS = {
 def checkpoint_policy_config(path: str | Path) -> tuple[Path, PolicyConfig]:
     """(the checkpoint directory, its policy config) of a checkpoint or a run's last one."""
     d = resolve_checkpoint(path)
-    config = from_dict(PolicyConfig, read_config(d)["config"])
-    if config.tokenizer.kind == "hf":  # absolute: the run reads it from the checkpoint
-        config.tokenizer.path = str(Path(checkpoint_tokenizer_path(d, config.tokenizer.path))
-                                    .resolve())
-    return d, config
+    return d, read_policy_config(d)[1]
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
@@ -58,11 +53,8 @@ def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
     if extra:
         raise ValueError(f"{d / WEIGHTS_FILE}: {len(extra)} weights have no place in the new "
                          f"config's model: {extra[:6]}")
-    for k, v in weights.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{d / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, the new "
-                             f"config's model expects {tuple(own[k].shape)} (an override "
-                             "changed it)")
+    check_shapes(d / WEIGHTS_FILE, weights, own,
+                 "the new config's model (an override changed it) expects")
     model.load_state_dict(weights, strict=False)
     return sorted(set(own) - set(weights))
 
