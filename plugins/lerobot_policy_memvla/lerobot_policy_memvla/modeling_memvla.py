@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from lerobot.policies.pretrained import PreTrainedPolicy
 from torch import Tensor
@@ -15,18 +17,14 @@ CAMERA_PREFIX = "observation.images."
 
 def memvla_policy_config(config: MemvlaConfig):
     """The memvla policy config fitted to the LeRobot config's features."""
-    from memvla.config_utils import apply_overrides
-
-    cams = [k[len(CAMERA_PREFIX):] for k in config.image_features]
     shapes = {tuple(f.shape) for f in config.image_features.values()}
     if len(shapes) != 1:
         raise ValueError(f"memvla: every camera must have the same image shape, got "
                          f"{ {k: tuple(f.shape) for k, f in config.image_features.items()} }")
-    c, h, w = shapes.pop()
-    return apply_overrides(config.memvla_config(), [
-        "cameras=" + str(cams).replace("'", '"'), f"image_shape=[{c}, {h}, {w}]",
-        f"state_dim={config.robot_state_feature.shape[0]}",
-        f"action_dim={config.action_feature.shape[0]}"])
+    return replace(config.memvla_config(),  # (validated again by the config's checks)
+                   cameras=[k[len(CAMERA_PREFIX):] for k in config.image_features],
+                   image_shape=shapes.pop(), state_dim=config.robot_state_feature.shape[0],
+                   action_dim=config.action_feature.shape[0])
 
 
 class MemvlaPolicy(PreTrainedPolicy):

@@ -133,9 +133,9 @@ def run(args) -> int:
                    "decoded_gb": decoded_gb, "write": {}, "read": {}}
         if not args.reuse:
             results["write"]["video"] = write(base / "video", args, video=True)
-        from ..data.lerobot_v3 import LeRobotV3Dataset
+        from ..data.v3_format import read_info
 
-        results["codec"] = LeRobotV3Dataset(base / "video").features[IMG]["info"]["video.codec"]
+        results["codec"] = read_info(base / "video")["features"][IMG]["info"]["video.codec"]
         modes = [("seek", "video"), ("segments", "video")]
         if args.png:
             if not args.reuse:

@@ -28,6 +28,7 @@ from ..policies.frames import FrameCollate, frame_delta_indices
 from ..presets import get_preset
 from ..utils import atomic_write_bytes, atomic_write_json
 from .config import RunConfig, TrainConfig
+from .init_from import checkpoint_policy_config, freeze, load_init_weights
 from .sampler import StepBatchSampler
 from .schedule import lr_at
 from .state import (
@@ -105,8 +106,6 @@ def make_run_config(preset: str | None, dataset: str, steps: int | None,
 
     read_info(Path(dataset))  # a clear error for a directory that is not a v3.0 dataset
     if init_from:
-        from .init_from import checkpoint_policy_config
-
         ckpt, base = checkpoint_policy_config(init_from)
         init_from, preset = str(ckpt.resolve()), preset or ""
     else:
@@ -252,16 +251,12 @@ def setup(run: Path) -> Training:
     ds = _dataset(rc)
     policy = make_policy(rc.policy, stats=ds.stats)
     if rc.init_from:  # (a resumed run's checkpoint then replaces these weights)
-        from .init_from import load_init_weights
-
         load_init_weights(policy.model, rc.init_from)
     seed_process(tc.seed, acc.process_index)
     for name, p in policy.model.named_parameters():
         if name in policy.model.unused_parameter_names():
             p.requires_grad_(False)  # never reached by the loss (see unused_parameter_names)
     if tc.freeze:
-        from .init_from import freeze
-
         freeze(policy.model, tc.freeze)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, eps=tc.eps,
