@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
 import torch
 
 from memvla.config_utils import apply_overrides
@@ -20,13 +25,17 @@ def small_config(name: str, extra: list[str] | None = None):
     cfg = get_preset(name)
     if cfg.family == "parallel" and not name.startswith("tiny"):
         size = cfg.model.vision.patch_size * 8
-        overrides = ["model.text.depth=2", "model.vision.depth=1",
+        # one block, and the one after it that a timm tower reading an earlier block stores
+        depth = 1 + cfg.model.vision.feature_layer
+        overrides = ["model.text.depth=2", f"model.vision.depth={depth}",
                      f"model.vision.image_size={size}", "tokenizer.max_length=16",
                      f"model.text.vocab_size={WORD_VOCAB}", f'cameras=["{cfg.cameras[0]}"]',
                      "model.text.width=512", "model.text.heads=4", "model.text.kv_heads=4",
                      "model.text.mlp_dim=1024", "model.head_hidden=512"]
         if cfg.model.vision_fused is not None:
-            overrides += ["model.vision_fused.depth=1", f"model.vision_fused.image_size={size}"]
+            fused_depth = 1 + cfg.model.vision_fused.feature_layer
+            overrides += [f"model.vision_fused.depth={fused_depth}",
+                          f"model.vision_fused.image_size={size}"]
         cfg = apply_overrides(cfg, overrides)
     elif not name.startswith("tiny"):
         depth = cfg.model.self_attn_every_n_layers
@@ -149,3 +158,20 @@ def write_episode(root, cfg, length: int, seed: int = 0):
     with LeRobotV3Writer(root, fps=10) as writer:
         writer.add_episode(frames, task="remember the colour and touch it later")
     return LeRobotV3Dataset(root)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+LEROBOT_PYTHON = Path(os.environ.get("MEMVLA_LEROBOT_PYTHON",
+                                     ROOT / ".venv-lerobot" / "bin" / "python"))
+
+
+def run_in_lerobot_env(script: str, *args) -> None:
+    """Run ``tests/lerobot/<script>`` in the LeRobot environment (``scripts/lerobot-env``;
+    the test is skipped without one); a failure shows the script's stderr."""
+    if not LEROBOT_PYTHON.is_file():
+        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot" / script),
+                           *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

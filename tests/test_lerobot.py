@@ -6,36 +6,27 @@ included; bad sources get errors that name what is wrong."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_in_lerobot_env
 from safetensors.torch import load_file
 
 from memvla.cli import main
 from memvla.interop.importer import import_checkpoint
 from memvla.policies import load_policy
 
-ROOT = Path(__file__).resolve().parents[1]
-LEROBOT_PYTHON = Path(os.environ.get("MEMVLA_LEROBOT_PYTHON",
-                                     ROOT / ".venv-lerobot" / "bin" / "python"))
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def smolvla_case(tmp_path_factory) -> Path:
     """LeRobot's tiny SmolVLA checkpoint, its VLM directory and its recorded actions."""
-    if not LEROBOT_PYTHON.is_file():
-        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
     out = tmp_path_factory.mktemp("lerobot-smolvla")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot/make_smolvla.py"),
-                           str(out)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_lerobot_env("make_smolvla.py", out)
     return out
 
 
@@ -119,18 +110,12 @@ def test_lerobot_trains_and_runs_a_memvla_policy_through_the_plugin(tmp_path):
     """``lerobot-train --policy.type=memvla`` (the plugin found by LeRobot's discovery)
     trains 2 steps on a LeRobot v3.0 dataset memvla wrote; the saved checkpoint loads as a
     LeRobot ``PreTrainedPolicy`` with its processors and acts through ``select_action``."""
-    if not LEROBOT_PYTHON.is_file():
-        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
     from memvla.data.record import generate_dataset
 
     data = tmp_path / "data"
     generate_dataset("remember-color", 6, data, seed=0, options={"image_size": 32},
                      progress=False)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot/run_plugin.py"),
-                           str(data), str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_lerobot_env("run_plugin.py", data, tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["type"] == "memvla" and result["memvla_class"] == "FlowVLAPolicy"
     actions = torch.tensor(result["actions"])  # (steps, 1, Da)
@@ -146,15 +131,9 @@ def test_video_datasets_lerobot_wrote_read_frame_by_frame(vcodec, tmp_path):
     """A dataset LeRobot 0.4.4 wrote with its own encoder (AV1 by SVT-AV1, or H.264) reads
     in memvla, decoded whole or by seeking, with every frame closest to the frame LeRobot
     was given at that index (a frame off by one would be far from it)."""
-    if not LEROBOT_PYTHON.is_file():
-        pytest.skip(f"no LeRobot environment at {LEROBOT_PYTHON} (run scripts/lerobot-env)")
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "tests/lerobot/make_video_dataset.py"),
-                           str(tmp_path), vcodec], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_lerobot_env("make_video_dataset.py", tmp_path, vcodec)
     given = load_file(tmp_path / "frames.safetensors")["frames"].numpy().astype(int)
     key = "observation.images.top"
     for cache in (True, False):

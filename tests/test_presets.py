@@ -51,7 +51,7 @@ def test_published_shapes():
     assert p.tokens_per_image == 256 and p.vision.width == 1152 and p.vision.depth == 27
     o = get_preset("openvla-oft-7b").model
     assert (o.text.width, o.text.depth, o.text.heads, o.text.mlp_dim, o.text.vocab_size) == (
-        4096, 32, 32, 11008, 32000)
+        4096, 32, 32, 11008, 32064)
     assert o.tokens_per_image == 256 and (o.chunk_size, o.max_action_dim) == (8, 7)
     assert o.num_action_tokens == 56 and o.vision_width == 1152 + 1024
 

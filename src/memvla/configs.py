@@ -21,10 +21,21 @@ from .context_config import (  # noqa: F401 (re-exported)
 )
 from .layers.mlp import ACTIVATIONS
 
+VISION_LAYOUTS = ("siglip", "timm")
+
 
 @dataclass
 class VisionConfig:
-    """SigLIP-family ViT."""
+    """A ViT vision tower. ``layout``: ``siglip`` (Hugging Face SigLIP's module names and
+    design, :mod:`memvla.layers.vision`) or ``timm`` (timm's ``VisionTransformer`` names, as
+    OpenVLA stores its DINOv2 and SigLIP towers, :mod:`memvla.layers.vit_timm`). The timm
+    layout's options: ``class_token`` and ``reg_tokens`` (prefix tokens, DINOv2-reg),
+    ``layer_scale`` (``ls1``/``ls2.scale_factor``), ``attn_pool`` (SigLIP's attention-pool
+    head: stored, never read by a VLA). ``feature_layer``: whose output the tower gives,
+    counted from the last block: 0 = the last block then the final norm, 1 = the
+    second-to-last block without the norm (OpenVLA's). ``pixel_mean``/``pixel_std``: the
+    tower's own input normalisation of [0, 1] pixels (None: SigLIP's 0.5 / 0.5, i.e. the
+    [-1, 1] images the policy prepares)."""
 
     width: int = 768
     depth: int = 12
@@ -38,8 +49,33 @@ class VisionConfig:
     # SmolVLM's patch positions: coordinates bucketed so that an n×n grid gets rows and
     # columns 0, 0, 1, ..., n − 2 (what transformers' SmolVLM and so SmolVLA compute)
     position_buckets: bool = False
+    layout: str = "siglip"
+    class_token: bool = False
+    reg_tokens: int = 0
+    layer_scale: bool = False
+    attn_pool: bool = False
+    feature_layer: int = 0
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        _require(self.layout in VISION_LAYOUTS, f"vision.layout must be one of "
+                 f"{VISION_LAYOUTS}, got {self.layout!r}")
+        if self.layout == "siglip":
+            extra = {k: getattr(self, k) for k in ("class_token", "reg_tokens", "layer_scale",
+                                                    "attn_pool", "feature_layer")
+                     if getattr(self, k)}
+            _require(not extra, f"vision.layout='siglip' has none of the timm layout's "
+                     f"options; got {extra} (set vision.layout='timm')")
+        _require(0 <= self.feature_layer < self.depth, f"vision.feature_layer must be in "
+                 f"[0, vision.depth={self.depth}), got {self.feature_layer}")
+        _require(self.reg_tokens >= 0, f"vision.reg_tokens must be >= 0, got {self.reg_tokens}")
+        for name in ("pixel_mean", "pixel_std"):
+            value = getattr(self, name)
+            _require(value is None or len(value) == self.channels, f"vision.{name} must have "
+                     f"one value per channel ({self.channels}), got {value}")
+        _require((self.pixel_mean is None) == (self.pixel_std is None),
+                 "vision.pixel_mean and vision.pixel_std are given together (or neither)")
         _positive("vision", width=self.width, depth=self.depth, heads=self.heads,
                   mlp_dim=self.mlp_dim, image_size=self.image_size, patch_size=self.patch_size)
         _require(self.width % self.heads == 0,
@@ -219,6 +255,8 @@ class FlowVLAConfig:
     def __post_init__(self):
         _require(self.backbone in BACKBONES, f"model.backbone must be one of {BACKBONES}, got "
                  f"{self.backbone!r}")
+        _require(self.vision.layout == "siglip", f"model.vision.layout: the flow-matching "
+                 f"family's tower is SigLIP's (layout 'siglip'), got {self.vision.layout!r}")
         _require(self.backbone == "transformer" or not self.pruner.enabled,
                  "model.pruner.enabled: the token pruner drops prefix tokens of a "
                  "transformer; with model.backbone='mamba' set model.pruner.enabled=false")
@@ -295,6 +333,11 @@ class ParallelVLAConfig:
     each reading the previous step's action token (the first reads ``stop_token_id``), are
     read by the LM head (``text.lm_head`` must be on) with a cross-entropy loss on the
     action tokens only, and decoded greedily over the action tokens.
+
+    ``action_offset``: 1 reads the head's hidden states one position after the
+    placeholders (the last one is STOP's), in training and inference alike. OpenVLA-OFT's
+    released code trains its head one position before them and runs it one after; its
+    published results come from the latter, which an imported OFT checkpoint reproduces.
     """
 
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
@@ -315,8 +358,14 @@ class ParallelVLAConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     action_head: str = "l1"
     text_actions: int = 4
+    action_offset: int = 0
 
     def __post_init__(self):
+        _require(self.action_offset in (0, 1) and (
+            self.action_offset == 0 or self.action_head == "l1"),
+            f"model.action_offset must be 0 (the head reads the placeholders) or 1 (one "
+            f"position later, as OpenVLA-OFT's released inference reads them; model.action_head"
+            f"='l1' only), got {self.action_offset} with action_head={self.action_head!r}")
         _positive("model", chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
                   max_action_dim=self.max_action_dim)
         _require(self.action_head in ACTION_HEADS, f"model.action_head must be one of "
@@ -393,16 +442,29 @@ class TokenizerConfig:
     words: list[str] | None = None  # vocabulary of the word tokenizer (None = built-in)
     # kind = "hf": append "\n" to a task that does not end with one (SmolVLA's processor)
     append_newline: bool = False
+    # kind = "hf": the text tokenized for a task, with ``{task}`` or ``{task_lower}`` in it
+    # (OpenVLA: "In: What action should the robot take to {task_lower}?\nOut:")
+    prompt: str = "{task}"
+    # kind = "hf": ids appended after the prompt's unless they end it already (OpenVLA's
+    # empty token 29871)
+    end_ids: list[int] | None = None
 
     def __post_init__(self):
         _require(self.kind in TOKENIZER_KINDS, f"tokenizer.kind must be one of "
                  f"{TOKENIZER_KINDS}, got {self.kind!r}")
+        _require(self.kind == "hf" or (self.prompt == "{task}" and not self.end_ids),
+                 "tokenizer.prompt and tokenizer.end_ids are options of kind = 'hf'")
+        try:
+            self.prompt.format(task="", task_lower="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"tokenizer.prompt {self.prompt!r} may name only {{task}} and "
+                             f"{{task_lower}} ({type(e).__name__}: {e})") from None
         _require(self.kind != "hf" or bool(self.path),
                  "tokenizer.path must name a local tokenizer directory when kind = 'hf'")
         _positive("tokenizer", max_length=self.max_length)
 
 
-NORM_MODES = ("mean_std", "min_max", "identity")
+NORM_MODES = ("mean_std", "min_max", "q01_q99", "identity")
 IMAGE_PADS = ("top_left", "center")
 
 

@@ -14,7 +14,7 @@
 - ``robomamba-2.8b``: RoboMamba's shapes (CLIP ViT-L/14 at 224 px + Mamba-2.8B).
 - ``tiny-oft-text``: ``tiny-oft`` with actions as text tokens (StreamVLN's ↑ ← → STOP):
   4 discrete actions, 4 future steps per turn (for memory-maze).
-- ``openvla-oft-7b``: OpenVLA-OFT's shapes (Llama-2 7B; the fused DINOv2 ViT-L/14 +
+- ``openvla-oft-7b``: OpenVLA-OFT's names and shapes (Llama-2 7B; the fused DINOv2 ViT-L/14 +
   SigLIP So400m/14 tower at 224 px, 256 patches per image; a 3-layer GELU projector;
   two cameras as on LIBERO, proprio 8 → one token, chunk 8 × 7-dim actions, an MLP-ResNet
   head of width 4096 with 2 blocks).
@@ -193,20 +193,27 @@ def tiny_oft_text() -> PolicyConfig:
 
 @register("openvla-oft-7b")
 def openvla_oft_7b() -> PolicyConfig:
-    # OpenVLA: SigLIP So400m/14 + DINOv2 ViT-L/14 (fused), both at 224 px -> 16×16 patches
-    siglip = VisionConfig(width=1152, depth=27, heads=16, mlp_dim=4304, image_size=224,
-                          patch_size=14)
+    """OpenVLA-OFT on LIBERO as published: the DINOv2 ViT-L/14 (4 registers) and SigLIP
+    So400m/14 towers in timm's layout, read at their second-to-last block, fused, at 224 px;
+    Llama-2 7B (vocabulary padded to 32064); 8 × 7 actions, 8-d proprio, two cameras;
+    BOUNDS_Q99 normalisation and the released inference's read of the head."""
     dino = VisionConfig(width=1024, depth=24, heads=16, mlp_dim=4096, image_size=224,
-                        patch_size=14, act="gelu")
+                        patch_size=14, act="gelu", layout="timm", class_token=True,
+                        reg_tokens=4, layer_scale=True, feature_layer=1,
+                        pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225))
+    siglip = VisionConfig(width=1152, depth=27, heads=16, mlp_dim=4304, image_size=224,
+                          patch_size=14, act="gelu", layout="timm", attn_pool=True,
+                          feature_layer=1)
     llama2_7b = DecoderConfig(width=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
-                              mlp_dim=11008, vocab_size=32000, rms_eps=1e-5, lm_head=True)
-    model = ParallelVLAConfig(vision=siglip, vision_fused=dino, text=llama2_7b,
+                              mlp_dim=11008, vocab_size=32064, rms_eps=1e-5, lm_head=True)
+    model = ParallelVLAConfig(vision=dino, vision_fused=siglip, text=llama2_7b,
                               projector_layers=3, chunk_size=8, max_state_dim=8,
                               max_action_dim=7, head_hidden=4096, head_blocks=2,
-                              stop_token_id=2)
+                              stop_token_id=2, action_offset=1)
     return PolicyConfig(family="parallel", model=model, cameras=["image", "wrist_image"],
                         image_shape=(3, 224, 224), state_dim=8, action_dim=7, n_action_steps=8,
-                        tokenizer=TokenizerConfig(kind="words", max_length=48))
+                        tokenizer=TokenizerConfig(kind="words", max_length=48),
+                        normalization={"observation.state": "q01_q99", "action": "q01_q99"})
 
 
 def count_parameters(cfg: PolicyConfig) -> int:

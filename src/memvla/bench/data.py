@@ -13,6 +13,11 @@ resident memory is its own:
 - ``png``: the same random frames from the PNG dataset (decoded per access).
 
 Printed: frames/s and peak RSS per mode, the write speed and the size on disk.
+
+``--train STEPS`` also trains the ``tiny`` preset STEPS steps (batch 8, no loader workers)
+on a ``remember-color`` dataset at ``--train-size`` px written as PNG and as video, and on
+the video once more decoded per sample by seeking (the path of a dataset too big to
+cache), each in its own process: steps/s and their ratio to the PNG run.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="keep the datasets here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true",
                         help="read the datasets already in --out instead of writing them")
+    parser.add_argument("--train", type=int, default=0, metavar="STEPS",
+                        help="also compare training steps/s on PNG and video datasets")
+    parser.add_argument("--train-size", type=int, default=128,
+                        help="image size of the training comparison's datasets (128)")
 
 
 def synthetic_episode(t: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -121,6 +130,42 @@ def read(root: Path, mode: str, args) -> dict:
     return result
 
 
+def _train(queue, dataset: str, run: str, steps: int, seek: bool) -> None:
+    from ..training import loop
+
+    if seek:  # as for a dataset larger than the decoded-frame cache
+        loop.CACHE_BYTES = 0
+    rc = loop.make_run_config("tiny", dataset, steps, ["train.batch_size=8",
+                                                       "train.num_workers=0"])
+    loop.create_run(Path(run), rc, overwrite=True)
+    start = time.perf_counter()
+    loop.train(run, progress=False)
+    queue.put({"steps_per_s": steps / (time.perf_counter() - start)})
+
+
+def train_compare(base: Path, args) -> dict:
+    """Steps/s of the same training on PNG, video (cached as the loop chooses) and video
+    decoded by seeking."""
+    from ..data.record import generate_dataset
+
+    for kind in ("png", "video"):
+        generate_dataset("remember-color", 60, base / f"train-{kind}", seed=0,
+                         options={"image_size": args.train_size}, overwrite=True,
+                         progress=False, video=kind == "video")
+    ctx, out = mp.get_context("spawn"), {}
+    for name, kind, seek in (("png", "png", False), ("video", "video", False),
+                             ("video-seek", "video", True)):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_train, args=(queue, str(base / f"train-{kind}"),
+                                                str(base / f"run-{name}"), args.train, seek))
+        proc.start()
+        out[name] = queue.get()
+        proc.join()
+    for r in out.values():
+        r["ratio_to_png"] = r["steps_per_s"] / out["png"]["steps_per_s"]
+    return out
+
+
 def run(args) -> int:
     if args.reuse and not args.out:
         raise ValueError("--reuse reads the datasets of --out DIR: give --out")
@@ -143,6 +188,8 @@ def run(args) -> int:
             modes.append(("png", "png"))
         for mode, kind in modes:
             results["read"][mode] = read(base / kind, mode, args)
+        if args.train:
+            results["train"] = train_compare(base, args)
     rows = []
     for kind, w in results["write"].items():
         name = f"video ({results['codec']})" if kind == "video" else "PNG"
@@ -151,6 +198,9 @@ def run(args) -> int:
     for mode, r in results["read"].items():
         rows.append(f"read {mode:<8} {r['frames_per_s']:8.1f} frames/s   peak RSS "
                     f"{r['peak_rss_mb']:.0f} MB")
+    for name, r in results.get("train", {}).items():
+        rows.append(f"train on {name:<10} {r['steps_per_s']:6.2f} steps/s  "
+                    f"({r['ratio_to_png']:.2f} × PNG)")
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

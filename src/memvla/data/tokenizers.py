@@ -93,7 +93,8 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 class HFTokenizer:
     """A Hugging Face tokenizer from a local directory (``transformers`` is needed)."""
 
-    def __init__(self, path: str, max_length: int = 48, append_newline: bool = False):
+    def __init__(self, path: str, max_length: int = 48, append_newline: bool = False,
+                 prompt: str = "{task}", end_ids: list[int] | None = None):
         try:
             from transformers import AutoTokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -107,6 +108,7 @@ class HFTokenizer:
         self.path = Path(path)
         self.max_length = max_length
         self.append_newline = append_newline
+        self.prompt, self.end_ids = prompt, list(end_ids or [])
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.bos_id = self.tok.bos_token_id  # None for tokenizers without one
 
@@ -115,9 +117,12 @@ class HFTokenizer:
         return len(self.tok)
 
     def encode(self, text: str) -> list[int]:
+        text = self.prompt.format(task=text, task_lower=text.lower())
         if self.append_newline and not text.endswith("\n"):
             text += "\n"
-        return list(self.tok(text, add_special_tokens=True)["input_ids"])
+        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
+        n = len(self.end_ids)
+        return ids + self.end_ids if n and ids[-n:] != self.end_ids else ids
 
     def files(self) -> dict[str, bytes]:
         """The tokenizer's files by name, as found in its directory (copied verbatim, so
@@ -149,5 +154,6 @@ def _pad_batch(seqs: list[list[int]], max_length: int, pad_id: int,
 
 def make_tokenizer(cfg: TokenizerConfig) -> WordTokenizer | HFTokenizer:
     if cfg.kind == "hf":
-        return HFTokenizer(cfg.path, cfg.max_length, cfg.append_newline)
+        return HFTokenizer(cfg.path, cfg.max_length, cfg.append_newline, cfg.prompt,
+                           cfg.end_ids)
     return WordTokenizer(cfg.words if cfg.words is not None else DEFAULT_WORDS, cfg.max_length)

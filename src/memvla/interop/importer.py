@@ -51,7 +51,7 @@ class ImportReport:
         return "\n".join(f"{name:<{w}}  {n:>6}  {names}".rstrip() for name, n, names in rows)
 
 
-def _smolvla(src: Path, vlm: str | None) -> Imported:
+def _smolvla(src: Path, vlm: str | None = None, **_) -> Imported:
     from .lerobot_files import read_checkpoint
     from .lerobot_smolvla import smolvla_config, vlm_directory
 
@@ -60,14 +60,30 @@ def _smolvla(src: Path, vlm: str | None) -> Imported:
     return Imported(config, ckpt.weights, ckpt.stats)
 
 
-FORMATS: dict[str, Callable[[Path, str | None], Imported]] = {"lerobot-smolvla": _smolvla}
+def _oft(pruner: bool):
+    def read(src: Path, unnorm_key: str | None = None, **_) -> Imported:
+        from .openvla_oft import read_oft
+
+        config, weights, stats = read_oft(src, pruner=pruner, unnorm_key=unnorm_key)
+        return Imported(config, weights, stats)
+
+    return read
+
+
+# format -> reader(source directory, **options: vlm, unnorm_key) -> Imported
+FORMATS: dict[str, Callable[..., Imported]] = {
+    "lerobot-smolvla": _smolvla, "openvla-oft": _oft(pruner=False),
+    "lightvla": _oft(pruner=True)}
 
 
 def import_checkpoint(fmt: str, src: str | Path, out: str | Path, vlm: str | None = None,
-                      overrides: list[str] | None = None) -> ImportReport:
+                      overrides: list[str] | None = None,
+                      unnorm_key: str | None = None) -> ImportReport:
     """Convert checkpoint directory ``src`` of format ``fmt`` into the memvla checkpoint
     ``out`` (written atomically). ``vlm``: the local VLM directory (config and tokenizer)
-    where the checkpoint names a hub model. ``overrides``: dotted options of the policy
+    where the checkpoint names a hub model (SmolVLA). ``unnorm_key``: the dataset whose
+    statistics an OpenVLA-OFT checkpoint's actions use, when it has several.
+    ``overrides``: dotted options of the policy
     config read from the source, applied before the weights are mapped (e.g.
     ``model.vision.position_buckets=false``, ``n_action_steps=10``). A missing weight or a
     shape that differs from the config is an error naming the tensor."""
@@ -75,7 +91,7 @@ def import_checkpoint(fmt: str, src: str | Path, out: str | Path, vlm: str | Non
         raise ValueError(f"import format {fmt!r} is not known; expected one of "
                          f"{sorted(FORMATS)} ({did_you_mean(fmt, FORMATS, 'format')})")
     src = Path(src)
-    got = FORMATS[fmt](src, vlm)
+    got = FORMATS[fmt](src, vlm=vlm, unnorm_key=unnorm_key)
     if overrides:
         from ..config_utils import apply_overrides
 

@@ -11,11 +11,13 @@ step, causal among themselves, whose hidden states the LM head reads as discrete
 tokens (:mod:`memvla.layers.action_tokens`).
 
 Vision: OpenVLA runs a fused DINOv2 ViT-L/14 + SigLIP So400m/14 tower (patch features
-concatenated channel-wise) and a GELU MLP projector; here ``model.vision`` is one
-SigLIP-style ViT and ``model.vision_fused`` an optional second one (DINOv2 is stood in
-for by the same block design: no LayerScale or register tokens). At tiny scale one tower
-is enough. Each camera's image goes through the tower and the projector separately and the
-patch tokens of all cameras are concatenated (OFT's multi-image input).
+concatenated channel-wise) and a GELU MLP projector; here ``model.vision`` is a ViT and
+``model.vision_fused`` an optional second one, each in SigLIP's Hugging Face layout or in
+timm's (``vision.layout=timm``, :mod:`memvla.layers.vit_timm`: OpenVLA's DINOv2 with
+registers and LayerScale, its SigLIP, read at the second-to-last block; what
+``openvla-oft-7b`` and an imported OFT checkpoint use). At tiny scale one tower is enough.
+Each camera's image goes through the tower and the projector separately and the patch
+tokens of all cameras are concatenated (OFT's multi-image input).
 
 Token pruning (LightVLA, ``model.pruner.enabled``): :class:`memvla.layers.token_pruner.
 TokenPruner` sits after the projector. Its task keys are the prompt embeddings with padding
@@ -57,6 +59,7 @@ from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference
 from ..layers.tokens import TokenSegment
 from ..layers.vision import ImageEncoder, VisionTransformer
+from ..layers.vit_timm import TimmViT
 from .decoder import Decoder
 
 # what each token of a ParallelSequence is (padding: PAD; CONTEXT: a temporal context's)
@@ -181,7 +184,11 @@ def build_sequence_ref(bos: Tensor, patches: Tensor, patch_valid: Tensor, patch_
     return out
 
 
-def _vit(v: VisionConfig) -> VisionTransformer:
+def _vit(v: VisionConfig) -> VisionTransformer | TimmViT:
+    if v.layout == "timm":
+        return TimmViT(v.width, v.depth, v.heads, v.mlp_dim, v.image_size, v.patch_size,
+                       v.channels, v.eps, v.act, v.class_token, v.reg_tokens, v.layer_scale,
+                       v.attn_pool, v.feature_layer, v.pixel_mean, v.pixel_std)
     return VisionTransformer(v.width, v.depth, v.heads, v.mlp_dim, v.image_size, v.patch_size,
                              v.channels, v.eps, v.act, v.position_buckets)
 
@@ -261,11 +268,18 @@ class ParallelVLA(nn.Module):
         return self.language_model.model
 
     def unused_parameter_names(self) -> set[str]:
-        """The LM head with the L1 head: kept so that checkpoints load by name, never read
-        by the L1 loss (the final norm is: the head reads the normed placeholders)."""
+        """Kept so that checkpoints load by name, never read: the LM head with the L1 head
+        (the final norm is: the head reads the normed placeholders) and what a timm tower
+        stores beyond its feature layer."""
+        unused = set()
+        for name in ("featurizer", "fused_featurizer"):
+            tower = getattr(self.vision_backbone, name)
+            if isinstance(tower, TimmViT):
+                unused |= {f"vision_backbone.{name}.{n}" for n in tower.unused_parameter_names()}
         if self.text_actions:
-            return set()
-        return {n for n, _ in self.named_parameters() if n.startswith("language_model.lm_head.")}
+            return unused
+        return unused | {n for n, _ in self.named_parameters()
+                         if n.startswith("language_model.lm_head.")}
 
     # -- the sequence ---------------------------------------------------------------------
     @property
@@ -394,7 +408,8 @@ class ParallelVLA(nn.Module):
             context_state, h, cache=cache, images=images)
         if reads_raw:
             h = self.decoder.norm(h)  # (B, N, D) what the head reads, after the final norm
-        return h[:, seq.action_slice], seq, new_state  # (B, A·Da, D)
+        start = seq.action_start + self.cfg.action_offset  # 1: OFT's released inference
+        return h[:, start: start + seq.num_actions], seq, new_state  # (B, A·Da, D)
 
     # -- training and inference -----------------------------------------------------------
     def initial_state(self, batch: int):

@@ -9,11 +9,16 @@ from torch import Tensor
 
 EPS = 1e-8
 # which statistics each mode needs
-MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "identity": ()}
+MODE_STATS = {"mean_std": ("mean", "std"), "min_max": ("min", "max"),
+              "q01_q99": ("q01", "q99"), "identity": ()}
+# statistics a mode reads when given, and their value when not (q01_q99: every dimension)
+OPTIONAL_STATS = {"q01_q99": {"mask": torch.ones_like}}
 
 
 class Normalizer:
     """Per-feature normalisation: ``mean_std`` -> (x − mean) / std, ``min_max`` -> [−1, 1],
+    ``q01_q99`` -> [q01, q99] to [−1, 1], clipped there, only the dimensions where ``mask``
+    is 1 (OpenVLA-OFT's BOUNDS_Q99; its gripper passes through; no mask: every dimension),
     ``identity``. ``stats`` maps feature -> {stat name -> tensor}; with ``stats=None``
     every feature is left as it is (and :attr:`has_stats` is False).
 
@@ -41,6 +46,10 @@ class Normalizer:
                                  f"(mode {mode!r}); found {sorted(stats[key])}")
             self.stats[key] = {s: torch.as_tensor(stats[key][s], dtype=torch.float32).flatten()
                                for s in need}
+            for name, default in OPTIONAL_STATS.get(mode, {}).items():
+                given = stats[key].get(name)
+                self.stats[key][name] = default(self.stats[key][need[0]]) if given is None \
+                    else torch.as_tensor(given, dtype=torch.float32).flatten()
 
     def to(self, device: torch.device | str) -> Normalizer:
         """Place the statistics on ``device`` now (they are also placed on first use)."""
@@ -74,6 +83,9 @@ class Normalizer:
             return (x - st["mean"]) / (st["std"] + EPS)
         if mode == "min_max":
             return 2 * (x - st["min"]) / (st["max"] - st["min"] + EPS) - 1
+        if mode == "q01_q99":
+            y = (2 * (x - st["q01"]) / (st["q99"] - st["q01"] + EPS) - 1).clamp(-1, 1)
+            return torch.where(st["mask"] > 0, y, x.clamp(-1, 1))
         return x
 
     def unnormalize(self, key: str, x: Tensor) -> Tensor:
@@ -83,6 +95,9 @@ class Normalizer:
             return x * (st["std"] + EPS) + st["mean"]
         if mode == "min_max":
             return (x + 1) / 2 * (st["max"] - st["min"] + EPS) + st["min"]
+        if mode == "q01_q99":
+            y = (x + 1) / 2 * (st["q99"] - st["q01"] + EPS) + st["q01"]
+            return torch.where(st["mask"] > 0, y, x)
         return x
 
     # -- persistence: flat {"<feature>/<stat>": tensor}, stored as safetensors ------------

@@ -1,0 +1,142 @@
+"""A ViT in timm's layout: the towers OpenVLA stores (DINOv2 ViT-L/14 with 4 register
+tokens, SigLIP So400m/14) under timm's ``VisionTransformer`` names.
+
+``patch_embed.proj`` (conv), ``pos_embed`` (1, P, D) over the patches only, optional
+prefix tokens ``cls_token`` (1, 1, D) and ``reg_token`` (1, R, D) put before the patches
+after the position embedding, pre-LayerNorm ``blocks.{i}`` (``norm1``, ``attn.qkv`` one
+fused projection, ``attn.proj``, optional LayerScale ``ls1.scale_factor``, ``norm2``,
+``mlp.fc1``/``fc2``, ``ls2``), the final ``norm`` and SigLIP's attention-pool head
+``attn_pool`` (``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp``). OpenVLA renames
+timm's LayerScale ``gamma`` to ``scale_factor`` and reads the second-to-last block's
+patch tokens (``feature_layer=1``: the last block, the norm and the pool head are stored
+but never read; :meth:`TimmViT.unused_parameter_names`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mlp import MLP
+from .vision import patchify_conv
+
+
+def timm_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, heads: int
+                   ) -> Tensor:
+    """Full self-attention with one fused projection: x (B, N, D) -> (B, N, D) before the
+    output projection."""
+    b, n, d = x.shape
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, heads, d // heads)  # (B,N,3,H,hd)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, hd) each
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    return out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale_factor = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale_factor
+
+
+class TimmAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(timm_attention(x, self.qkv.weight, self.qkv.bias, self.heads))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, act: str,
+                 layer_scale: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = TimmAttention(width, heads)
+        self.ls1 = LayerScale(width) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+        self.ls2 = LayerScale(width) if layer_scale else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))  # (B, N, D)
+        return x + self.ls2(self.mlp(self.norm2(x)))  # (B, N, D)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's attention-pool head (timm's ``MAP`` pooling): its weights only, which a VLA
+    reading patch tokens never uses."""
+
+    def __init__(self, width: int, mlp_dim: int, eps: float, act: str):
+        super().__init__()
+        self.latent = nn.Parameter(torch.zeros(1, 1, width))
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+
+
+class TimmViT(nn.Module):
+    """images (B, C, H, W) in [-1, 1] -> patch features (B, P, D) of block
+    ``depth − 1 − feature_layer`` (then the final norm iff ``feature_layer`` is 0)."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, image_size: int,
+                 patch_size: int, channels: int = 3, eps: float = 1e-6, act: str = "gelu",
+                 class_token: bool = False, reg_tokens: int = 0, layer_scale: bool = False,
+                 attn_pool: bool = False, feature_layer: int = 0,
+                 pixel_mean: tuple[float, ...] | None = None,
+                 pixel_std: tuple[float, ...] | None = None):
+        super().__init__()
+        self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.feature_layer = feature_layer
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(channels, width, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, width)) if reg_tokens \
+            else None
+        self.num_prefix = int(class_token) + reg_tokens
+        self.blocks = nn.ModuleList(TimmBlock(width, heads, mlp_dim, eps, act, layer_scale)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.attn_pool = AttentionPool(width, mlp_dim, eps, act) if attn_pool else None
+        # numbers, not buffers: not in the checkpoint, not built on the meta device
+        self.pixel_norm = None if pixel_mean is None else (tuple(pixel_mean), tuple(pixel_std))
+
+    def unused_parameter_names(self) -> set[str]:
+        """What the patch features never read: blocks after the feature layer, the final
+        norm when the feature layer is not the last, the pool head."""
+        n = len(self.blocks) - self.feature_layer
+        unused = {f"blocks.{i}." for i in range(n, len(self.blocks))}
+        unused |= {"attn_pool."} | ({"norm."} if self.feature_layer else set())
+        return {name for name, _ in self.named_parameters()
+                if any(name.startswith(u) for u in unused)}
+
+    def forward(self, images: Tensor) -> Tensor:
+        want = (self.channels, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"vision: images must be (B, {want[0]}, {want[1]}, {want[2]}), "
+                             f"got {tuple(images.shape)}")
+        x = images
+        if self.pixel_norm is not None:  # [-1, 1] -> [0, 1] -> (x − mean) / std
+            mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+                         for v in self.pixel_norm)  # (1, C, 1, 1)
+            x = ((x + 1) / 2 - mean) / std  # (B, C, H, W)
+        w = self.patch_embed.proj
+        x = patchify_conv(x, w.weight, w.bias, self.patch_size) + self.pos_embed  # (B, P, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token)
+                  if t is not None]  # (B, 1, D), (B, R, D)
+        x = torch.cat([*prefix, x], 1)  # (B, n_prefix + P, D)
+        for block in self.blocks[: len(self.blocks) - self.feature_layer]:
+            x = block(x)  # (B, n_prefix + P, D)
+        if self.feature_layer == 0:
+            x = self.norm(x)
+        return x[:, self.num_prefix:]  # (B, P, D)
