@@ -30,7 +30,9 @@ KINDS = {"none": [],
          "slow_fast": ["context.kind=slow_fast", "context.num_turns=2", "context.num_history=2"],
          "slow_fast-slide": ["context.kind=slow_fast", "context.num_turns=2",
                              "context.window=slide", "context.num_history=1"],
-         "ssm_state": ["context.kind=ssm_state"]}
+         "ssm_state": ["context.kind=ssm_state"],
+         # two entries for four chunks: entries merge on the way
+         "bank": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2"]}
 MAMBA_ONLY = ("ssm_state",)  # the kinds of a Mamba backbone, and what it runs with
 CASES = [(kind, preset) for kind in KINDS for preset in ("tiny", "tiny-oft")
          if not kind.startswith(MAMBA_ONLY)]
@@ -186,7 +188,7 @@ def test_a_recurrent_model_needs_its_state():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
-@pytest.mark.parametrize("kind", ["memory_tokens", "frames", "frames-mem"])
+@pytest.mark.parametrize("kind", ["memory_tokens", "frames", "frames-mem", "bank"])
 def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
     from memvla.data.segments import EpisodeSegmentLoader

@@ -532,6 +532,9 @@ class PolicyConfig:
         _require(self.context.kind != "ssm_state" or backbone == "mamba",
                  f"context.kind='ssm_state' carries a Mamba backbone's recurrent state: "
                  f"expected model.backbone='mamba', got {backbone!r}")
+        _require(self.context.kind != "bank" or backbone == "transformer",
+                 "context.kind='bank' puts retrieved entries in a transformer's prefix; a "
+                 "Mamba backbone carries the episode in its state: use context.kind='ssm_state'")
         _require(self.context.kind != "slow_fast" or backbone == "transformer",
                  "context.kind='slow_fast' keeps earlier turns in a KV cache; a Mamba "
                  "backbone carries them in its state: use context.kind='ssm_state'")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .config_utils import _positive, _require
 
-CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state")
+CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state", "bank")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
 FRAMES_MODES = ("tokens", "pooled", "mem")
@@ -21,6 +21,7 @@ CONTEXT_OPTIONS = {
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
                   "voxel_size"),
+    "bank": ("bank_size", "bank_topk", "bank_merge"),
 }
 WINDOWS = ("reset", "slide")
 
@@ -74,6 +75,12 @@ class ContextConfig:
     intrinsics (``observation.depth``, ``observation.pose``, ``observation.intrinsics``,
     one camera) and only the newest token per voxel is kept. None: off.
 
+    ``bank``: a within-episode memory bank (:mod:`memvla.context.bank`, MemoryVLA's): one
+    pooled observation vector per chunk, at most ``bank_size`` entries (adjacent
+    near-duplicates, cosine ≥ ``bank_merge``, merged; when full the oldest near-duplicate
+    pair, else the most similar pair), the ``bank_topk`` entries most similar to the
+    current observation in the prefix through a learned gate. Trained through the episode.
+
     Options of another kind than ``kind`` must keep their defaults (a clear error says
     which).
     """
@@ -94,6 +101,9 @@ class ContextConfig:
     window: str = "reset"
     num_history: int = 8
     voxel_size: float | None = None
+    bank_size: int = 16
+    bank_topk: int = 4
+    bank_merge: float = 0.98
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
@@ -129,6 +139,13 @@ class ContextConfig:
                      f"{self.window!r}")
             _require(self.num_history >= 0, f"context.num_history must be >= 0, got "
                      f"{self.num_history}")
+        if self.kind == "bank":
+            _require(self.bank_size >= 1 and 1 <= self.bank_topk <= self.bank_size,
+                     f"context.bank_size must be >= 1 and context.bank_topk in [1, "
+                     f"bank_size]; got bank_size={self.bank_size}, bank_topk={self.bank_topk}")
+            _require(-1 <= self.bank_merge <= 1, f"context.bank_merge is a cosine "
+                     f"similarity in [-1, 1] (1: merge only identical entries), got "
+                     f"{self.bank_merge}")
         if self.kind == "memory_tokens":
             _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
                      f"context.kind=memory_tokens, got {self.num_tokens}")
@@ -143,7 +160,7 @@ class ContextConfig:
     def recurrent(self) -> bool:
         """True when the context is trained through whole episodes (memory tokens, the
         slow-fast cache: BPTT)."""
-        return self.kind in ("memory_tokens", "slow_fast", "ssm_state")
+        return self.kind in ("memory_tokens", "slow_fast", "ssm_state", "bank")
 
     @property
     def stateful(self) -> bool:

@@ -115,6 +115,7 @@ class PolicyRunner:
         self.kept: list[int] = []
         self.memory: list[tuple[int, int, int]] = []  # (chunk index, tokens, kept)
         self.chunks = 0
+        self.last_chunk: np.ndarray | None = None  # (B, n_action_steps, Da) last predicted
         policy.reset()
 
     @property
@@ -138,6 +139,8 @@ class PolicyRunner:
             self.kept += pruner_kept(self.policy, running)
             self.memory += [(self.chunks, *m) for m in memory_kept(self.policy, running)]
             self.chunks += 1
+            queued = [action, *self.policy._queue]  # the chunk: this step's and the queue
+            self.last_chunk = torch.stack(queued, 1).float().cpu().numpy()  # (B, n, Da)
         return action.float().cpu().numpy()  # (B, Da)
 
 
@@ -180,11 +183,12 @@ class Wave:
 
 
 def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: int = 0,
-             on_done=None) -> Wave:
+             on_done=None, recorder=None) -> Wave:
     """Run one episode per seed in lockstep (``policy=None``: the scripted experts);
     record the frames and actions of the first ``record`` episodes. An episode succeeds
     only when it terminates with ``info["is_success"]``: running out of steps (truncation)
-    is a failure."""
+    is a failure. ``recorder`` (:class:`memvla.retrieval.RolloutRecorder`, with a policy)
+    gets every predicted chunk of every episode and its outcome."""
     from .envs import make
 
     envs = [make(task, **options) for _ in seeds]
@@ -204,10 +208,15 @@ def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: in
             wave.policy_ms += ms
             if predicts:
                 wave.chunk_ms.append(ms)
+                if recorder is not None:
+                    for i in (i for i, r in enumerate(running) if r):
+                        recorder.chunk(seeds[i], obs[i], actor.last_chunk[i])
             wave.steps += 1
             for i, env in enumerate(envs):
                 if running[i]:
                     running[i] = _step(env, actions[i], i, obs, wave, on_done)
+                    if not running[i] and recorder is not None:
+                        recorder.end(seeds[i], wave.episodes[i]["success"])
         wave.kept = getattr(actor, "kept", [])
         wave.memory = getattr(actor, "memory", [])
         return wave
@@ -238,11 +247,11 @@ def _step(env, action: np.ndarray, i: int, obs: list[dict], wave: Wave, on_done)
 # -- the evaluation ------------------------------------------------------------------------------
 def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 0,
              task_options: dict | None = None, record: int = 0,
-             progress: bool = True) -> tuple[dict, list[dict]]:
+             progress: bool = True, recorder=None) -> tuple[dict, list[dict]]:
     """Roll out ``episodes`` episodes, ``batch`` at a time; ``policy=None`` runs the
     scripted expert. Returns (results, recordings): the results as :func:`summarize` gives
     them; a recording holds the frames, actions, instruction, seed and success of one of
-    the first ``record`` episodes."""
+    the first ``record`` episodes. ``recorder``: see :func:`run_wave`."""
     from tqdm.auto import tqdm
 
     from .envs import make
@@ -261,7 +270,7 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
         for first in range(0, episodes, batch):
             seeds = list(range(seed + first, seed + min(first + batch, episodes)))
             waves.append(run_wave(task, task_options, seeds, policy, max(0, record - first),
-                                  on_done=lambda: bar.update(1)))
+                                  on_done=lambda: bar.update(1), recorder=recorder))
     results = summarize(waves, task=task, task_options=task_options, seed=seed, batch=batch,
                         chance_level=chance)
     if any(w.kept for w in waves):

@@ -8,12 +8,13 @@ latency and the memory's norm near step 10 and near step 10,000.
 Success (``--success``): for each task, the sweep of :mod:`memvla.demo` at the demo's
 model and learning rate (expert data; plain VLA, memory tokens with k = 0, memory tokens
 with BPTT through the episode, and the plain VLA on the memoryless twin as the ceiling;
-chance as the floor), each evaluated on the same seeds, and again with a 3× longer delay
-(remember-color, fixed layout and colours by default) or 3× more swaps (shell-game) than
-the longest training episode. The expert data varies the delay (0..--delay) or the number
-of swaps (0..--swaps) per episode, so the memory learns short holds first; evaluation is
-at --delay / --swaps. For the memory variants on remember-color, :func:`cue_sensitivity`
-says whether the written memory depends on the cue at all.
+chance as the floor), each evaluated on the same seeds, and again with a ``--longer`` (3)
+× longer delay (remember-color, fixed layout and colours by default) or that many times
+more swaps (shell-game) than the longest training episode. The expert data varies the
+delay (0..--delay) or the number of swaps (0..--swaps) per episode, so the memory learns
+short holds first; evaluation is at --delay / --swaps. For the memory variants on
+remember-color, :func:`cue_sensitivity` says whether the written memory depends on the
+cue at all.
 
 Everything runs on ``--device`` (default: CUDA when available, else the CPU).
 """
@@ -57,6 +58,8 @@ def add_arguments(parser) -> None:
                         help="shell-game: frames per swap (8 = the chunk: the memory, written "
                         "once per chunk, sees every swap once)")
     parser.add_argument("--swaps", type=int, default=3, help="shell-game: swaps per episode")
+    parser.add_argument("--longer", type=int, default=3, help="the second evaluation's "
+                        "delay / swaps, as a multiple of the trained ones (3)")
     parser.add_argument("--min-swaps", type=int, default=0,
                         help="shell-game: draw each training episode's number of swaps from "
                         "[MIN_SWAPS, --swaps] (default 0; with --swaps every episode has the "
@@ -263,11 +266,11 @@ def sweep_settings(args, task: str):
                      overrides=list(args.set), device=args.device)
     if task == "remember-color":
         s.palette_size, s.layout, s.colors = args.palette_size, args.layout, args.colors
-        s.longer = {"delay": 3 * args.delay}
+        s.longer = {"delay": args.longer * args.delay}
         s.data_options = {"delay": args.min_delay, "max_delay": args.delay}
     elif task == "shell-game":
         s.options = {"n_swaps": args.swaps, "swap_steps": args.swap_steps}
-        s.longer = {"n_swaps": 3 * args.swaps}
+        s.longer = {"n_swaps": args.longer * args.swaps}
         s.data_options = {"n_swaps": args.min_swaps, "max_swaps": args.swaps}
     elif task == "memory-maze":  # the defaults: a 5×5 maze, 2 markers on the tour
         # the display shows the next move only: replan every 2 steps; slow-memory frames
@@ -293,7 +296,7 @@ def success_sweeps(args) -> list[dict]:
             for r in res["variants"]:
                 policy = load_policy(Path(args.out) / task / r["run"],
                                      device=args.device)
-                if policy.is_recurrent:
+                if policy.config.context.kind == "memory_tokens":
                     r["cue_sensitivity"] = cue_sensitivity(policy.eval(), s.task_options(False))
         results.append(res)
     return results
@@ -336,7 +339,8 @@ def run(args) -> int:
                              f"{sw['chance_level']:.1%}", f"{r['final_loss']:.3f}",
                              f"{cs['after_cue']:.3f} / {cs['before_choice']:.3f}" if cs else "-"])
         print()
-        print(format_table(["task", "variant", "success", "95% CI", "3x longer", "chance",
+        print(format_table(["task", "variant", "success", "95% CI", f"{args.longer}x longer",
+                            "chance",
                             "final loss", "cue sensitivity"], rows))
         print("cue sensitivity: distance between the memories written for different cues "
               "(after the cue / before the choice) relative to the memory's norm; ~0 = the "

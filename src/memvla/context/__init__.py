@@ -9,11 +9,14 @@ behind one interface (:mod:`memvla.context.base`).
 - ``slow_fast``: StreamVLN's recent turns in the KV cache and pooled older frames
   (:mod:`memvla.context.slow_fast`).
 - ``ssm_state``: a Mamba backbone's recurrent state (:mod:`memvla.context.ssm_state`).
+- ``bank``: a bounded bank of past observations, retrieved by similarity
+  (:mod:`memvla.context.bank`).
 """
 
 from __future__ import annotations
 
 from ..configs import ContextConfig
+from .bank import BankContext
 from .base import (
     State,
     TemporalContext,
@@ -32,7 +35,8 @@ CONTEXTS: dict[str, type[TemporalContext]] = {"none": TemporalContext,
                                               "memory_tokens": MemoryTokensContext,
                                               "frames": FramesContext,
                                               "slow_fast": SlowFastContext,
-                                              "ssm_state": SSMStateContext}
+                                              "ssm_state": SSMStateContext,
+                                              "bank": BankContext}
 
 
 def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
@@ -43,7 +47,7 @@ def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
     return cls() if cls is TemporalContext else cls(cfg, width)
 
 
-__all__ = ["CONTEXTS", "FramesContext", "MemoryTokensContext", "SSMStateContext",
+__all__ = ["CONTEXTS", "BankContext", "FramesContext", "MemoryTokensContext", "SSMStateContext",
            "SlowFastContext", "State",
            "TemporalContext",
            "detach_state", "make_context", "map_state", "select_state", "state_batch",

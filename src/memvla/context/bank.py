@@ -1,0 +1,98 @@
+"""A within-episode memory bank (MemoryVLA's, as a temporal context): what the policy saw,
+one vector per predicted chunk, retrieved by similarity.
+
+Every chunk, the current observation is pooled to one vector: each camera's image tokens
+(the model's own, from its image encoder) averaged, then averaged over the cameras. That
+vector is
+
+- the query: projected (``query``), it scores the bank's entries (projected by ``key``);
+  the top ``context.bank_topk`` enter the prefix before the model's own tokens, oldest
+  first, each through ``value`` and scaled by a learned gate on its score
+  (sigmoid(a·score + b): an entry that does not fit the query is shut out);
+- the entry written after the chunk (:func:`memvla.layers.memory_bank.bank_write`, at most
+  ``context.bank_size`` entries; near-duplicates, cosine ≥ ``context.bank_merge``, merge).
+
+The state is ``keys`` (B, S, D), ``count`` (B, S), ``time`` (B, S) and ``turn`` (chunks
+done); while a chunk is being computed it also holds the pooled observation of that chunk
+(``observed``, put there when the model encodes its images and taken out by
+:meth:`BankContext.update`). Trained through the episode like memory tokens (the entries
+keep their graph within ``train.bptt_depth``). What it reads does not grow with the
+episode: S entries at most, k of them in the prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..configs import ContextConfig
+from ..layers.memory_bank import bank_retrieve, bank_write
+from ..layers.tokens import TokenSegment
+from .base import TemporalContext
+
+
+class BankContext(TemporalContext):
+    kind = "bank"
+
+    def __init__(self, cfg: ContextConfig, width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.width = width
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.gate = nn.Parameter(torch.tensor([1.0, 0.0]))  # a, b of sigmoid(a·score + b)
+        self.last_retrieved: dict[str, Tensor] = {}  # of the last prefix
+
+    @property
+    def recurrent(self) -> bool:
+        return True
+
+    def initial_state(self, batch: int) -> dict:
+        dev = self.query.weight.device
+        s = self.cfg.bank_size
+        return {"keys": torch.zeros(batch, s, self.width, device=dev),
+                "count": torch.zeros(batch, s, device=dev),
+                "time": torch.zeros(batch, s, device=dev), "turn": 0}
+
+    def encode_images(self, encoder, images: Tensor, camera: int, state: dict) -> Tensor:
+        tokens = encoder(images)  # (B, Ti, D)
+        if state is not None:  # this chunk's pooled observation, camera by camera
+            seen = state.setdefault("observed", [])
+            del seen[camera:]
+            seen.append(tokens.mean(1))  # (B, D)
+        return tokens
+
+    def observation(self, state: dict) -> Tensor:
+        seen = state.get("observed")
+        if not seen:
+            raise ValueError("context.kind='bank': the model encoded no image for this chunk "
+                             "(the bank pools the observation's image tokens)")
+        return torch.stack(seen, 0).mean(0)  # (B, D)
+
+    def extend_prefix(self, parts: list[TokenSegment], state: dict,
+                      encoder=None) -> list[TokenSegment]:
+        q = self.query(self.observation(state))  # (B, D)
+        keys = state["keys"].to(q.dtype)  # (B, S, D)
+        idx, _, exists = bank_retrieve(q, self.key(keys), state["count"], self.cfg.bank_topk)
+        scores = (self.key(keys) @ q[..., None])[..., 0] / self.width ** 0.5  # (B, S)
+        got = keys.gather(1, idx[..., None].expand(-1, -1, keys.shape[-1]))  # (B, k, D)
+        a, b = self.gate
+        gate = torch.sigmoid(a * scores.gather(1, idx) + b) * exists  # (B, k)
+        tokens = self.value(got) * gate[..., None]  # (B, k, D)
+        self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
+                               "retrieved": exists.sum(1), "gate": gate.detach()}
+        segment = TokenSegment(tokens, exists, torch.zeros_like(idx))
+        return [segment, *parts]
+
+    def update(self, state: dict, hidden: Tensor, cache=None, images=None) -> dict:
+        entry = self.observation(state)  # (B, D)
+        state.pop("observed")  # the carried state keeps its structure from chunk to chunk
+        keys, count, time = bank_write(state["keys"].to(entry.dtype), state["count"],
+                                       state["time"], entry, float(state["turn"]),
+                                       self.cfg.bank_merge)
+        return {"keys": keys, "count": count, "time": time, "turn": state["turn"] + 1}
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"bank_size={c.bank_size}, bank_topk={c.bank_topk}, bank_merge={c.bank_merge}"

@@ -1,0 +1,83 @@
+"""Filling an experience store: from a LeRobot v3.0 dataset, and from rollouts.
+
+An item every ``stride`` frames of an episode (default: the chunk, as a policy predicts):
+the embedding of that frame's images and task, the ``chunk`` actions from it (the last
+action repeated past the episode's end), the episode's outcome and its id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .embedder import ObservationEmbedder
+from .store import ExperienceStore
+
+
+def chunk_actions(actions: np.ndarray, starts: np.ndarray, chunk: int) -> np.ndarray:
+    """(T, Da) actions of an episode -> (len(starts), chunk, Da) from each start, the last
+    action repeated past the end."""
+    idx = np.minimum(starts[:, None] + np.arange(chunk)[None], len(actions) - 1)  # (N, A)
+    return actions[idx]
+
+
+def store_from_dataset(root: str | Path, chunk: int, stride: int | None = None,
+                       success: bool = True, store: ExperienceStore | None = None,
+                       embedder: ObservationEmbedder | None = None, progress: bool = True
+                       ) -> ExperienceStore:
+    """The items of every episode of dataset ``root`` (all ``success``, as a dataset of
+    kept expert episodes is), added to ``store`` (default: a new one)."""
+    from ..data.lerobot_v3 import LeRobotV3Dataset
+
+    ds = LeRobotV3Dataset(root, images_as="uint8")
+    cams = ds.image_keys
+    embedder = embedder or ObservationEmbedder(cameras=len(cams))
+    action_dim = ds.features["action"]["shape"][0]
+    store = store or ExperienceStore(embedder.spec(), chunk, action_dim)
+    first_id = int(store.episode.max()) + 1 if len(store) else 0
+    for e in tqdm(range(ds.num_episodes), desc="store", disable=not progress):
+        lo, hi = ds.episode_range(e)
+        starts = np.arange(0, hi - lo, stride or chunk)
+        frames = lo + starts
+        images = [torch.from_numpy(ds.get_numpy(k, frames)) for k in cams]  # (N, H, W, C)
+        tasks = [ds.task_at(int(f)) for f in frames]
+        actions = chunk_actions(ds.get_numpy("action", np.arange(lo, hi)), starts, chunk)
+        n = len(frames)
+        store.add(embedder(images, tasks), torch.from_numpy(actions),
+                  torch.full((n,), success), torch.full((n,), first_id + e))
+    return store
+
+
+class RolloutRecorder:
+    """Items of rollouts as they run: :meth:`chunk` at every predicted chunk (the
+    observation, the chunk's actions), :meth:`end` with each episode's outcome; kept
+    until the episode ends (its outcome is known then)."""
+
+    def __init__(self, store: ExperienceStore, embedder: ObservationEmbedder,
+                 image_keys: list[str]):
+        self.store, self.embedder, self.image_keys = store, embedder, image_keys
+        self.pending: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.next_id = int(store.episode.max()) + 1 if len(store) else 0
+
+    def chunk(self, episode: int, obs: dict, actions: np.ndarray) -> None:
+        """One chunk of ``episode``: ``obs`` one environment observation, ``actions``
+        (A, Da) the chunk the policy predicted for it."""
+        images = [torch.from_numpy(np.asarray(obs[k]))[None] for k in self.image_keys]
+        emb = self.embedder(images, [obs["task"]])[0]  # (E,)
+        self.pending.setdefault(episode, []).append((emb, torch.as_tensor(actions)))
+
+    def end(self, episode: int, success: bool) -> None:
+        items = self.pending.pop(episode, [])
+        if not items:
+            return
+        emb = torch.stack([e for e, _ in items])  # (N, E)
+        act = torch.stack([a for _, a in items])  # (N, A, Da)
+        n = len(items)
+        self.store.add(emb, act[:, : self.store.chunk, : self.store.action_dim],
+                       torch.full((n,), bool(success)), torch.full((n,), self.next_id))
+        self.next_id += 1
+

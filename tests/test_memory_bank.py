@@ -1,0 +1,87 @@
+"""The memory bank: writes equal their loop twin, the bank never exceeds its size, merges
+as documented, and retrieval returns the exact top-k, oldest first."""
+
+import pytest
+import torch
+
+from memvla.configs import ContextConfig
+from memvla.layers.memory_bank import bank_retrieve, bank_write, bank_write_ref
+
+
+def empty(b: int, s: int, d: int):
+    return torch.zeros(b, s, d), torch.zeros(b, s), torch.zeros(b, s)
+
+
+def test_writes_equal_the_loop_twin_and_stay_bounded():
+    torch.manual_seed(0)
+    b, s, d = 6, 4, 5
+    fast, slow = empty(b, s, d), empty(b, s, d)
+    base = torch.randn(3, d)
+    for t in range(40):
+        noisy = torch.rand(b, 1) < 0.5  # some exact repeats, some near ones
+        e = base[torch.randint(0, 3, (b,))] + 0.05 * torch.randn(b, d) * noisy
+        fast = bank_write(*fast, e, float(t), 0.99)
+        slow = bank_write_ref(*slow, e, float(t), 0.99)
+        torch.testing.assert_close(fast[0], slow[0])
+        assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+        assert ((fast[1] > 0).sum(1) <= s).all()
+        assert fast[1].sum(1).eq(t + 1).all()  # every observation is in some entry
+    n = (fast[1] > 0).sum(1)
+    assert (n == s).all()  # filled, then kept at its size by merging
+
+
+def test_merges_as_documented():
+    d = 3
+    a, c, x, y = (torch.tensor([v]) for v in ([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0],
+                                                 [1.0, 1.0, 0]))
+    bank = empty(1, 3, d)
+    bank = bank_write(*bank, a, 0.0, 0.95)
+    bank = bank_write(*bank, a, 1.0, 0.95)  # a repeat merges into the newest entry
+    assert bank[1].tolist() == [[2.0, 0.0, 0.0]] and bank[2][0, 0] == 1.0
+    bank = bank_write(*bank, c, 2.0, 0.95)
+    bank = bank_write(*bank, x, 3.0, 0.95)  # full: a, c, x
+    assert bank[1].tolist() == [[2.0, 1.0, 1.0]]
+    # full and no near-duplicate pair: the most similar adjacent pair merges (all
+    # orthogonal: the oldest), then the new entry is appended
+    bank = bank_write(*bank, y, 4.0, 0.95)
+    keys, count, time = bank
+    assert count.tolist() == [[3.0, 1.0, 1.0]]
+    torch.testing.assert_close(keys[0, 0], torch.tensor([2 / 3, 1 / 3, 0.0]))
+    assert time.tolist() == [[2.0, 3.0, 4.0]]
+    torch.testing.assert_close(keys[0, 2], y[0])
+
+
+def test_a_full_bank_merges_its_oldest_near_duplicate_pair_first():
+    e = torch.eye(4)
+    keys = torch.stack([e[0], e[1], e[1] * 1.01, e[2], e[2]])[None]  # pairs (1,2), (3,4)
+    count, time = torch.ones(1, 5), torch.arange(5.0)[None]
+    new_keys, new_count, new_time = bank_write(keys, count, time, e[3][None], 5.0, 0.99)
+    assert new_count.tolist() == [[1.0, 2.0, 1.0, 1.0, 1.0]]  # (1, 2) merged, not (3, 4)
+    assert new_time.tolist() == [[0.0, 2.0, 3.0, 4.0, 5.0]]
+    torch.testing.assert_close(new_keys[0, 4], e[3])
+
+
+def test_retrieval_is_the_exact_top_k_oldest_first():
+    torch.manual_seed(1)
+    keys, q = torch.randn(3, 6, 8), torch.randn(3, 8)
+    count = torch.ones(3, 6)
+    count[2, 4:] = 0  # sample 2 holds 4 entries
+    idx, scores, exists = bank_retrieve(q, keys, count, 3)
+    for b in range(3):
+        s = [(float(keys[b, i] @ q[b]), i) for i in range(6) if count[b, i] > 0]
+        want = sorted(i for _, i in sorted(s, reverse=True)[:3])
+        assert idx[b].tolist() == want and exists[b].all()
+        torch.testing.assert_close(scores[b], (keys[b, idx[b]] @ q[b]) / 8 ** 0.5)
+    _, _, exists = bank_retrieve(q, keys, torch.zeros(3, 6).index_fill_(1, torch.tensor([0]),
+                                                                        1.0), 3)
+    assert exists.sum(1).tolist() == [1, 1, 1]  # one entry held: the rest do not exist
+
+
+def test_bank_options_are_checked():
+    with pytest.raises(ValueError, match="bank_topk in \\[1, bank_size\\]"):
+        ContextConfig(kind="bank", bank_size=2, bank_topk=3)
+    with pytest.raises(ValueError, match="bank_merge is a cosine similarity"):
+        ContextConfig(kind="bank", bank_merge=1.5)
+    with pytest.raises(ValueError, match="context.bank_size is an option of "
+                       "context.kind='bank'"):
+        ContextConfig(kind="memory_tokens", bank_size=4)
