@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "eval",
     "demo": "demo",
     "import": "import_",
+    "serve": "serve",
 }
 
 

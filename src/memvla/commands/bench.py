@@ -22,6 +22,8 @@ BENCHES = {
     "scaling": "scaling",
     "lerobot": "lerobot",
     "data": "data",
+    "retrieval": "retrieval",
+    "serve": "serve",
 }
 
 

@@ -7,6 +7,9 @@ HELP = "evaluate a checkpoint (or the scripted expert) in a built-in task"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", help="a checkpoint directory or a training run")
+    parser.add_argument("--server", metavar="HOST:PORT", help="evaluate the policy that "
+                        "'memvla serve' serves there (instead of --checkpoint)")
+    parser.add_argument("--api-key", help="the server's API key (with --server)")
     parser.add_argument("--policy", choices=["checkpoint", "expert"], default="checkpoint",
                         help="'expert' evaluates the task's scripted expert")
     parser.add_argument("--task", required=True, help="task name (e.g. remember-color)")
@@ -33,6 +36,16 @@ def run(args) -> int:
     from ..evaluate import evaluate, format_results, write_results
     from ..policies import load_policy, policy_device, resolve_checkpoint
 
+    if args.server:
+        from ..serving.remote_eval import remote_evaluate
+
+        results, recs = remote_evaluate(args.task, args.episodes, args.server, args.api_key,
+                                        args.batch, args.seed, parse_options(args.opt),
+                                        args.record, not args.no_progress)
+        write_results(Path(args.out), results, recs)
+        print(format_results(results))
+        print(f"wrote {Path(args.out) / 'eval.json'}")
+        return 0
     device = policy_device(args.device)
     policy = None
     if args.policy == "checkpoint":

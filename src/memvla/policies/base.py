@@ -48,6 +48,8 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
 
     policy_type: str = ""
     family: str = ""
+    # the attributes one episode lives in, besides the action queue (a server swaps them)
+    episode_attrs: tuple[str, ...] = ("_context_state",)
 
     def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None = None):
         super().__init__()
@@ -186,12 +188,28 @@ class VLAPolicy(ContextPolicyMixin, nn.Module):
             chunk = self.predict_action_chunk(obs, noise=noise)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
         elif self.model.context.stateful:  # e.g. frame history records every frame
-            images = self.observed_images(obs)
-            self._context_state = self.model.context.observe(
-                self._context_state, images, geometry=self.step_geometry(obs, images[0].shape[0]))
+            self.observe(obs)
         else:
             check_observation(obs, self.config)
         return self._queue.popleft()
+
+    def observe(self, obs: dict) -> None:
+        """Show a stateful temporal context the frame of a step that predicts no chunk."""
+        images = self.observed_images(obs)
+        self._context_state = self.model.context.observe(
+            self._context_state, images, geometry=self.step_geometry(obs, images[0].shape[0]))
+
+    def episode_state(self) -> dict:
+        """The episode this policy carries, without its action queue (what a server keeps
+        per session and swaps in around each call)."""
+        return {name: getattr(self, name) for name in self.episode_attrs}
+
+    def load_episode_state(self, state: dict | None) -> None:
+        """Carry ``state`` (from :meth:`episode_state`; None: a fresh episode) from now on;
+        the action queue is cleared."""
+        self._queue.clear()
+        for name in self.episode_attrs:
+            setattr(self, name, None if state is None else state[name])
 
     def reset(self) -> None:
         """Forget the episode: clears the action queue and the temporal context's state."""

@@ -35,6 +35,7 @@ __all__ = ["FlowVLAPolicy", "pad_last"]
 class FlowVLAPolicy(VLAPolicy):
     policy_type = "flow_vla"
     family = "flow"
+    episode_attrs = ("_context_state", "_prev_chunk")  # a pruner may read the last chunk
 
     def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, Tensor]] | None = None):
         super().__init__(config, stats)
