@@ -146,3 +146,25 @@ def test_a_store_from_a_dataset_and_from_rollouts(tmp_path):
     new = slice(before, len(store))
     assert set(store.episode[new].tolist()) == {3, 4}  # numbered after the dataset's
     assert store.success[new].sum().item() <= added
+
+
+def test_eval_records_rollouts_into_a_store_and_refuses_another_shape(tmp_path):
+    from memvla.cli import main
+    from memvla.config_utils import apply_overrides
+    from memvla.policies import make_policy
+    from memvla.presets import get_preset
+
+    cfg = apply_overrides(get_preset("tiny"), ["image_shape=[3,32,32]",
+                                               "model.vision.image_size=32"])
+    ckpt = make_policy(cfg).save_pretrained(tmp_path / "ckpt")
+    args = ["eval", "--checkpoint", str(ckpt), "--task", "remember-color", "--episodes", "2",
+            "--batch", "2", "--opt", "image_size=32", "--record", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "e1"), "--record-to", str(tmp_path / "s")]) == 0
+    first = len(ExperienceStore.load(tmp_path / "s"))
+    assert main([*args, "--out", str(tmp_path / "e2"), "--record-to", str(tmp_path / "s")]) == 0
+    store = ExperienceStore.load(tmp_path / "s")
+    assert len(store) == 2 * first and store.episode.unique().tolist() == [0, 1, 2, 3]
+    other = apply_overrides(cfg, ["n_action_steps=4"])
+    ckpt4 = make_policy(other).save_pretrained(tmp_path / "ckpt4")
+    args4 = [a if a != str(ckpt) else str(ckpt4) for a in args]
+    assert main([*args4, "--out", str(tmp_path / "e3"), "--record-to", str(tmp_path / "s")]) == 2

@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
                         "evaluation (repeatable; the weights must fit), e.g. --set "
                         "context.voxel_size=0.5 or --set model.num_steps=5")
     parser.add_argument("--record", type=int, default=3, help="episodes saved as GIFs")
+    parser.add_argument("--record-to", metavar="STORE", help="add every predicted chunk of "
+                        "the rollouts (observation, actions, the episode's outcome) to the "
+                        "experience store STORE (created when missing)")
     parser.add_argument("--device", help="where the policy runs: cpu, cuda or cuda:N "
                         "(default: CUDA when available, else cpu)")
     parser.add_argument("--out", required=True, help="output directory (eval.json, GIFs)")
@@ -52,8 +55,19 @@ def run(args) -> int:
         if not args.checkpoint:
             raise ValueError("give --checkpoint RUN (or --policy expert)")
         policy = load_policy(args.checkpoint, device=device, overrides=args.set).eval()
+    recorder = None
+    if args.record_to:
+        if policy is None:
+            raise ValueError("--record-to records a policy's chunks: give --checkpoint")
+        from ..retrieval import rollout_recorder
+
+        recorder = rollout_recorder(args.record_to, policy)
     results, recs = evaluate(args.task, args.episodes, policy, args.batch, args.seed,
-                             parse_options(args.opt), args.record, not args.no_progress)
+                             parse_options(args.opt), args.record, not args.no_progress,
+                             recorder=recorder)
+    if recorder is not None:
+        recorder.store.save(args.record_to)
+        print(f"experience store {args.record_to}: {len(recorder.store)} items")
     results["policy"] = ("expert" if policy is None
                          else str(resolve_checkpoint(args.checkpoint)))
     results["device"] = None if policy is None else str(device)

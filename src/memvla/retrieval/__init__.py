@@ -4,7 +4,8 @@
 (:mod:`~memvla.retrieval.record`)."""
 
 from .embedder import ObservationEmbedder
-from .record import RolloutRecorder, store_from_dataset
+from .record import RolloutRecorder, open_store, rollout_recorder, store_from_dataset
 from .store import ExperienceStore
 
-__all__ = ["ExperienceStore", "ObservationEmbedder", "RolloutRecorder", "store_from_dataset"]
+__all__ = ["ExperienceStore", "ObservationEmbedder", "RolloutRecorder", "open_store",
+           "rollout_recorder", "store_from_dataset"]

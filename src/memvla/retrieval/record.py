@@ -52,6 +52,27 @@ def store_from_dataset(root: str | Path, chunk: int, stride: int | None = None,
     return store
 
 
+def open_store(path: str | Path, embedder: ObservationEmbedder, chunk: int,
+               action_dim: int) -> ExperienceStore:
+    """The store at ``path`` (checked against ``embedder`` and the chunk shape), or a new
+    empty one when there is none yet."""
+    if not (Path(path) / "experience.json").is_file():
+        return ExperienceStore(embedder.spec(), chunk, action_dim)
+    store = ExperienceStore.load(path, embedder=embedder.spec())
+    if (store.chunk, store.action_dim) != (chunk, action_dim):
+        raise ValueError(f"{path}: items of {store.chunk} × {store.action_dim} actions; this "
+                         f"policy's chunks are {chunk} × {action_dim}")
+    return store
+
+
+def rollout_recorder(path: str | Path, policy) -> RolloutRecorder:
+    """A recorder of ``policy``'s rollouts into the store at ``path`` (opened or new)."""
+    cfg = policy.config
+    embedder = ObservationEmbedder(cameras=len(cfg.image_keys))
+    store = open_store(path, embedder, cfg.n_action_steps, cfg.action_dim)
+    return RolloutRecorder(store, embedder, cfg.image_keys)
+
+
 class RolloutRecorder:
     """Items of rollouts as they run: :meth:`chunk` at every predicted chunk (the
     observation, the chunk's actions), :meth:`end` with each episode's outcome; kept
