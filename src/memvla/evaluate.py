@@ -181,6 +181,16 @@ class Wave:
     kept: list[int] = field(default_factory=list)
     memory: list[tuple[int, int, int]] = field(default_factory=list)
 
+    @classmethod
+    def start(cls, obs: list[dict], seeds: list[int], record: int) -> Wave:
+        """A wave whose episodes start from ``obs`` (one per seed), recording the first
+        ``record``."""
+        wave = cls([{"seed": s, "success": False, "length": 0} for s in seeds])
+        wave.recordings = [{"frames": [o[IMAGE_KEY]], "actions": [], "task": o["task"],
+                            "seed": s, "success": False}
+                           for o, s in zip(obs[:record], seeds, strict=False)]
+        return wave
+
 
 def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: int = 0,
              on_done=None, recorder=None) -> Wave:
@@ -195,10 +205,7 @@ def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: in
     try:
         actor = ExpertPolicy(envs) if policy is None else PolicyRunner(policy, seeds)
         obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
-        wave = Wave([{"seed": s, "success": False, "length": 0} for s in seeds])
-        wave.recordings = [{"frames": [o[IMAGE_KEY]], "actions": [], "task": o["task"],
-                            "seed": s, "success": False}
-                           for o, s in zip(obs[:record], seeds, strict=False)]
+        wave = Wave.start(obs, seeds, record)
         running = [True] * len(envs)
         while any(running):
             predicts = actor.predicts

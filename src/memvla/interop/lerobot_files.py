@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..policies.checkpoint import read_tensors
+from ..utils import read_json
 
 PREPROCESSOR = "policy_preprocessor.json"
 POSTPROCESSOR = "policy_postprocessor.json"
@@ -40,15 +41,6 @@ class LeRobotCheckpoint:
         found = {**self.config.get("input_features", {}),
                  **self.config.get("output_features", {})}
         return {k: list(f["shape"]) for k, f in found.items() if f.get("type") == kind}
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def guess_format(root: Path) -> str:

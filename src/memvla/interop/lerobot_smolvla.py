@@ -21,7 +21,8 @@ from ..configs import (
     VisionConfig,
 )
 from ..presets import smolvla_expert_mlp_dim
-from .lerobot_files import NORM_MODES, LeRobotCheckpoint, read_json
+from ..utils import read_json
+from .lerobot_files import NORM_MODES, LeRobotCheckpoint
 
 VISION_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -36,7 +36,8 @@ from ..configs import (
     VisionConfig,
 )
 from ..policies.checkpoint import read_tensors
-from .lerobot_files import guess_format, read_json
+from ..utils import read_json
+from .lerobot_files import guess_format
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # timm id -> the tower's structure (its sizes are read from the weights)

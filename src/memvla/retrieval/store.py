@@ -15,7 +15,6 @@ torch. A store is a directory written atomically (``experience.safetensors`` +
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from ..utils import atomic_directory, json_bytes, write_file
+from ..utils import atomic_directory, json_bytes, read_json, write_file
 
 FORMAT, VERSION = "memvla-experience", 1
 TENSORS, META = "experience.safetensors", "experience.json"
@@ -137,10 +136,7 @@ class ExperienceStore:
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing; is {path} an experience store?")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from e
+        meta = read_json(meta_path)
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r} version "
                              f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..evaluate import IMAGE_KEY, Wave, _step, summarize  # the same episode bookkeeping
+from ..evaluate import Wave, _step, summarize  # the same episode bookkeeping
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -61,10 +61,7 @@ def _remote_wave(task: str, options: dict, seeds: list[int], host: str, port: in
         for c, s in zip(clients, seeds, strict=True):
             c.reset(seed=s)
         obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
-        wave = Wave([{"seed": s, "success": False, "length": 0} for s in seeds])
-        wave.recordings = [{"frames": [o[IMAGE_KEY]], "actions": [], "task": o["task"],
-                            "seed": s, "success": False}
-                           for o, s in zip(obs[:record], seeds, strict=False)]
+        wave = Wave.start(obs, seeds, record)
         running = [True] * len(envs)
         with ThreadPoolExecutor(len(seeds)) as pool:
             while any(running):
