@@ -12,7 +12,8 @@ def empty(b: int, s: int, d: int):
     return torch.zeros(b, s, d), torch.zeros(b, s), torch.zeros(b, s)
 
 
-def test_writes_equal_the_loop_twin_and_stay_bounded():
+@pytest.mark.parametrize("threshold", [None, 0.99])
+def test_writes_equal_the_loop_twin_and_stay_bounded(threshold):
     torch.manual_seed(0)
     b, s, d = 6, 4, 5
     fast, slow = empty(b, s, d), empty(b, s, d)
@@ -20,8 +21,8 @@ def test_writes_equal_the_loop_twin_and_stay_bounded():
     for t in range(40):
         noisy = torch.rand(b, 1) < 0.5  # some exact repeats, some near ones
         e = base[torch.randint(0, 3, (b,))] + 0.05 * torch.randn(b, d) * noisy
-        fast = bank_write(*fast, e, float(t), 0.99)
-        slow = bank_write_ref(*slow, e, float(t), 0.99)
+        fast = bank_write(*fast, e, float(t), threshold)
+        slow = bank_write_ref(*slow, e, float(t), threshold)
         torch.testing.assert_close(fast[0], slow[0])
         assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
         assert ((fast[1] > 0).sum(1) <= s).all()
@@ -51,14 +52,25 @@ def test_merges_as_documented():
     torch.testing.assert_close(keys[0, 2], y[0])
 
 
-def test_a_full_bank_merges_its_oldest_near_duplicate_pair_first():
+def test_a_full_bank_merges_its_most_similar_pair_and_keeps_a_near_cue():
+    """Pooled frames share a large common part: a cue frame is 0.999-similar to the frames
+    after it, which are identical to each other; the repeats merge, the cue stays."""
+    common = torch.tensor([10.0, 0, 0, 0])
+    cue, blank = common + torch.tensor([0, 0.45, 0, 0]), common + torch.tensor([0, 0, 0.1, 0])
+    bank = empty(1, 3, 4)
+    for t, e in enumerate([cue, blank, blank, blank, blank]):
+        bank = bank_write(*bank, e[None], float(t))
+    keys, count, time = bank
+    assert torch.nn.functional.cosine_similarity(cue, blank, dim=0) > 0.998
+    assert count.tolist() == [[1.0, 3.0, 1.0]] and time.tolist() == [[0.0, 3.0, 4.0]]
+    torch.testing.assert_close(keys[0, 0], cue)
+    # ties: the oldest pair of equals merges first
     e = torch.eye(4)
-    keys = torch.stack([e[0], e[1], e[1] * 1.01, e[2], e[2]])[None]  # pairs (1,2), (3,4)
-    count, time = torch.ones(1, 5), torch.arange(5.0)[None]
-    new_keys, new_count, new_time = bank_write(keys, count, time, e[3][None], 5.0, 0.99)
-    assert new_count.tolist() == [[1.0, 2.0, 1.0, 1.0, 1.0]]  # (1, 2) merged, not (3, 4)
+    keys = torch.stack([e[0], e[1], e[1], e[2], e[2]])[None]
+    _, new_count, new_time = bank_write(keys, torch.ones(1, 5), torch.arange(5.0)[None],
+                                        e[3][None], 5.0)
+    assert new_count.tolist() == [[1.0, 2.0, 1.0, 1.0, 1.0]]
     assert new_time.tolist() == [[0.0, 2.0, 3.0, 4.0, 5.0]]
-    torch.testing.assert_close(new_keys[0, 4], e[3])
 
 
 def test_retrieval_is_the_exact_top_k_oldest_first():
@@ -80,7 +92,7 @@ def test_retrieval_is_the_exact_top_k_oldest_first():
 def test_bank_options_are_checked():
     with pytest.raises(ValueError, match="bank_topk in \\[1, bank_size\\]"):
         ContextConfig(kind="bank", bank_size=2, bank_topk=3)
-    with pytest.raises(ValueError, match="bank_merge is a cosine similarity"):
+    with pytest.raises(ValueError, match="bank_merge is a cosine similarity in"):
         ContextConfig(kind="bank", bank_merge=1.5)
     with pytest.raises(ValueError, match="context.bank_size is an option of "
                        "context.kind='bank'"):

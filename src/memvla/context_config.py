@@ -76,10 +76,11 @@ class ContextConfig:
     one camera) and only the newest token per voxel is kept. None: off.
 
     ``bank``: a within-episode memory bank (:mod:`memvla.context.bank`, MemoryVLA's): one
-    pooled observation vector per chunk, at most ``bank_size`` entries (adjacent
-    near-duplicates, cosine ≥ ``bank_merge``, merged; when full the oldest near-duplicate
-    pair, else the most similar pair), the ``bank_topk`` entries most similar to the
-    current observation in the prefix through a learned gate. Trained through the episode.
+    pooled observation vector per chunk, at most ``bank_size`` entries (when full, the most
+    similar adjacent pair is merged, the oldest on a tie; with ``bank_merge`` a new entry
+    at least that cosine-similar to the newest merges into it at once), the ``bank_topk``
+    entries most similar to the current observation in the prefix through a learned gate.
+    Trained through the episode.
 
     Options of another kind than ``kind`` must keep their defaults (a clear error says
     which).
@@ -103,7 +104,7 @@ class ContextConfig:
     voxel_size: float | None = None
     bank_size: int = 16
     bank_topk: int = 4
-    bank_merge: float = 0.98
+    bank_merge: float | None = None
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
@@ -143,9 +144,9 @@ class ContextConfig:
             _require(self.bank_size >= 1 and 1 <= self.bank_topk <= self.bank_size,
                      f"context.bank_size must be >= 1 and context.bank_topk in [1, "
                      f"bank_size]; got bank_size={self.bank_size}, bank_topk={self.bank_topk}")
-            _require(-1 <= self.bank_merge <= 1, f"context.bank_merge is a cosine "
-                     f"similarity in [-1, 1] (1: merge only identical entries), got "
-                     f"{self.bank_merge}")
+            _require(self.bank_merge is None or -1 <= self.bank_merge <= 1,
+                     f"context.bank_merge is a cosine similarity in [-1, 1] (or None: merge "
+                     f"only when the bank is full), got {self.bank_merge}")
         if self.kind == "memory_tokens":
             _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
                      f"context.kind=memory_tokens, got {self.num_tokens}")

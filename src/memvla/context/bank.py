@@ -10,7 +10,7 @@ vector is
   first, each through ``value`` and scaled by a learned gate on its score
   (sigmoid(a·score + b): an entry that does not fit the query is shut out);
 - the entry written after the chunk (:func:`memvla.layers.memory_bank.bank_write`, at most
-  ``context.bank_size`` entries; near-duplicates, cosine ≥ ``context.bank_merge``, merge).
+  ``context.bank_size`` entries: when full the most similar adjacent pair merges).
 
 The state is ``keys`` (B, S, D), ``count`` (B, S), ``time`` (B, S) and ``turn`` (chunks
 done); while a chunk is being computed it also holds the pooled observation of that chunk

@@ -5,12 +5,14 @@ A bank holds up to S entries per sample, oldest first in slots 0 … n−1: ``ke
 (B, S) (the step of its newest observation). Writing an observation e at step t
 (:func:`bank_write`):
 
-1. if the newest entry is a near-duplicate of e (cosine ≥ ``threshold``), e merges into
-   it (count-weighted mean, time t);
-2. else e is appended; when the bank is full, two adjacent entries are merged first to
-   make room: the oldest adjacent pair that is a near-duplicate, or, when none is, the most
-   similar adjacent pair (so the bank never exceeds S, and what is distinct and old, e.g. a
-   cue, stays while repeated frames collapse).
+1. with a ``threshold``, if the newest entry is a near-duplicate of e (cosine ≥
+   ``threshold``), e merges into it (count-weighted mean, time t);
+2. else e is appended; when the bank is full, the most similar pair of adjacent entries is
+   merged first to make room (the oldest such pair on a tie), so the bank never exceeds S
+   and what is distinct, e.g. a cue among repeated frames, stays while the repeats
+   collapse. (Pooled image features share a large common part: a cue frame and the frames
+   after it can be 0.999 similar while repeated frames are 1.0, so an eager threshold below
+   that would merge the cue away; the default has none.)
 
 Reading (:func:`bank_retrieve`): the top-k entries by scaled dot product with a query,
 returned oldest first, with their scores and whether each exists. :func:`bank_write_ref` is
@@ -31,7 +33,7 @@ def _merge(k1: Tensor, c1: Tensor, k2: Tensor, c2: Tensor) -> Tensor:
 
 
 def bank_write(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: float,
-               threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+               threshold: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Write ``entry`` (B, D) at step ``t`` into the bank (keys (B, S, D), count (B, S),
     time (B, S)) -> the new (keys, count, time)."""
     b, s, _ = keys.shape
@@ -39,7 +41,7 @@ def bank_write(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: floa
     n = (count > 0).sum(1)  # (B,) entries held
     last = (n - 1).clamp_min(0)  # (B,)
     sim_last = F.cosine_similarity(keys[rows, last], entry, dim=-1)  # (B,)
-    merge_last = (n > 0) & (sim_last >= threshold)  # (B,)
+    merge_last = (n > 0) & (sim_last >= (2.0 if threshold is None else threshold))  # (B,)
     full = (n == s) & ~merge_last  # (B,)
 
     # case 1: merge into the newest entry
@@ -55,13 +57,11 @@ def bank_write(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: floa
     # case 3 (full): merge the chosen adjacent pair (i, i + 1), shift left, append at S − 1
     if s > 1:
         sims = F.cosine_similarity(keys[:, :-1], keys[:, 1:], dim=-1)  # (B, S − 1)
-        near = sims >= threshold
-        first_near = torch.where(near.any(1), near.float().argmax(1), sims.argmax(1))  # (B,)
+        i = sims.argmax(1)  # (B,) the most similar pair (the first, i.e. oldest, on a tie)
         j = torch.arange(s, device=keys.device)[None]  # (1, S)
-        src = torch.where(j > first_near[:, None], j + 1, j).clamp_max(s - 1)  # (B, S)
+        src = torch.where(j > i[:, None], j + 1, j).clamp_max(s - 1)  # (B, S)
         k3 = keys.gather(1, src[..., None].expand_as(keys))  # (B, S, D)
         c3, t3 = count.gather(1, src), time.gather(1, src)  # (B, S)
-        i = first_near
         k3[rows, i] = _merge(keys[rows, i], count[rows, i], keys[rows, i + 1],
                              count[rows, i + 1])
         c3[rows, i] = count[rows, i] + count[rows, i + 1]
@@ -78,7 +78,7 @@ def bank_write(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: floa
 
 
 def bank_write_ref(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: float,
-                   threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+                   threshold: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Loop twin of :func:`bank_write`: per sample, on Python lists of entries."""
     outs = ([], [], [])
     s = keys.shape[1]
@@ -94,7 +94,7 @@ def bank_write_ref(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: 
             return (_merge(a[0], torch.tensor(a[1]), c[0], torch.tensor(c[1])), a[1] + c[1],
                     c[2])
 
-        if held and cos(held[-1][0], e) >= threshold:
+        if held and threshold is not None and cos(held[-1][0], e) >= threshold:
             held[-1] = merged(held[-1], (e, 1.0, t))
         else:
             if len(held) == s:
@@ -102,8 +102,7 @@ def bank_write_ref(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: 
                     held = [merged(held[0], (e, 1.0, t))]
                 else:
                     sims = [cos(held[i][0], held[i + 1][0]) for i in range(s - 1)]
-                    near = [i for i, x in enumerate(sims) if x >= threshold]
-                    i = near[0] if near else max(range(s - 1), key=lambda q: (sims[q], -q))
+                    i = max(range(s - 1), key=lambda q: (sims[q], -q))
                     held[i:i + 2] = [merged(held[i], held[i + 1])]
             if len(held) < s:
                 held.append((e, 1.0, t))
