@@ -168,3 +168,35 @@ def test_eval_records_rollouts_into_a_store_and_refuses_another_shape(tmp_path):
     ckpt4 = make_policy(other).save_pretrained(tmp_path / "ckpt4")
     args4 = [a if a != str(ckpt) else str(ckpt4) for a in args]
     assert main([*args4, "--out", str(tmp_path / "e3"), "--record-to", str(tmp_path / "s")]) == 2
+
+
+def test_confidence_measures():
+    from helpers import fake_batch
+
+    from memvla.config_utils import apply_overrides
+    from memvla.policies import make_policy
+    from memvla.policies.confidence import confidence_of, sample_spread, vote_entropy
+    from memvla.presets import get_preset
+
+    cfg = apply_overrides(get_preset("tiny"), ["model.num_steps=2"])
+    policy = make_policy(cfg).eval()
+    obs = fake_batch(cfg, b=3, with_actions=False)
+    g = torch.Generator().manual_seed(0)
+    spread = sample_spread(policy, obs, samples=4, generator=g)
+    assert spread.shape == (3,) and (spread > 0).all()
+    assert policy.context_state is None  # the carried state is read, not changed
+    # the same from K separate chunks with the same noise draws
+    m = cfg.model
+    noise = torch.randn(3 * 4, m.chunk_size, m.max_action_dim,
+                        generator=torch.Generator().manual_seed(0)).view(3, 4, m.chunk_size, -1)
+    inputs = policy.encode_observation(obs)
+    chunks = torch.stack([policy.model.sample_actions(*inputs, noise=noise[:, k])[0]
+                          for k in range(4)], 1)[..., : cfg.action_dim]  # (B, K, A, Da)
+    torch.testing.assert_close(spread, chunks.std(1).mean((1, 2)), atol=1e-5, rtol=1e-4)
+    votes = torch.tensor([[16, 0, 0, 0], [4, 4, 4, 4], [8, 8, 0, 0]])
+    h = vote_entropy(votes)
+    torch.testing.assert_close(h, torch.tensor([0.0, 1.0, 0.5]))
+    torch.testing.assert_close(confidence_of(h, "entropy"), torch.tensor([1.0, 0.0, 0.5]))
+    assert confidence_of(torch.tensor([0.0, 2.0]), "spread").tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="samples >= 2"):
+        sample_spread(policy, obs, samples=1)

@@ -254,6 +254,7 @@ class TokenPruner(nn.Module):
         self.num_patches = num_patches
         self.noise_scale: float = float(cfg.noise_scale)
         self.last_kept: Tensor | None = None  # (B,) kept counts of the last call
+        self.last_votes: Tensor | None = None  # (B, P) votes per patch of the last call
         self.last_num_patches = 0  # P of the last call
 
     def set_progress(self, frac: float) -> None:
@@ -304,6 +305,7 @@ class TokenPruner(nn.Module):
             out = PruneOutput(tokens, valid, pos, kept)
         out.stat_tensors = self._stats(out.kept, counts, queries)
         self.last_kept = out.kept.detach()  # on the device: read (a sync) only when wanted
+        self.last_votes = counts.detach()  # (B, P) votes each patch received
         self.last_num_patches = patches.shape[1]
         return out
 
