@@ -75,17 +75,17 @@ def test_a_full_bank_merges_its_most_similar_pair_and_keeps_a_near_cue():
 
 def test_retrieval_is_the_exact_top_k_oldest_first():
     torch.manual_seed(1)
-    keys, q = torch.randn(3, 6, 8), torch.randn(3, 8)
+    scores = torch.randn(3, 6)
     count = torch.ones(3, 6)
     count[2, 4:] = 0  # sample 2 holds 4 entries
-    idx, scores, exists = bank_retrieve(q, keys, count, 3)
+    idx, top, exists = bank_retrieve(scores, count, 3)
     for b in range(3):
-        s = [(float(keys[b, i] @ q[b]), i) for i in range(6) if count[b, i] > 0]
+        s = [(float(scores[b, i]), i) for i in range(6) if count[b, i] > 0]
         want = sorted(i for _, i in sorted(s, reverse=True)[:3])
         assert idx[b].tolist() == want and exists[b].all()
-        torch.testing.assert_close(scores[b], (keys[b, idx[b]] @ q[b]) / 8 ** 0.5)
-    _, _, exists = bank_retrieve(q, keys, torch.zeros(3, 6).index_fill_(1, torch.tensor([0]),
-                                                                        1.0), 3)
+        torch.testing.assert_close(top[b], scores[b, idx[b]])
+    one = torch.zeros(3, 6).index_fill_(1, torch.tensor([0]), 1.0)
+    _, _, exists = bank_retrieve(scores, one, 3)
     assert exists.sum(1).tolist() == [1, 1, 1]  # one entry held: the rest do not exist
 
 

@@ -5,10 +5,11 @@ Every chunk, the current observation is pooled to one vector: each camera's imag
 (the model's own, from its image encoder) averaged, then averaged over the cameras. That
 vector is
 
-- the query: projected (``query``), it scores the bank's entries (projected by ``key``);
-  the top ``context.bank_topk`` enter the prefix before the model's own tokens, oldest
-  first, each through ``value`` and scaled by a learned gate on its score
-  (sigmoid(a·score + b): an entry that does not fit the query is shut out);
+- the query: projected (``query``), it scores the bank's entries (projected by ``key``) by
+  cosine similarity; the top ``context.bank_topk`` enter the prefix before the model's own
+  tokens, oldest first, each RMS-normalised (the scale of the other prefix tokens), through
+  ``value`` and scaled by a learned gate on its score (sigmoid(a·cos + b): an entry that
+  does not fit the query is shut out; the bounded score keeps the gate off saturation);
 - the entry written after the chunk (:func:`memvla.layers.memory_bank.bank_write`, at most
   ``context.bank_size`` entries: when full the most similar adjacent pair merges).
 
@@ -23,6 +24,7 @@ episode: S entries at most, k of them in the prefix.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import ContextConfig
@@ -41,7 +43,7 @@ class BankContext(TemporalContext):
         self.query = nn.Linear(width, width)
         self.key = nn.Linear(width, width)
         self.value = nn.Linear(width, width)
-        self.gate = nn.Parameter(torch.tensor([1.0, 0.0]))  # a, b of sigmoid(a·score + b)
+        self.gate = nn.Parameter(torch.tensor([4.0, 0.0]))  # a, b of sigmoid(a·cos + b)
         self.last_retrieved: dict[str, Tensor] = {}  # of the last prefix
 
     @property
@@ -70,16 +72,22 @@ class BankContext(TemporalContext):
                              "(the bank pools the observation's image tokens)")
         return torch.stack(seen, 0).mean(0)  # (B, D)
 
+    def scores(self, state: dict) -> Tensor:
+        """Cosine similarity (B, S) of the projected current observation to every entry
+        (bounded, so that the gate on it never starts saturated)."""
+        q = F.normalize(self.query(self.observation(state)), dim=-1)  # (B, D)
+        k = F.normalize(self.key(state["keys"].to(q.dtype)), dim=-1)  # (B, S, D)
+        return (k @ q[..., None])[..., 0]  # (B, S)
+
     def extend_prefix(self, parts: list[TokenSegment], state: dict,
                       encoder=None) -> list[TokenSegment]:
-        q = self.query(self.observation(state))  # (B, D)
-        keys = state["keys"].to(q.dtype)  # (B, S, D)
-        idx, _, exists = bank_retrieve(q, self.key(keys), state["count"], self.cfg.bank_topk)
-        scores = (self.key(keys) @ q[..., None])[..., 0] / self.width ** 0.5  # (B, S)
+        scores = self.scores(state)  # (B, S)
+        keys = state["keys"].to(scores.dtype)  # (B, S, D)
+        idx, top, exists = bank_retrieve(scores, state["count"], self.cfg.bank_topk)
         got = keys.gather(1, idx[..., None].expand(-1, -1, keys.shape[-1]))  # (B, k, D)
         a, b = self.gate
-        gate = torch.sigmoid(a * scores.gather(1, idx) + b) * exists  # (B, k)
-        tokens = self.value(got) * gate[..., None]  # (B, k, D)
+        gate = torch.sigmoid(a * top + b) * exists  # (B, k)
+        tokens = self.value(F.rms_norm(got, (got.shape[-1],))) * gate[..., None]  # (B, k, D)
         self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
                                "retrieved": exists.sum(1), "gate": gate.detach()}
         segment = TokenSegment(tokens, exists, torch.zeros_like(idx))

@@ -14,8 +14,9 @@ A bank holds up to S entries per sample, oldest first in slots 0 … n−1: ``ke
    after it can be 0.999 similar while repeated frames are 1.0, so an eager threshold below
    that would merge the cue away; the default has none.)
 
-Reading (:func:`bank_retrieve`): the top-k entries by scaled dot product with a query,
-returned oldest first, with their scores and whether each exists. :func:`bank_write_ref` is
+Reading (:func:`bank_retrieve`): the top-k entries by a score per entry (the context's
+cosine similarity to a query), returned oldest first, with their scores and whether each
+exists. :func:`bank_write_ref` is
 the loop twin of :func:`bank_write`.
 """
 
@@ -114,12 +115,11 @@ def bank_write_ref(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: 
             torch.stack(outs[2]).to(time.dtype))
 
 
-def bank_retrieve(query: Tensor, keys: Tensor, count: Tensor, k: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``k`` entries of the bank for ``query`` (B, D) by scaled dot product with
-    ``keys`` (B, S, D) -> (indices (B, k) oldest first, scores (B, k), exists (B, k))."""
-    k = min(k, keys.shape[1])
-    scores = (keys @ query[..., None])[..., 0] / keys.shape[-1] ** 0.5  # (B, S)
+def bank_retrieve(scores: Tensor, count: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``k`` entries of a bank by ``scores`` (B, S) (e.g. the query's similarity to
+    each entry) -> (indices (B, k) oldest first, their scores (B, k), exists (B, k): False
+    where the bank holds fewer than k entries)."""
+    k = min(k, scores.shape[1])
     held = count > 0  # (B, S)
     top = scores.masked_fill(~held, float("-inf")).topk(k, dim=1).indices  # (B, k)
     idx = top.sort(1).values  # (B, k) oldest first
