@@ -1,17 +1,19 @@
-"""A within-episode memory bank (MemoryVLA's, as a temporal context): what the policy saw,
-one vector per predicted chunk, retrieved by similarity.
+"""A within-episode memory bank (MemoryVLA's, as a temporal context): what the policy made
+of each chunk's observation, one vector per chunk, retrieved by similarity.
 
-Every chunk, the current observation is pooled to one vector: each camera's image tokens
-(the model's own, from its image encoder) averaged, then averaged over the cameras. That
-vector is
-
-- the query: projected (``query``), it scores the bank's entries (projected by ``key``) by
-  cosine similarity; the top ``context.bank_topk`` enter the prefix before the model's own
-  tokens, oldest first, each RMS-normalised (the scale of the other prefix tokens), through
-  ``value`` and scaled by a learned gate on its score (sigmoid(a·cos + b): an entry that
-  does not fit the query is shut out; the bounded score keeps the gate off saturation);
-- the entry written after the chunk (:func:`memvla.layers.memory_bank.bank_write`, at most
-  ``context.bank_size`` entries: when full the most similar adjacent pair merges).
+- **entry**: a write token at the end of the prefix, in an attention block of its own (it
+  sees the whole prefix, nothing of the prefix sees it: RMT's write layout); its output
+  after the backbone's final norm is written to the bank after the chunk
+  (:func:`memvla.layers.memory_bank.bank_write`, at most ``context.bank_size`` entries:
+  when full the most similar adjacent pair merges). MemoryVLA's "cognitive" memory: what
+  the backbone made of the observation, not its raw pixels (mean-pooled image tokens of a
+  cue frame and of the frames after it are 0.999 similar).
+- **query**: the current observation pooled (each camera's image tokens averaged, then
+  the cameras), projected (``query``); it scores the projected entries (``key``) by cosine
+  similarity, and the top ``context.bank_topk`` enter the prefix before the model's own
+  tokens, oldest first, each RMS-normalised, through ``value`` and scaled by a learned gate
+  on its score (sigmoid(a·cos + b): an entry that does not fit the query is shut out; the
+  bounded score keeps the gate off saturation).
 
 The state is ``keys`` (B, S, D), ``count`` (B, S), ``time`` (B, S) and ``turn`` (chunks
 done); while a chunk is being computed it also holds the pooled observation of that chunk
@@ -44,10 +46,19 @@ class BankContext(TemporalContext):
         self.key = nn.Linear(width, width)
         self.value = nn.Linear(width, width)
         self.gate = nn.Parameter(torch.tensor([4.0, 0.0]))  # a, b of sigmoid(a·cos + b)
+        self.write = nn.Parameter(torch.randn(1, width) * 0.02)  # the write token
         self.last_retrieved: dict[str, Tensor] = {}  # of the last prefix
 
     @property
     def recurrent(self) -> bool:
+        return True
+
+    @property
+    def reads_prefix_output(self) -> bool:
+        return True
+
+    @property
+    def reads_normed_output(self) -> bool:
         return True
 
     def initial_state(self, batch: int) -> dict:
@@ -91,10 +102,11 @@ class BankContext(TemporalContext):
         self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
                                "retrieved": exists.sum(1), "gate": gate.detach()}
         segment = TokenSegment(tokens, exists, torch.zeros_like(idx))
-        return [segment, *parts]
+        write = TokenSegment.full(self.write[None].expand(tokens.shape[0], -1, -1), 1, 0)
+        return [segment, *parts, write]  # the write token: a block of its own, at the end
 
     def update(self, state: dict, hidden: Tensor, cache=None, images=None) -> dict:
-        entry = self.observation(state)  # (B, D)
+        entry = hidden[:, -1]  # (B, D) the write token's output, after the final norm
         state.pop("observed")  # the carried state keeps its structure from chunk to chunk
         keys, count, time = bank_write(state["keys"].to(entry.dtype), state["count"],
                                        state["time"], entry, float(state["turn"]),
