@@ -55,8 +55,8 @@ def measure(n: int, dim: int, index: str, args) -> dict:
     store = _store(n, dim, index, rng)
     # queries near stored items (a robot revisiting what it has seen)
     near = store.embeddings[torch.randint(0, n, (args.queries,))]
-    queries = torch.nn.functional.normalize(near + 0.5 * torch.randn_like(near) / dim ** 0.5
-                                            * 8, dim=-1)
+    queries = torch.nn.functional.normalize(near + 0.3 * torch.randn_like(near) / dim ** 0.5,
+                                            dim=-1)  # noise of norm ≈ 0.3
     fallback = store_module._faiss
     if index == "torch":
         store_module._faiss = lambda: None
