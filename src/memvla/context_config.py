@@ -21,7 +21,7 @@ CONTEXT_OPTIONS = {
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
                   "voxel_size"),
-    "bank": ("bank_size", "bank_topk", "bank_merge"),
+    "bank": ("bank_size", "bank_topk", "bank_merge", "write", "max_rms"),
 }
 WINDOWS = ("reset", "slide")
 
@@ -79,8 +79,9 @@ class ContextConfig:
     pooled observation vector per chunk, at most ``bank_size`` entries (when full, the most
     similar adjacent pair is merged, the oldest on a tie; with ``bank_merge`` a new entry
     at least that cosine-similar to the newest merges into it at once), the ``bank_topk``
-    entries most similar to the current observation in the prefix through a learned gate.
-    Trained through the episode.
+    entries most similar to the current observation in the prefix through a learned gate;
+    an entry is a write token's output bounded as memory tokens' is (``write``,
+    ``max_rms``). Trained through the episode.
 
     Options of another kind than ``kind`` must keep their defaults (a clear error says
     which).
@@ -144,6 +145,9 @@ class ContextConfig:
             _require(self.bank_size >= 1 and 1 <= self.bank_topk <= self.bank_size,
                      f"context.bank_size must be >= 1 and context.bank_topk in [1, "
                      f"bank_size]; got bank_size={self.bank_size}, bank_topk={self.bank_topk}")
+            _require(self.write in MEMORY_WRITES and self.max_rms > 0, f"context.write must "
+                     f"be one of {MEMORY_WRITES} and context.max_rms > 0, got "
+                     f"{self.write!r}, {self.max_rms}")
             _require(self.bank_merge is None or -1 <= self.bank_merge <= 1,
                      f"context.bank_merge is a cosine similarity in [-1, 1] (or None: merge "
                      f"only when the bank is full), got {self.bank_merge}")

@@ -3,7 +3,9 @@ of each chunk's observation, one vector per chunk, retrieved by similarity.
 
 - **entry**: a write token at the end of the prefix, in an attention block of its own (it
   sees the whole prefix, nothing of the prefix sees it: RMT's write layout); its output
-  after the backbone's final norm is written to the bank after the chunk
+  (bounded as memory tokens' is, ``context.write``: the residual stream clipped to
+  ``context.max_rms``, or after the backbone's final norm) is written to the bank after the
+  chunk
   (:func:`memvla.layers.memory_bank.bank_write`, at most ``context.bank_size`` entries:
   when full the most similar adjacent pair merges). MemoryVLA's "cognitive" memory: what
   the backbone made of the observation, not its raw pixels (mean-pooled image tokens of a
@@ -11,7 +13,7 @@ of each chunk's observation, one vector per chunk, retrieved by similarity.
 - **query**: the current observation pooled (each camera's image tokens averaged, then
   the cameras), projected (``query``); it scores the projected entries (``key``) by cosine
   similarity, and the top ``context.bank_topk`` enter the prefix before the model's own
-  tokens, oldest first, each RMS-normalised, through ``value`` and scaled by a learned gate
+  tokens, oldest first, each through ``value`` and scaled by a learned gate
   on its score (sigmoid(a·cos + b): an entry that does not fit the query is shut out; the
   bounded score keeps the gate off saturation).
 
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from ..configs import ContextConfig
 from ..layers.memory_bank import bank_retrieve, bank_write
+from ..layers.memory_tokens import clip_rms
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
 
@@ -59,7 +62,7 @@ class BankContext(TemporalContext):
 
     @property
     def reads_normed_output(self) -> bool:
-        return True
+        return self.cfg.write == "norm"
 
     def initial_state(self, batch: int) -> dict:
         dev = self.query.weight.device
@@ -98,7 +101,7 @@ class BankContext(TemporalContext):
         got = keys.gather(1, idx[..., None].expand(-1, -1, keys.shape[-1]))  # (B, k, D)
         a, b = self.gate
         gate = torch.sigmoid(a * top + b) * exists  # (B, k)
-        tokens = self.value(F.rms_norm(got, (got.shape[-1],))) * gate[..., None]  # (B, k, D)
+        tokens = self.value(got) * gate[..., None]  # (B, k, D)
         self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
                                "retrieved": exists.sum(1), "gate": gate.detach()}
         segment = TokenSegment(tokens, exists, torch.zeros_like(idx))
@@ -106,7 +109,9 @@ class BankContext(TemporalContext):
         return [segment, *parts, write]  # the write token: a block of its own, at the end
 
     def update(self, state: dict, hidden: Tensor, cache=None, images=None) -> dict:
-        entry = hidden[:, -1]  # (B, D) the write token's output, after the final norm
+        entry = hidden[:, -1]  # (B, D) the write token's output
+        if self.cfg.write == "clip":  # the residual stream, bounded as memory tokens' is
+            entry = clip_rms(entry[:, None], self.cfg.max_rms)[:, 0]
         state.pop("observed")  # the carried state keeps its structure from chunk to chunk
         keys, count, time = bank_write(state["keys"].to(entry.dtype), state["count"],
                                        state["time"], entry, float(state["turn"]),
