@@ -68,7 +68,8 @@ def test_registry_and_state_checks():
                        r"whose memory_tokens state this policy holds; call reset\(\) first"):
         ctx.check_state(ctx.initial_state(3), 2)
     with pytest.raises(ValueError, match=r"context.kind must be one of \('none', "
-                       r"'memory_tokens', 'frames', 'slow_fast', 'ssm_state', 'bank'\), got 'tape'"):
+                       r"'memory_tokens', 'frames', 'slow_fast', 'ssm_state', 'bank'\), "
+                       r"got 'tape'"):
         ContextConfig(kind="tape")
     with pytest.raises(ValueError, match=r"context.num_frames is an option of "
                        r"context.kind='frames', not of 'memory_tokens': expected its default "
