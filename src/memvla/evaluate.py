@@ -115,7 +115,7 @@ class PolicyRunner:
         self.kept: list[int] = []
         self.memory: list[tuple[int, int, int]] = []  # (chunk index, tokens, kept)
         self.chunks = 0
-        self.last_chunk: np.ndarray | None = None  # (B, n_action_steps, Da) last predicted
+        self.last_action: torch.Tensor | None = None  # (B, Da) of the last call
         policy.reset()
 
     @property
@@ -139,9 +139,14 @@ class PolicyRunner:
             self.kept += pruner_kept(self.policy, running)
             self.memory += [(self.chunks, *m) for m in memory_kept(self.policy, running)]
             self.chunks += 1
-            queued = [action, *self.policy._queue]  # the chunk: this step's and the queue
-            self.last_chunk = torch.stack(queued, 1).float().cpu().numpy()  # (B, n, Da)
+        self.last_action = action
         return action.float().cpu().numpy()  # (B, Da)
+
+    def predicted_chunk(self) -> np.ndarray:
+        """The chunk the last call predicted (B, n_action_steps, Da): its action and the
+        queue (read right after that call)."""
+        queued = [self.last_action, *self.policy._queue]
+        return torch.stack(queued, 1).float().cpu().numpy()  # (B, n, Da)
 
 
 def pruner_kept(policy, running: list[bool]) -> list[int]:
@@ -216,8 +221,10 @@ def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: in
             if predicts:
                 wave.chunk_ms.append(ms)
                 if recorder is not None:
-                    for i in (i for i, r in enumerate(running) if r):
-                        recorder.chunk(seeds[i], obs[i], actor.last_chunk[i])
+                    live = [i for i, r in enumerate(running) if r]
+                    chunk = actor.predicted_chunk()  # (B, n, Da)
+                    recorder.chunks([seeds[i] for i in live], [obs[i] for i in live],
+                                    chunk[live])
             wave.steps += 1
             for i, env in enumerate(envs):
                 if running[i]:

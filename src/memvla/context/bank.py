@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..configs import ContextConfig
 from ..layers.memory_bank import bank_retrieve, bank_write
-from ..layers.memory_tokens import clip_rms
+from ..layers.memory_tokens import bound_written
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
 
@@ -109,9 +109,7 @@ class BankContext(TemporalContext):
         return [segment, *parts, write]  # the write token: a block of its own, at the end
 
     def update(self, state: dict, hidden: Tensor, cache=None, images=None) -> dict:
-        entry = hidden[:, -1]  # (B, D) the write token's output
-        if self.cfg.write == "clip":  # the residual stream, bounded as memory tokens' is
-            entry = clip_rms(entry[:, None], self.cfg.max_rms)[:, 0]
+        entry = bound_written(hidden[:, -1:], self.cfg.write, self.cfg.max_rms)[:, 0]  # (B, D)
         state.pop("observed")  # the carried state keeps its structure from chunk to chunk
         keys, count, time = bank_write(state["keys"].to(entry.dtype), state["count"],
                                        state["time"], entry, float(state["turn"]),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..configs import ContextConfig
-from ..layers.memory_tokens import MemoryTokens, clip_rms
+from ..layers.memory_tokens import MemoryTokens, bound_written
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
 
@@ -49,7 +49,7 @@ class MemoryTokensContext(TemporalContext):
 
     def update(self, state: Tensor, hidden: Tensor, cache=None, images=None) -> Tensor:
         memory = self.tokens.extract(hidden)  # (B, M, D)
-        return memory if self.cfg.write == "norm" else clip_rms(memory, self.cfg.max_rms)
+        return bound_written(memory, self.cfg.write, self.cfg.max_rms)
 
     def norm_bound(self, final_norm_weight: Tensor) -> float:
         """The largest L2 norm a written memory token can have: ``max_rms``·√D when

@@ -144,7 +144,7 @@ def pixel_stats(root: Path, n: int) -> list[tuple | None]:
     statistics for a fused first tower."""
     path = root / "preprocessor_config.json"
     if not path.is_file():
-        return [IMAGENET, None][-n:] if n == 2 else [None]
+        return [IMAGENET, None] if n == 2 else [None]
     pre = read_json(path)
     out = []
     for mean, std in zip(pre.get("means", []), pre.get("stds", []), strict=True):

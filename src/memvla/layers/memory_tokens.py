@@ -53,6 +53,12 @@ def clip_rms(memory: Tensor, max_rms: float) -> Tensor:
     return memory * (max_rms / rms.clamp_min(max_rms))  # (B, M, D)
 
 
+def bound_written(memory: Tensor, write: str, max_rms: float) -> Tensor:
+    """A written memory (B, M, D) bounded as ``context.write`` says: ``clip`` its residual
+    stream to ``max_rms`` per token; ``norm``: it is the final norm's output already."""
+    return memory if write == "norm" else clip_rms(memory, max_rms)
+
+
 def clip_rms_reference(memory: Tensor, max_rms: float) -> Tensor:
     """Loop twin of :func:`clip_rms`, for tests."""
     out = memory.clone()

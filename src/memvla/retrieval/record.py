@@ -74,8 +74,8 @@ def rollout_recorder(path: str | Path, policy) -> RolloutRecorder:
 
 
 class RolloutRecorder:
-    """Items of rollouts as they run: :meth:`chunk` at every predicted chunk (the
-    observation, the chunk's actions), :meth:`end` with each episode's outcome; kept
+    """Items of rollouts as they run: :meth:`chunks` at every predicted chunk (the
+    observations, the chunks' actions), :meth:`end` with each episode's outcome; kept
     until the episode ends (its outcome is known then)."""
 
     def __init__(self, store: ExperienceStore, embedder: ObservationEmbedder,
@@ -84,12 +84,14 @@ class RolloutRecorder:
         self.pending: dict[int, list[tuple[Tensor, Tensor]]] = {}
         self.next_id = int(store.episode.max()) + 1 if len(store) else 0
 
-    def chunk(self, episode: int, obs: dict, actions: np.ndarray) -> None:
-        """One chunk of ``episode``: ``obs`` one environment observation, ``actions``
-        (A, Da) the chunk the policy predicted for it."""
-        images = [torch.from_numpy(np.asarray(obs[k]))[None] for k in self.image_keys]
-        emb = self.embedder(images, [obs["task"]])[0]  # (E,)
-        self.pending.setdefault(episode, []).append((emb, torch.as_tensor(actions)))
+    def chunks(self, episodes: list, observations: list[dict], actions: np.ndarray) -> None:
+        """One chunk of each of ``episodes``: ``observations`` one environment observation
+        each, ``actions`` (N, A, Da) the chunks the policy predicted for them."""
+        images = [torch.from_numpy(np.stack([np.asarray(o[k]) for o in observations]))
+                  for k in self.image_keys]  # per camera (N, H, W, C)
+        emb = self.embedder(images, [o["task"] for o in observations])  # (N, E)
+        for episode, e, a in zip(episodes, emb, torch.as_tensor(actions), strict=True):
+            self.pending.setdefault(episode, []).append((e, a))
 
     def end(self, episode: int, success: bool) -> None:
         items = self.pending.pop(episode, [])

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..context.base import TemporalContext
 from .observation import stack_batches
-from .session import Episode, Session, load_episode, observe_frame, read_episode
+from .session import Episode, Session, load_episode, read_episode
 
 PREDICT, OBSERVE, POP = "predict", "observe", "pop"
 
@@ -180,7 +180,7 @@ class Engine:
                 chunk = policy.predict_action_chunk(obs, noise=noise)[:, :n]  # (B, n, Da)
                 chunk = chunk.float().cpu()
             else:
-                observe_frame(policy, obs)
+                policy.observe(obs)  # as select_action does between chunks
             written = read_episode(policy)
         finally:
             load_episode(policy, Episode())  # the policy holds no session's state between calls

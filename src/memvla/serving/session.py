@@ -60,12 +60,6 @@ def load_episode(policy, episode: Episode) -> None:
     policy.load_episode_state({k: tree[k] for k in policy.episode_attrs})
 
 
-def observe_frame(policy, obs: dict) -> None:
-    """Show a stateful temporal context (e.g. a frame history) the frame of a step that
-    pops a queued action, exactly as ``VLAPolicy.select_action`` does between chunks."""
-    policy.observe(obs)
-
-
 _session_ids = itertools.count(1)
 
 
