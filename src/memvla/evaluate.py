@@ -266,8 +266,6 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
     scripted expert. Returns (results, recordings): the results as :func:`summarize` gives
     them; a recording holds the frames, actions, instruction, seed and success of one of
     the first ``record`` episodes. ``recorder``: see :func:`run_wave`."""
-    from tqdm.auto import tqdm
-
     from .envs import make
 
     if episodes <= 0 or batch <= 0:
@@ -278,13 +276,9 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
     if policy is not None:
         check_compatible(policy, probe)
     probe.close()
-    waves = []
-    with tqdm(total=episodes, desc=f"eval {task}", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for first in range(0, episodes, batch):
-            seeds = list(range(seed + first, seed + min(first + batch, episodes)))
-            waves.append(run_wave(task, task_options, seeds, policy, max(0, record - first),
-                                  on_done=lambda: bar.update(1), recorder=recorder))
+    waves = run_waves(episodes, batch, seed, record, f"eval {task}", progress,
+                      lambda seeds, rec, done: run_wave(task, task_options, seeds, policy, rec,
+                                                        on_done=done, recorder=recorder))
     results = summarize(waves, task=task, task_options=task_options, seed=seed, batch=batch,
                         chance_level=chance)
     if any(w.kept for w in waves):
@@ -292,6 +286,21 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
     if any(w.memory for w in waves):
         results["memory_tokens"] = memory_summary([m for w in waves for m in w.memory])
     return results, [r for w in waves for r in w.recordings]
+
+
+def run_waves(episodes: int, batch: int, seed: int, record: int, desc: str, progress: bool,
+              wave) -> list[Wave]:
+    """Episodes ``seed`` … ``seed + episodes − 1`` in waves of ``batch``: ``wave(seeds,
+    record, on_done)`` runs one (recording its first ``record`` episodes, calling
+    ``on_done`` as each ends), under one progress bar."""
+    from tqdm.auto import tqdm
+
+    waves = []
+    with tqdm(total=episodes, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for first in range(0, episodes, batch):
+            seeds = list(range(seed + first, seed + min(first + batch, episodes)))
+            waves.append(wave(seeds, max(0, record - first), lambda: bar.update(1)))
+    return waves
 
 
 def summarize(waves: list[Wave], **meta) -> dict:

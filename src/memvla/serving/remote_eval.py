@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..evaluate import Wave, _step, summarize  # the same episode bookkeeping
+from ..evaluate import Wave, _step, run_waves, summarize  # the same episode bookkeeping
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -88,8 +88,6 @@ def remote_evaluate(task: str, episodes: int, server: str, api_key: str | None =
                     batch: int = 8, seed: int = 0, task_options: dict | None = None,
                     record: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
     """:func:`memvla.evaluate.evaluate` with the policy served at ``server`` (HOST:PORT)."""
-    from tqdm.auto import tqdm
-
     from ..client import PolicyClient
     from ..envs import make
 
@@ -105,13 +103,9 @@ def remote_evaluate(task: str, episodes: int, server: str, api_key: str | None =
         check_served(meta, probe)
     finally:
         probe.close()
-    waves = []
-    with tqdm(total=episodes, desc=f"eval {task} @ {server}", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for first in range(0, episodes, batch):
-            seeds = list(range(seed + first, seed + min(first + batch, episodes)))
-            waves.append(_remote_wave(task, task_options, seeds, host, port, api_key,
-                                      max(0, record - first), lambda: bar.update(1)))
+    waves = run_waves(episodes, batch, seed, record, f"eval {task} @ {server}", progress,
+                      lambda seeds, rec, done: _remote_wave(task, task_options, seeds, host,
+                                                            port, api_key, rec, done))
     results = summarize(waves, task=task, task_options=task_options, seed=seed, batch=batch,
                         chance_level=chance)
     results["server"] = server
