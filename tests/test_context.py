@@ -32,7 +32,10 @@ KINDS = {"none": [],
                              "context.window=slide", "context.num_history=1"],
          "ssm_state": ["context.kind=ssm_state"],
          # two entries for four chunks: entries merge on the way
-         "bank": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2"]}
+         "bank": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2"],
+         # items of a store of the test's episode (attached by _with_store)
+         "experience": ["context.kind=experience", "context.store_chunk=4",
+                        "context.store_topk=2"]}
 MAMBA_ONLY = ("ssm_state",)  # the kinds of a Mamba backbone, and what it runs with
 CASES = [(kind, preset) for kind in KINDS for preset in ("tiny", "tiny-oft")
          if not kind.startswith(MAMBA_ONLY)]
@@ -61,14 +64,15 @@ def test_state_trees_detach_select_and_batch():
 
 
 def test_registry_and_state_checks():
-    assert type(make_context(ContextConfig(), 16)) is TemporalContext
-    ctx = make_context(ContextConfig(kind="memory_tokens", num_tokens=2), 16)
+    assert type(make_context(ContextConfig(), 16, 4)) is TemporalContext
+    ctx = make_context(ContextConfig(kind="memory_tokens", num_tokens=2), 16, 4)
     assert ctx.recurrent and ctx.initial_state(3).shape == (3, 2, 16)
     with pytest.raises(ValueError, match=r"observation batch size 2 differs from the 3 episodes "
                        r"whose memory_tokens state this policy holds; call reset\(\) first"):
         ctx.check_state(ctx.initial_state(3), 2)
     with pytest.raises(ValueError, match=r"context.kind must be one of \('none', "
-                       r"'memory_tokens', 'frames', 'slow_fast', 'ssm_state', 'bank'\), "
+                       r"'memory_tokens', 'frames', 'slow_fast', 'ssm_state', 'bank', "
+                       r"'experience'\), "
                        r"got 'tape'"):
         ContextConfig(kind="tape")
     with pytest.raises(ValueError, match=r"context.num_frames is an option of "
@@ -77,6 +81,17 @@ def test_registry_and_state_checks():
         ContextConfig(kind="memory_tokens", num_frames=3)
     with pytest.raises(ValueError, match=r"context.frame_stride must be > 0, got 0"):
         ContextConfig(kind="frames", frame_stride=0)
+
+
+def _with_store(policy, root):
+    """``policy`` reading a store of the dataset at ``root`` (context.kind=experience)."""
+    if policy.model.context.retrieves:
+        from memvla.retrieval import store_from_dataset
+
+        c = policy.config
+        policy.attach_experience(store_from_dataset(root, c.context.store_chunk,
+                                                    c.n_action_steps, progress=False))
+    return policy
 
 
 def _obs(seg: dict) -> dict:
@@ -123,6 +138,7 @@ def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, preset
     policy = make_policy(cfg).eval()
     length, n, m = 13, 4, cfg.model
     write_episode(tmp_path / "ds", cfg, length)
+    _with_store(policy, tmp_path / "ds")
     ds = LeRobotV3Dataset(tmp_path / "ds")
     frames = [{"observation.images.top": ds[t]["observation.images.top"][None],
                "observation.state": ds[t]["observation.state"][None], "task": [ds[t]["task"]]}
@@ -159,7 +175,8 @@ def test_a_kind_streams_as_it_trains_resets_changes_and_round_trips(kind, preset
     assert policy.context_state is None
     assert torch.equal(run(policy)[0][0], steps[0][0])  # a fresh episode repeats itself
     # a save/load round trip gives the same actions, step after step
-    loaded = load_policy(policy.save_pretrained(tmp_path / "p"), device="cpu").eval()
+    loaded = _with_store(load_policy(policy.save_pretrained(tmp_path / "p"), device="cpu"),
+                         tmp_path / "ds").eval()
     for (a, _), (b, _) in zip(run(loaded), steps, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -189,7 +206,8 @@ def test_a_recurrent_model_needs_its_state():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
-@pytest.mark.parametrize("kind", ["memory_tokens", "frames", "frames-mem", "bank"])
+@pytest.mark.parametrize("kind", ["memory_tokens", "frames", "frames-mem", "bank",
+                                  "experience"])
 def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
     from memvla.data.segments import EpisodeSegmentLoader
@@ -198,6 +216,7 @@ def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tm
     cfg = narrow_config(preset, extra=["n_action_steps=4", *KINDS[kind]])
     policy = make_policy(cfg)
     write_episode(tmp_path / "ds", cfg, 13)
+    _with_store(policy, tmp_path / "ds")
     if cfg.context.recurrent:
         batch = EpisodeSegmentLoader(LeRobotV3Dataset(tmp_path / "ds"), cfg.model.chunk_size,
                                      1, shuffle=False, stride=4).collate([0])

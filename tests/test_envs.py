@@ -12,7 +12,7 @@ from memvla.envs import memory_maze
 from memvla.envs.render import COLOR_NAMES
 
 BASE_TASKS = ["remember-color", "shell-game", "seq-of-colors", "take-it-back", "reach-color",
-              "memory-maze"]
+              "memory-maze", "unseen-names"]
 ALL_TASKS = envs.task_names()
 MAZE_DIMS = (memory_maze.STATE_DIM, memory_maze.ACTION_DIM)  # (Ds, Da) of memory-maze
 

@@ -18,8 +18,10 @@ COMMANDS = {
     "train": "train",
     "eval": "eval",
     "demo": "demo",
+    "exam": "exam",
     "import": "import_",
     "serve": "serve",
+    "store": "store",
 }
 
 

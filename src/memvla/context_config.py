@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from .config_utils import _positive, _require
 
-CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state", "bank")
+CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state", "bank",
+                 "experience")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
 FRAMES_MODES = ("tokens", "pooled", "mem")
@@ -22,7 +23,10 @@ CONTEXT_OPTIONS = {
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
                   "voxel_size"),
     "bank": ("bank_size", "bank_topk", "bank_merge", "write", "max_rms"),
+    "experience": ("store_topk", "store_chunk", "store_dropout", "retrieve_below",
+                   "confidence", "confidence_samples", "max_spread"),
 }
+CONFIDENCES = ("spread", "entropy")
 WINDOWS = ("reset", "slide")
 
 
@@ -83,6 +87,19 @@ class ContextConfig:
     an entry is a write token's output bounded as memory tokens' is (``write``,
     ``max_rms``). Trained through the episode.
 
+    ``experience``: items of an experience store across episodes in the prefix
+    (:mod:`memvla.context.experience`, :mod:`memvla.retrieval`): the ``store_topk``
+    items nearest to the current observation and instruction, each one token made of its
+    first ``store_chunk`` actions and its outcome (success or failure). The store is
+    attached to the policy (``policy.attach_experience(store)``, ``memvla eval --store``);
+    ``memvla train`` builds one from the training set and never retrieves a sample's own
+    episode; ``store_dropout``: the share of training samples given no items (so that the
+    policy also acts without them). Switching (seed 003's hybrid): a chunk retrieves only
+    when the policy's confidence without items is below ``retrieve_below`` (None: always;
+    0: never), measured as ``confidence`` = ``spread`` (of ``confidence_samples`` flow
+    samples, a spread of ``max_spread`` or more is confidence 0) or ``entropy`` (of the
+    token pruner's votes); see :mod:`memvla.policies.confidence`.
+
     Options of another kind than ``kind`` must keep their defaults (a clear error says
     which).
     """
@@ -106,6 +123,13 @@ class ContextConfig:
     bank_size: int = 16
     bank_topk: int = 4
     bank_merge: float | None = None
+    store_topk: int = 4
+    store_chunk: int = 8
+    store_dropout: float = 0.0
+    retrieve_below: float | None = None
+    confidence: str = "spread"
+    confidence_samples: int = 4
+    max_spread: float = 1.0
 
     def __post_init__(self):
         _require(self.kind in CONTEXT_KINDS, f"context.kind must be one of {CONTEXT_KINDS}, "
@@ -151,6 +175,19 @@ class ContextConfig:
             _require(self.bank_merge is None or -1 <= self.bank_merge <= 1,
                      f"context.bank_merge is a cosine similarity in [-1, 1] (or None: merge "
                      f"only when the bank is full), got {self.bank_merge}")
+        if self.kind == "experience":
+            _positive("context", store_topk=self.store_topk, store_chunk=self.store_chunk,
+                      max_spread=self.max_spread)
+            _require(0 <= self.store_dropout < 1, f"context.store_dropout is a share of "
+                     f"training samples in [0, 1), got {self.store_dropout}")
+            _require(self.retrieve_below is None or (isinstance(
+                self.retrieve_below, int | float) and self.retrieve_below >= 0),
+                f"context.retrieve_below is a confidence threshold >= 0 (0: never retrieve; "
+                f"None: always), got {self.retrieve_below!r}")
+            _require(self.confidence in CONFIDENCES, f"context.confidence must be one of "
+                     f"{CONFIDENCES}, got {self.confidence!r}")
+            _require(self.confidence_samples >= 2, f"context.confidence_samples must be >= 2 "
+                     f"(the spread of one sample is 0), got {self.confidence_samples}")
         if self.kind == "memory_tokens":
             _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
                      f"context.kind=memory_tokens, got {self.num_tokens}")
@@ -170,7 +207,7 @@ class ContextConfig:
     @property
     def stateful(self) -> bool:
         """True when the policy carries something from step to step at inference."""
-        return self.kind != "none"
+        return self.kind not in ("none", "experience")
 
     @property
     def history_offsets(self) -> list[int]:

@@ -114,6 +114,7 @@ class PolicyRunner:
         self.generators = [torch.Generator(device=policy.device).manual_seed(s) for s in seeds]
         self.kept: list[int] = []
         self.memory: list[tuple[int, int, int]] = []  # (chunk index, tokens, kept)
+        self.retrieved: list[bool] = []  # per running episode and chunk: it retrieved
         self.chunks = 0
         self.last_action: torch.Tensor | None = None  # (B, Da) of the last call
         policy.reset()
@@ -138,6 +139,7 @@ class PolicyRunner:
         if predicts:
             self.kept += pruner_kept(self.policy, running)
             self.memory += [(self.chunks, *m) for m in memory_kept(self.policy, running)]
+            self.retrieved += chunk_retrieved(self.policy, running)
             self.chunks += 1
         self.last_action = action
         return action.float().cpu().numpy()  # (B, Da)
@@ -157,6 +159,15 @@ def pruner_kept(policy, running: list[bool]) -> list[int]:
     if last is None:
         return []
     return [int(k) for k, r in zip(last.tolist(), running, strict=True) if r]
+
+
+def chunk_retrieved(policy, running: list[bool]) -> list[bool]:
+    """Whether each still-running episode's last chunk retrieved from an experience store
+    ([] for a policy without one)."""
+    last = getattr(policy, "last_retrieval", None)
+    if last is None:
+        return []
+    return [bool(u) for u, r in zip(last["retrieved"].tolist(), running, strict=True) if r]
 
 
 def memory_kept(policy, running: list[bool]) -> list[tuple[int, int]]:
@@ -185,6 +196,7 @@ class Wave:
     steps: int = 0
     kept: list[int] = field(default_factory=list)
     memory: list[tuple[int, int, int]] = field(default_factory=list)
+    retrieved: list[bool] = field(default_factory=list)
 
     @classmethod
     def start(cls, obs: list[dict], seeds: list[int], record: int) -> Wave:
@@ -233,6 +245,7 @@ def run_wave(task: str, options: dict, seeds: list[int], policy=None, record: in
                         recorder.end(seeds[i], wave.episodes[i]["success"])
         wave.kept = getattr(actor, "kept", [])
         wave.memory = getattr(actor, "memory", [])
+        wave.retrieved = getattr(actor, "retrieved", [])
         return wave
     finally:
         for env in envs:
@@ -285,6 +298,10 @@ def evaluate(task: str, episodes: int, policy=None, batch: int = 8, seed: int = 
         results["pruner_kept"] = kept_summary(policy, [k for w in waves for k in w.kept])
     if any(w.memory for w in waves):
         results["memory_tokens"] = memory_summary([m for w in waves for m in w.memory])
+    retrieved = [r for w in waves for r in w.retrieved]
+    if retrieved:  # switching by confidence: the share of chunks that retrieved
+        results["retrieval"] = {"chunks": len(retrieved),
+                                "retrieved_share": float(np.mean(retrieved))}
     return results, [r for w in waves for r in w.recordings]
 
 
@@ -391,4 +408,7 @@ def format_results(r: dict) -> str:
         m = r["memory_tokens"]
         text += (f"; memory tokens {m['mean_kept']:.1f} of {m['mean_tokens']:.1f} per chunk "
                  f"kept ({m['pruned_share']:.1%} pruned by voxel)")
+    if "retrieval" in r:
+        text += (f"; retrieved on {r['retrieval']['retrieved_share']:.1%} of "
+                 f"{r['retrieval']['chunks']} chunks")
     return text

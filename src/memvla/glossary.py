@@ -25,5 +25,8 @@ Dn    state size per inner channel of a selective SSM (``d_state``)
 Kc    width of a Mamba mixer's causal depthwise convolution (``d_conv``)
 R     rank of a Mamba mixer's time-step projection (``dt_rank``)
 Lc    chunk length of the chunked selective scan; ``Nc`` the number of chunks
+E     width of an experience store's embeddings (:mod:`memvla.retrieval`)
+k     items retrieved per query (``A_s`` the actions of one item the model reads); ``K``
+      is also the draws per observation where a confidence samples several chunks
 ====  =======================================================================
 """

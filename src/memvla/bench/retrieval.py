@@ -1,4 +1,5 @@
-"""``memvla bench retrieval``: the experience store's query latency and memory by size.
+"""``memvla bench retrieval``: the experience store's query latency and memory by size
+(with ``--success``: what a store does for a policy, :mod:`memvla.bench.retrieval_success`).
 
 Stores of ``--sizes`` items (unit embeddings of the default embedder's width, clustered
 by episode of 50 items as a store is; 8 × 3 action chunks) are built and queried one
@@ -27,6 +28,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--queries", type=int, default=200, help="timed queries per store")
     parser.add_argument("--k", type=int, default=5, help="neighbours per query (5)")
     parser.add_argument("--seed", type=int, default=0)
+    from .retrieval_success import add_arguments as success_arguments
+
+    success_arguments(parser)
 
 
 def _store(n: int, dim: int, index: str, rng: np.random.Generator):
@@ -86,6 +90,15 @@ def measure(n: int, dim: int, index: str, args) -> dict:
 def run(args) -> int:
     from ..retrieval import ObservationEmbedder
     from .timing import format_table
+
+    if args.success:
+        from .retrieval_success import render, run_success
+
+        results = run_success(args)
+        print(render(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
 
     dim = ObservationEmbedder().dim
     rows, out = [], []

@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--record-to", metavar="STORE", help="add every predicted chunk of "
                         "the rollouts (observation, actions, the episode's outcome) to the "
                         "experience store STORE (created when missing)")
+    parser.add_argument("--store", metavar="STORE", help="the experience store a "
+                        "context.kind=experience policy retrieves from (e.g. made by "
+                        "'memvla store'); switching by confidence: --set "
+                        "context.retrieve_below=0.5")
     parser.add_argument("--device", help="where the policy runs: cpu, cuda or cuda:N "
                         "(default: CUDA when available, else cpu)")
     parser.add_argument("--out", required=True, help="output directory (eval.json, GIFs)")
@@ -55,6 +59,10 @@ def run(args) -> int:
         if not args.checkpoint:
             raise ValueError("give --checkpoint RUN (or --policy expert)")
         policy = load_policy(args.checkpoint, device=device, overrides=args.set).eval()
+        if args.store:
+            policy.attach_experience(args.store)
+    elif args.store:
+        raise ValueError("--store feeds a policy's retrieval: give --checkpoint")
     recorder = None
     if args.record_to:
         if policy is None:

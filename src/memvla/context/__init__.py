@@ -11,6 +11,8 @@ behind one interface (:mod:`memvla.context.base`).
 - ``ssm_state``: a Mamba backbone's recurrent state (:mod:`memvla.context.ssm_state`).
 - ``bank``: a bounded bank of past observations, retrieved by similarity
   (:mod:`memvla.context.bank`).
+- ``experience``: items of an experience store across episodes, retrieved by the policy
+  (:mod:`memvla.context.experience`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .base import (
     state_batch,
     state_leaves,
 )
+from .experience import ExperienceContext
 from .frames import FramesContext
 from .memory_tokens import MemoryTokensContext
 from .slow_fast import SlowFastContext
@@ -36,19 +39,22 @@ CONTEXTS: dict[str, type[TemporalContext]] = {"none": TemporalContext,
                                               "frames": FramesContext,
                                               "slow_fast": SlowFastContext,
                                               "ssm_state": SSMStateContext,
-                                              "bank": BankContext}
+                                              "bank": BankContext,
+                                              "experience": ExperienceContext}
 
 
-def make_context(cfg: ContextConfig, width: int) -> TemporalContext:
-    """The temporal context of ``cfg.kind`` for a backbone of width ``width``."""
+def make_context(cfg: ContextConfig, width: int, action_dim: int) -> TemporalContext:
+    """The temporal context of ``cfg.kind`` for a backbone of width ``width`` and actions
+    of ``action_dim`` (padded) dimensions."""
     if cfg.kind not in CONTEXTS:
         raise ValueError(f"context.kind must be one of {tuple(CONTEXTS)}, got {cfg.kind!r}")
     cls = CONTEXTS[cfg.kind]
-    return cls() if cls is TemporalContext else cls(cfg, width)
+    if cls is TemporalContext:
+        return cls()
+    return cls(cfg, width, action_dim) if cls is ExperienceContext else cls(cfg, width)
 
 
-__all__ = ["CONTEXTS", "BankContext", "FramesContext", "MemoryTokensContext", "SSMStateContext",
-           "SlowFastContext", "State",
-           "TemporalContext",
-           "detach_state", "make_context", "map_state", "select_state", "state_batch",
-           "state_leaves"]
+__all__ = ["CONTEXTS", "BankContext", "ExperienceContext", "FramesContext",
+           "MemoryTokensContext", "SSMStateContext", "SlowFastContext", "State",
+           "TemporalContext", "detach_state", "make_context", "map_state", "select_state",
+           "state_batch", "state_leaves"]

@@ -102,6 +102,12 @@ class TemporalContext(nn.Module):
         return self.recurrent
 
     @property
+    def retrieves(self) -> bool:
+        """True when the prefix takes items the policy retrieves for each chunk from an
+        experience store (:mod:`memvla.context.experience`)."""
+        return False
+
+    @property
     def keeps_cache(self) -> bool:
         """True when the model's sequence is appended to a key/value cache of earlier turns
         that the state carries (:meth:`prefix_cache`, written back by :meth:`update`)."""

@@ -94,6 +94,15 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     grounding control); no twin (``memoryless=True`` is accepted and changes nothing).
     ``layout`` as in remember-color. Chance 1/n_colors. Max steps 25.
     ``reset(options={"cue": i})`` forces the target.
+``unseen-names`` (``memvla/UnseenNames-v0``)
+    The same scene in every episode (``n_objects`` discs, 2..5, default 3, of fixed colours
+    in a row along the top; the effector starts near the middle of the bottom edge); the
+    instruction names the target by a made-up word ("touch the dax") that
+    always stands for the same object. ``names="train"`` draws from ``n_train_names``
+    words (default 200), ``"test"`` from ``n_test_names`` others (default 20) never in
+    training: their meaning is only in stored experience (:mod:`memvla.retrieval`). Chance
+    1/n_objects. Max steps 25. ``reset(options={"name": w})`` forces the word,
+    ``{"decoy": j}`` sends the expert to a wrong object (a failed episode).
 
 ``memory-maze`` (``memvla/MemoryMaze-v0``)
     Ego-centric, unlike the others: a first-person view of a ``maze_size`` grid maze

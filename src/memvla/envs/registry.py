@@ -59,6 +59,8 @@ def _specs() -> dict[str, TaskSpec]:
          "touch the object whose colour the instruction names (no memory needed)"),
         ("memory-maze", "memory_maze:MemoryMazeEnv", "MemoryMaze", True,
          "first-person maze: a guided tour past coloured markers, then back to the named one"),
+        ("unseen-names", "unseen_names:UnseenNamesEnv", "UnseenNames", False,
+         "touch the object a made-up word names; test words are only in stored experience"),
     ]  # fmt: skip
     specs = {}
     for name, entry, camel, memory, summary in base:

@@ -97,6 +97,20 @@ class KVCache:
         self.values = [None] * self.num_layers
         self.key_pad = self.key_block = self.key_pos = None
 
+    def repeat_interleave(self, k: int) -> KVCache:
+        """A cache whose batch repeats each of this one's rows ``k`` times (B·k, ...): one
+        prefix read by k samples (e.g. K noise draws of one observation)."""
+        if self.recurrent is not None:
+            raise ValueError("KVCache.repeat_interleave: a recurrent backbone's state is not "
+                             "repeated here")
+        out = KVCache(self.num_layers)
+        out.keys = [None if t is None else t.repeat_interleave(k, 0) for t in self.keys]
+        out.values = [None if t is None else t.repeat_interleave(k, 0) for t in self.values]
+        out.key_pad, out.key_block, out.key_pos = (
+            None if t is None else t.repeat_interleave(k, 0)
+            for t in (self.key_pad, self.key_block, self.key_pos))
+        return out
+
     def detach(self) -> KVCache:
         """Cut the autograd graph in place (state carried across steps); returns self."""
         for i in range(self.num_layers):

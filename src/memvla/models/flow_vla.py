@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import ContextConfig, FlowVLAConfig
-from ..context import MemoryTokensContext, make_context
+from ..context import MemoryTokensContext, make_context, map_state
 from ..layers.connector import Connector
 from ..layers.flow_matching import (
     action_time_embed,
@@ -190,7 +190,7 @@ class FlowMatchingVLA(nn.Module):
         else:
             self.action_time_mlp_in = nn.Linear(2 * de, de)
             self.action_time_mlp_out = nn.Linear(de, de)
-        self.context = make_context(context or ContextConfig(), d)
+        self.context = make_context(context or ContextConfig(), d, cfg.max_action_dim)
         self.pruner: TokenPruner | None = None
         self.pruner_key_proj: nn.Linear | None = None  # action (or state) -> pruner key
         self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last prefix built
@@ -432,6 +432,31 @@ class FlowMatchingVLA(nn.Module):
         actions = euler_sample(lambda x, t: self.velocity(cache, state, x, t), noise,
                                num_steps or self.cfg.num_steps)
         return actions, new_state
+
+    @torch.no_grad()
+    def sample_many(self, images, lang_ids, lang_pad, state, noise: Tensor,
+                    context_state=None) -> Tensor:
+        """K chunks of each observation from K noises (B, K, A, Da') -> (B, K, A, Da'): the
+        prefix runs once per observation and every draw denoises against it (a pruner that
+        reads the noise, or a recurrent backbone, runs the prefix per draw). The context's
+        next state is not returned: the draws are a measurement, not a step."""
+        b, k = noise.shape[:2]
+        flat = noise.flatten(0, 1)  # (B·K, A, Da')
+        if (self.pruner_actions(flat, None, None)[0] is not None
+                or self.cfg.backbone == "mamba"):
+            def rep(x):
+                return None if x is None else x.repeat_interleave(k, 0)  # (B·K, ...)
+
+            x, _ = self.sample_actions([rep(i) for i in images], rep(lang_ids), rep(lang_pad),
+                                       rep(state), flat, context_state=map_state(
+                                           rep, context_state))
+            return x.view(b, k, *x.shape[1:])
+        with pruning_for_inference(self.pruner):
+            cache, _ = self.prefill(images, lang_ids, lang_pad, state, context_state)
+        cache, state = cache.repeat_interleave(k), state.repeat_interleave(k, 0)
+        x = euler_sample(lambda x, t: self.velocity(cache, state, x, t), flat,
+                         self.cfg.num_steps)  # (B·K, A, Da')
+        return x.view(b, k, *x.shape[1:])
 
     @torch.no_grad()
     def sample_actions_uncached(self, images, lang_ids, lang_pad, state,

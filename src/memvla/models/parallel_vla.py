@@ -256,7 +256,7 @@ class ParallelVLA(nn.Module):
         self.text_actions = cfg.action_head == "text"  # the LM head reads action tokens
         self.action_head = None if self.text_actions else L1RegressionActionHead(
             d, cfg.head_hidden or d, cfg.chunk_size, cfg.max_action_dim, cfg.head_blocks)
-        self.context = make_context(context or ContextConfig(), d)
+        self.context = make_context(context or ContextConfig(), d, cfg.max_action_dim)
         self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last call
         self.pruner = None
         if cfg.pruner.enabled:

@@ -34,6 +34,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .episodes import ContextPolicyMixin
+from .experience import ExperiencePolicyMixin
 from .inputs import check_observation, images_to_float
 from .processor import Normalizer, resize_with_pad, state_prompts
 
@@ -43,7 +44,7 @@ def pad_last(x: Tensor, size: int) -> Tensor:
     return F.pad(x, (0, size - x.shape[-1]))
 
 
-class VLAPolicy(ContextPolicyMixin, nn.Module):
+class VLAPolicy(ExperiencePolicyMixin, ContextPolicyMixin, nn.Module):
     """Base of the policies: config -> model + processors + tokenizer + action queue."""
 
     policy_type: str = ""

@@ -20,14 +20,14 @@ import math
 import torch
 from torch import Tensor
 
-from ..context import map_state
-
 
 @torch.no_grad()
-def sample_spread(policy, obs: dict, samples: int = 8, generator: torch.Generator | None = None
-                  ) -> Tensor:
-    """The spread of ``samples`` chunks of a flow-matching ``policy`` for ``obs`` (B,);
-    the policy's carried state is read, not changed."""
+def sample_chunks(policy, obs: dict, samples: int, generator: torch.Generator | None = None,
+                  first: Tensor | None = None) -> Tensor:
+    """``samples`` chunks of a flow-matching ``policy`` for ``obs`` (B, K, A, Da'),
+    normalised, from one prefix per observation; ``first`` (B, A, Da'): the noise of the
+    first draw (else drawn like the others). The policy's carried state is read, not
+    changed."""
     if policy.config.family != "flow":
         raise ValueError(f"sample_spread samples a flow-matching policy's noise; a "
                          f"{policy.config.family!r} policy regresses one chunk")
@@ -35,20 +35,27 @@ def sample_spread(policy, obs: dict, samples: int = 8, generator: torch.Generato
         raise ValueError(f"sample_spread needs samples >= 2, got {samples}")
     images, ids, pad, state = policy.encode_observation(obs)
     b, m = ids.shape[0], policy.config.model
-
-    def rep(x):
-        return x.repeat_interleave(samples, 0)  # (B·K, ...)
-
     context = policy.context_state
     if context is None and policy.model.context.stateful:
         context = policy.model.initial_state(b)
-    context = map_state(rep, context) if context is not None else None
-    noise = torch.randn(b * samples, m.chunk_size, m.max_action_dim, generator=generator,
-                        device=policy.device).to(policy.dtype)  # (B·K, A, Da')
-    x, _ = policy.model.sample_actions([rep(i) for i in images], rep(ids), rep(pad),
-                                       rep(state), noise=noise, context_state=context)
-    x = x[..., : policy.config.action_dim].float().view(b, samples, *x.shape[1:2], -1)
-    return x.std(1).mean((1, 2))  # (B,)
+    noise = torch.randn(b, samples, m.chunk_size, m.max_action_dim, generator=generator,
+                        device=policy.device).to(policy.dtype)  # (B, K, A, Da')
+    if first is not None:
+        noise[:, 0] = first.to(noise)
+    return policy.model.sample_many(images, ids, pad, state, noise, context_state=context)
+
+
+def sample_spread(policy, obs: dict, samples: int = 8, generator: torch.Generator | None = None
+                  ) -> Tensor:
+    """The spread of ``samples`` chunks of a flow-matching ``policy`` for ``obs`` (B,);
+    the policy's carried state is read, not changed."""
+    x = sample_chunks(policy, obs, samples, generator)[..., : policy.config.action_dim]
+    return spread_of(x)
+
+
+def spread_of(chunks: Tensor) -> Tensor:
+    """K chunks per observation (B, K, A, Da) -> their spread (B,)."""
+    return chunks.float().std(1).mean((1, 2))
 
 
 def vote_entropy(votes: Tensor) -> Tensor:

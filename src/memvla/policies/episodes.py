@@ -85,8 +85,11 @@ class ContextPolicyMixin:
     def _history_from_batch(self, batch: dict):
         """A frame-history policy's model state from a frame batch: the frames before each
         one, ``history.<camera key>`` (B, K, ...) and ``history.<camera key>_is_pad``
-        (B, K) (:class:`memvla.policies.frames.FrameCollate` makes them); None for the
+        (B, K) (:class:`memvla.policies.frames.FrameCollate` makes them); for
+        ``context.kind="experience"`` the items retrieved for each frame; None for the
         other kinds."""
+        if self.model.context.retrieves:
+            return self._experience_for_batch(batch)
         offsets = self.config.context.history_offsets
         if not offsets:
             return None

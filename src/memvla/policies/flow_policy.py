@@ -121,16 +121,23 @@ class FlowVLAPolicy(VLAPolicy):
         context's state and writes the next one (one update per predicted chunk)."""
         raw, (images, ids, pad, state) = self._encode(obs)
         b = state.shape[0]
-        model_state, seen = self._context_input(raw, b, obs)
+        fast = None
+        if self.model.context.retrieves:  # items of the store, or the fast path's chunk
+            (model_state, fast), seen = self._switch(obs, raw, noise), None
+        else:
+            model_state, seen = self._context_input(raw, b, obs)
         prev_actions, prev_valid = self._prev_chunk or (None, None)
         if prev_actions is not None and prev_actions.shape[0] != b:
             raise ValueError(f"observation batch size {b} differs from the "
                              f"{prev_actions.shape[0]} episodes whose previous action chunk "
                              "this policy keeps; call reset() first")
-        x, new_state = self.model.sample_actions(images, ids, pad, state, noise,
-                                                 context_state=model_state,
-                                                 prev_actions=prev_actions,
-                                                 prev_valid=prev_valid)  # (B, A, Da')
+        x = new_state = None
+        if fast is None or model_state is not None:
+            x, new_state = self.model.sample_actions(images, ids, pad, state, noise,
+                                                     context_state=model_state,
+                                                     prev_actions=prev_actions,
+                                                     prev_valid=prev_valid)  # (B, A, Da')
+        x = self._switched(x, fast)  # (B, A, Da')
         self._context_output(seen, new_state)
         if self._reads_prev_chunk:
             executed = x[:, : self.config.n_action_steps].clone()  # (B, n, Da')

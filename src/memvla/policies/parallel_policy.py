@@ -91,9 +91,16 @@ class ParallelVLAPolicy(VLAPolicy):
         the common API and ignored (the chunk is regressed, not sampled). A recurrent
         policy reads its context's state and writes the next one."""
         raw, (images, ids, pad, state) = self._encode(obs)
-        model_state, seen = self._context_input(raw, state.shape[0], obs)
-        x, new_state = self.model.predict(images, ids, pad, state,
-                                          context_state=model_state)  # (B, A, Da')
+        fast = None
+        if self.model.context.retrieves:  # items of the store, or the fast path's chunk
+            (model_state, fast), seen = self._switch(obs, raw), None
+        else:
+            model_state, seen = self._context_input(raw, state.shape[0], obs)
+        x = new_state = None
+        if fast is None or model_state is not None:
+            x, new_state = self.model.predict(images, ids, pad, state,
+                                              context_state=model_state)  # (B, A, Da')
+        x = self._switched(x, fast)  # (B, A, Da')
         self._context_output(seen, new_state)
         x = x[..., : self.config.action_dim]  # (B, A, Da)
         if self.model.text_actions:  # decoded tokens: one-hot discrete actions

@@ -59,6 +59,15 @@ class ObservationEmbedder:
     def dim(self) -> int:
         return self.text_dim + self.cameras * self.channels * self.grid ** 2
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> ObservationEmbedder:
+        """The embedder a store's spec describes (an unknown embedder is refused)."""
+        if spec.get("name") != NAME:
+            raise ValueError(f"experience store: embedder {spec.get('name')!r} is not one "
+                             f"this version has ({NAME!r})")
+        fields = {k: spec[k] for k in cls.__dataclass_fields__ if k in spec}
+        return cls(**fields)
+
     def spec(self) -> dict:
         """What a store records of its embedder (and compares on load)."""
         return {"name": NAME, **asdict(self), "dim": self.dim}

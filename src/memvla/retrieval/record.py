@@ -30,15 +30,19 @@ def store_from_dataset(root: str | Path, chunk: int, stride: int | None = None,
                        embedder: ObservationEmbedder | None = None, progress: bool = True
                        ) -> ExperienceStore:
     """The items of every episode of dataset ``root`` (all ``success``, as a dataset of
-    kept expert episodes is), added to ``store`` (default: a new one)."""
+    kept expert episodes is), added to ``store`` (default: a new one, whose episode ids are
+    the dataset's ``episode_index``; added to a store that holds items, new ids after
+    its own)."""
     from ..data.lerobot_v3 import LeRobotV3Dataset
 
     ds = LeRobotV3Dataset(root, images_as="uint8")
     cams = ds.image_keys
-    embedder = embedder or ObservationEmbedder(cameras=len(cams))
+    embedder = embedder or (ObservationEmbedder.from_spec(store.embedder) if store is not None
+                            else ObservationEmbedder(cameras=len(cams)))
     action_dim = ds.features["action"]["shape"][0]
     store = store or ExperienceStore(embedder.spec(), chunk, action_dim)
-    first_id = int(store.episode.max()) + 1 if len(store) else 0
+    ids = (np.arange(ds.num_episodes) + int(store.episode.max()) + 1 if len(store)
+           else np.asarray(ds.episode_index))  # (E,)
     for e in tqdm(range(ds.num_episodes), desc="store", disable=not progress):
         lo, hi = ds.episode_range(e)
         starts = np.arange(0, hi - lo, stride or chunk)
@@ -48,7 +52,7 @@ def store_from_dataset(root: str | Path, chunk: int, stride: int | None = None,
         actions = chunk_actions(ds.get_numpy("action", np.arange(lo, hi)), starts, chunk)
         n = len(frames)
         store.add(embedder(images, tasks), torch.from_numpy(actions),
-                  torch.full((n,), success), torch.full((n,), first_id + e))
+                  torch.full((n,), success), torch.full((n,), int(ids[e])))
     return store
 
 
@@ -104,3 +108,49 @@ class RolloutRecorder:
                        torch.full((n,), bool(success)), torch.full((n,), self.next_id))
         self.next_id += 1
 
+
+
+def store_from_expert(task: str, resets: list[dict], chunk: int, stride: int,
+                      options: dict | None = None, store: ExperienceStore | None = None,
+                      embedder: ObservationEmbedder | None = None, seed: int = 0,
+                      progress: bool = True) -> ExperienceStore:
+    """The scripted expert's episodes of ``task`` (one per entry of ``resets``, the reset
+    options of each, e.g. ``{"name": w}`` or ``{"decoy": 1}``; seeds ``seed``,
+    ``seed + 1``, ...) as store items every ``stride`` frames, each with its episode's
+    outcome (a decoy's failure included)."""
+    from ..envs import make, make_expert
+
+    env = make(task, **(options or {}))
+    keys = [k for k in env.observation_space.spaces if k.startswith("observation.images.")]
+    embedder = embedder or (ObservationEmbedder.from_spec(store.embedder) if store is not None
+                            else ObservationEmbedder(cameras=len(keys)))
+    store = store or ExperienceStore(embedder.spec(), chunk, env.action_space.shape[0])
+    recorder = RolloutRecorder(store, embedder, keys)
+    for i, reset in enumerate(tqdm(resets, desc="store", disable=not progress)):
+        obs, _ = env.reset(seed=seed + i, options=reset)
+        expert, frames, actions, done = make_expert(env), [], [], False
+        while not done:
+            action = expert.act(obs)
+            frames.append(obs)
+            actions.append(action)
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+        starts = np.arange(0, len(actions), stride)
+        chunks = chunk_actions(np.stack(actions), starts, chunk)  # (N, A, Da)
+        recorder.chunks([i] * len(starts), [frames[s] for s in starts], chunks)
+        recorder.end(i, bool(env.unwrapped.success))
+    return store
+
+
+def word_resets(task: str, per_word: int, options: dict | None = None, decoy: int = 0
+                ) -> list[dict]:
+    """Reset options of ``per_word`` episodes with each word of a task's word pool
+    (``unseen-names``), the expert sent to the decoy ``decoy`` places away (0: none)."""
+    from ..envs import make
+
+    env = make(task, **(options or {}))
+    words = getattr(env.unwrapped, "words", None)
+    if words is None:
+        raise ValueError(f"task {task!r} has no word pool; --each-word is for unseen-names")
+    extra = {"decoy": decoy} if decoy else {}
+    return [{"name": w, **extra} for w in words for _ in range(per_word)]

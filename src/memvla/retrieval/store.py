@@ -75,6 +75,21 @@ class ExperienceStore:
         self.success = torch.cat([self.success, success.bool().cpu()])
         self.episode = torch.cat([self.episode, episode.long().cpu()])
 
+    def extend(self, other: ExperienceStore) -> None:
+        """Append ``other``'s items (their first ``chunk`` actions; episode ids moved past
+        this store's own)."""
+        if other.embedder != self.embedder or other.action_dim != self.action_dim or (
+                other.chunk < self.chunk):
+            raise ValueError(f"experience store: cannot add items of {other.chunk} × "
+                             f"{other.action_dim} actions ({other.embedder.get('name')}, "
+                             f"dim {other.dim}) to a store of {self.chunk} × "
+                             f"{self.action_dim} ({self.embedder.get('name')}, dim {self.dim})")
+        if not len(other):
+            return
+        first = int(self.episode.max()) + 1 if len(self) else 0
+        self.add(other.embeddings, other.actions[:, : self.chunk], other.success,
+                 other.episode - int(other.episode.min()) + first)
+
     def _search_index(self):
         """The faiss index over every item (built, or brought up to date, lazily)."""
         faiss = _faiss()

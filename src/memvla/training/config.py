@@ -42,6 +42,9 @@ class TrainConfig:
     # parts whose parameters are not trained: vision, connector, text, vlm, expert, or any
     # parameter-name prefix (e.g. train.freeze='["vlm"]': train the expert and a new memory)
     freeze: list[str] = field(default_factory=list)
+    # context.kind=experience: a store directory whose items join the training set's own
+    # (e.g. failed episodes, `memvla store --decoy 1`, so that the policy sees failures)
+    store: str | None = None
 
     def __post_init__(self):
         _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr,

@@ -237,8 +237,9 @@ class Training:
         return self.rc.train
 
 
-def setup(run: Path) -> Training:
-    """Build the run in directory ``run`` or restore its last checkpoint."""
+def setup(run: Path, progress: bool = True) -> Training:
+    """Build the run in directory ``run`` or restore its last checkpoint (``progress``:
+    bars for the slow parts of building it)."""
     from accelerate import Accelerator
 
     from ..policies import make_policy
@@ -250,6 +251,9 @@ def setup(run: Path) -> Training:
     torch.manual_seed(tc.seed)  # the initial weights: the same on every process
     ds = _dataset(rc)
     policy = make_policy(rc.policy, stats=ds.stats)
+    if policy.model.context.retrieves:  # the training set's items, never a sample's own
+        policy.attach_experience(training_store(rc, progress and acc.is_main_process),
+                                 exclude_own=True)
     if rc.init_from:  # (a resumed run's checkpoint then replaces these weights)
         load_init_weights(policy.model, rc.init_from)
     seed_process(tc.seed, acc.process_index)
@@ -291,6 +295,21 @@ def _dataset(rc: RunConfig):
         raise ValueError(f"{rc.dataset}: the dataset's cameras/shapes no longer match the run "
                          f"({config_differences(rc, replace(rc, policy=fitted))})")
     return ds
+
+
+def training_store(rc: RunConfig, progress: bool = True):
+    """The experience store a ``context.kind="experience"`` run trains with: an item of
+    the training set every ``n_action_steps`` frames (what a chunk executes), all
+    successes, with the dataset's episode indices; and the items of ``train.store``."""
+    from ..retrieval import ExperienceStore, ObservationEmbedder, store_from_dataset
+
+    cfg = rc.policy
+    store = store_from_dataset(rc.dataset, cfg.context.store_chunk, cfg.n_action_steps,
+                               embedder=ObservationEmbedder(cameras=len(cfg.image_keys)),
+                               progress=progress)
+    if rc.train.store:
+        store.extend(ExperienceStore.load(rc.train.store, embedder=store.embedder))
+    return store
 
 
 def train_step(t: Training, step: int, batch) -> tuple[torch.Tensor, float, float]:
@@ -366,7 +385,7 @@ def train(run: str | Path, stop_at: int | None = None, progress: bool = True,
     """Train (or resume) the run in directory ``run`` (made by :func:`create_run`) up to
     ``train.steps``, or only up to step ``stop_at``. Returns a summary dict. ``desc`` and
     ``position`` label and place the progress bar (several runs side by side)."""
-    t = setup(Path(run))
+    t = setup(Path(run), progress)
     tc, acc = t.tc, t.acc
     end = tc.steps if stop_at is None else min(stop_at, tc.steps)
     log = Log(t, end - t.start, progress, desc, position)
