@@ -22,6 +22,8 @@ from memvla.policies import load_policy, make_policy
 
 KINDS = {"none": [],
          "memory_tokens": ["context.kind=memory_tokens", "context.num_tokens=3"],
+         "memory_tokens-gated": ["context.kind=memory_tokens", "context.num_tokens=3",
+                                 "context.memory_update=gated", "context.memory_noise=0.1"],
          "frames": ["context.kind=frames", "context.num_frames=2", "context.frame_stride=3"],
          "frames-pooled": ["context.kind=frames", "context.num_frames=2",
                            "context.frame_stride=3", "context.frames_mode=pooled"],
@@ -206,8 +208,8 @@ def test_a_recurrent_model_needs_its_state():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
-@pytest.mark.parametrize("kind", ["memory_tokens", "frames", "frames-mem", "bank",
-                                  "experience"])
+@pytest.mark.parametrize("kind", ["memory_tokens", "memory_tokens-gated", "frames",
+                                  "frames-mem", "bank", "experience"])
 def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset
     from memvla.data.segments import EpisodeSegmentLoader

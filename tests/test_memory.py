@@ -10,7 +10,13 @@ from helpers import episode_batch, narrow_config, write_episode
 from memvla.config_utils import apply_overrides
 from memvla.data.segments import SegmentBatch
 from memvla.layers.kv_cache import KVCache
-from memvla.layers.memory_tokens import clip_rms, clip_rms_reference
+from memvla.layers.memory_tokens import (
+    MemoryGate,
+    clip_rms,
+    clip_rms_reference,
+    gated_write,
+    memory_noise,
+)
 from memvla.layers.tokens import TokenSegment
 from memvla.models.flow_vla import VLMWithExpert
 from memvla.policies import make_policy
@@ -173,11 +179,40 @@ def test_clip_rms_matches_its_reference_and_clips_only_past_the_bound():
     assert inside.any() and (~inside).any()
 
 
+def test_a_closed_gate_carries_the_memory_and_an_open_one_replaces_it():
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    assert torch.equal(gated_write(old, new, torch.full_like(old, 1e4)), old)
+    assert torch.equal(gated_write(old, new, torch.full_like(old, -1e4)), new)
+    half = gated_write(old, new, torch.zeros_like(old))
+    torch.testing.assert_close(half, (old + new) / 2)
+    gate = MemoryGate(8)
+    torch.nn.init.constant_(gate.proj.bias, 1e4)  # closed
+    torch.testing.assert_close(gate(old, new), old)
+    # in a policy: a closed gate keeps the initial memory through a chunk
+    policy = make_policy(memory_config(extra=["context.memory_update=gated"])).eval()
+    torch.nn.init.constant_(policy.model.context.gate.proj.bias, 1e4)
+    batch = episode_batch(policy.config, b=1).segment(0)
+    first = policy.model.initial_state(1)
+    obs = {k: batch[k] for k in ("observation.images.top", "observation.state", "task")}
+    policy.predict_action_chunk(obs)
+    torch.testing.assert_close(policy.context_state, first)
+    noisy = memory_noise(old, 0.1, torch.Generator().manual_seed(1))
+    ratio = (noisy - old).pow(2).mean(-1).sqrt() / old.pow(2).mean(-1).sqrt()
+    assert 0.03 < float(ratio.mean()) < 0.3 and torch.equal(memory_noise(old, 0.0), old)
+
+
 def test_bad_memory_configs_and_batches():
     with pytest.raises(ValueError, match="context.num_tokens must be > 0"):
         memory_config(extra=["context.num_tokens=0"])
     with pytest.raises(ValueError, match=r"context.layout must be one of \('smolvla', 'rmt'\)"):
         memory_config(layout="middle")
+    with pytest.raises(ValueError, match=r"context.memory_update must be one of \('replace', "
+                       r"'gated'\), got 'add'"):
+        memory_config(extra=["context.memory_update=add"])
+    with pytest.raises(ValueError, match=r"context.memory_noise is a share of the memory's RMS, "
+                       r">= 0; got -0.1"):
+        memory_config(extra=["context.memory_noise=-0.1"])
     with pytest.raises(ValueError, match=r"context.write must be one of \('norm', 'clip'\), "
                        r"got 'layernorm'"):
         memory_config(extra=["context.write=layernorm"])

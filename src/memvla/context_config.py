@@ -11,13 +11,15 @@ CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state", "b
                  "experience")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
+MEMORY_UPDATES = ("replace", "gated")
 FRAMES_MODES = ("tokens", "pooled", "mem")
 POOL_MODES = ("avg", "max", "bilinear")
 # the options of each kind; the others must keep their defaults
 CONTEXT_OPTIONS = {
     "none": (),
     "ssm_state": (),
-    "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms"),
+    "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms", "memory_update",
+                      "memory_noise"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
@@ -79,6 +81,11 @@ class ContextConfig:
     intrinsics (``observation.depth``, ``observation.pose``, ``observation.intrinsics``,
     one camera) and only the newest token per voxel is kept. None: off.
 
+    ``memory_update``: ``replace`` (the written memory is the next one) or ``gated`` (a
+    learned per-channel interpolation between the old and the written memory: a closed
+    gate carries the memory unchanged). ``memory_noise``: Gaussian noise of that share of
+    each token's RMS added to the carried memory in training (0: none).
+
     ``bank``: a within-episode memory bank (:mod:`memvla.context.bank`, MemoryVLA's): one
     pooled observation vector per chunk, at most ``bank_size`` entries (when full, the most
     similar adjacent pair is merged, the oldest on a tie; with ``bank_merge`` a new entry
@@ -110,6 +117,8 @@ class ContextConfig:
     init_std: float = 0.02
     write: str = "clip"
     max_rms: float = 16.0
+    memory_update: str = "replace"
+    memory_noise: float = 0.0
     num_frames: int = 6
     frame_stride: int = 10
     frames_mode: str = "tokens"
@@ -197,6 +206,10 @@ class ContextConfig:
             _require(self.write in MEMORY_WRITES, f"context.write must be one of "
                      f"{MEMORY_WRITES}, got {self.write!r}")
             _require(self.max_rms > 0, f"context.max_rms must be > 0, got {self.max_rms}")
+            _require(self.memory_update in MEMORY_UPDATES, f"context.memory_update must be one "
+                     f"of {MEMORY_UPDATES}, got {self.memory_update!r}")
+            _require(self.memory_noise >= 0, f"context.memory_noise is a share of the "
+                     f"memory's RMS, >= 0; got {self.memory_noise}")
 
     @property
     def recurrent(self) -> bool:

@@ -28,8 +28,11 @@ from .context import state_batch, state_leaves
 from .utils import atomic_write_json, did_you_mean, read_json
 
 FORMAT = "memvla-exam-1"
-# the kinds: demo variants (memvla.demo.VARIANTS), and the ceiling
-KINDS = ("plain", "memory-k0", "memory-bptt", "frames-3x8", "slow-fast", "mamba", "bank")
+# the kinds: demo variants (memvla.demo.VARIANTS), and the ceiling; the memory-token
+# variants of memory beyond training run when asked for (--kinds)
+DEFAULT_KINDS = ("plain", "memory-k0", "memory-bptt", "frames-3x8", "slow-fast", "mamba",
+                 "bank")
+KINDS = (*DEFAULT_KINDS, "memory-gated", "memory-noise")
 CEILING = "plain-twin"
 
 
@@ -64,7 +67,7 @@ class ExamSettings:
     """What every cell shares. The defaults are the full exam; :meth:`quick` a small one."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
     multiples: list[int] = field(default_factory=lambda: [1, 3, 10])
     episodes: int = 1500
     steps: int = 3000
@@ -88,7 +91,7 @@ class ExamSettings:
     @staticmethod
     def quick(**changes) -> ExamSettings:
         """Minutes on a 2-core CPU: a check that every cell runs, not a result."""
-        return ExamSettings(**{"episodes": 40, "steps": 30, "eval_episodes": 10,
+        return ExamSettings(**{"episodes": 100, "steps": 150, "eval_episodes": 10,
                                "scale": 0.25, **changes})
 
     def trained(self, task: str) -> int:

@@ -6,7 +6,9 @@ the prefix in the configured layout (:mod:`memvla.layers.memory_tokens`: ``smolv
 :meth:`~MemoryTokensContext.update` takes the backbone's hidden states at the write
 positions as the next memory, bounded by ``context.write``: ``clip`` (the residual stream,
 each token's RMS clipped to ``context.max_rms``) or ``norm`` (the output of the backbone's
-final RMSNorm).
+final RMSNorm). ``context.memory_update="gated"`` interpolates between the old and the
+written memory with a learned gate (:func:`~memvla.layers.memory_tokens.gated_write`);
+``context.memory_noise`` perturbs the carried memory in training.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..configs import ContextConfig
-from ..layers.memory_tokens import MemoryTokens, bound_written
+from ..layers.memory_tokens import MemoryGate, MemoryTokens, bound_written, memory_noise
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
 
@@ -27,6 +29,7 @@ class MemoryTokensContext(TemporalContext):
         self.cfg = cfg
         self.width = width
         self.tokens = MemoryTokens(cfg.num_tokens, width, cfg.layout, cfg.init_std)
+        self.gate = MemoryGate(width) if cfg.memory_update == "gated" else None
 
     @property
     def recurrent(self) -> bool:
@@ -48,8 +51,13 @@ class MemoryTokensContext(TemporalContext):
         return self.tokens.insert(parts, state)
 
     def update(self, state: Tensor, hidden: Tensor, cache=None, images=None) -> Tensor:
-        memory = self.tokens.extract(hidden)  # (B, M, D)
-        return bound_written(memory, self.cfg.write, self.cfg.max_rms)
+        written = bound_written(self.tokens.extract(hidden), self.cfg.write,
+                                self.cfg.max_rms)  # (B, M, D)
+        if self.gate is not None:
+            written = self.gate(state, written)  # (B, M, D)
+        if self.training and self.cfg.memory_noise > 0:
+            written = memory_noise(written, self.cfg.memory_noise)
+        return written
 
     def norm_bound(self, final_norm_weight: Tensor) -> float:
         """The largest L2 norm a written memory token can have: ``max_rms``·√D when

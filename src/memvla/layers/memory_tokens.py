@@ -46,6 +46,41 @@ def extract_memory(hidden: Tensor, num_tokens: int, layout: str) -> Tensor:
     raise ValueError(f"memory layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def gated_write(old: Tensor, new: Tensor, gate_logits: Tensor) -> Tensor:
+    """The next memory as a learned interpolation: g·old + (1 − g)·new with g =
+    sigmoid(gate_logits), all (B, M, D). A closed gate (g = 1) carries the old memory
+    unchanged; an open one (g = 0) replaces it (the plain write)."""
+    g = torch.sigmoid(gate_logits)  # (B, M, D)
+    return g * old + (1 - g) * new  # (B, M, D)
+
+
+class MemoryGate(nn.Module):
+    """The gate of :func:`gated_write`: per channel, from the old and the written memory;
+    it starts mostly open (``bias``: sigmoid(-2) = 0.12 of the old memory is kept)."""
+
+    def __init__(self, width: int, bias: float = -2.0):
+        super().__init__()
+        self.proj = nn.Linear(2 * width, width)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, bias)
+
+    def forward(self, old: Tensor, new: Tensor) -> Tensor:
+        logits = self.proj(torch.cat([old, new.to(old.dtype)], -1))  # (B, M, D)
+        return gated_write(old, new, logits)
+
+
+def memory_noise(memory: Tensor, scale: float, generator: torch.Generator | None = None
+                 ) -> Tensor:
+    """``memory`` (B, M, D) plus Gaussian noise of ``scale`` × each token's RMS (a carried
+    memory that must survive perturbation; training only)."""
+    if scale == 0:
+        return memory
+    rms = memory.detach().pow(2).mean(-1, keepdim=True).sqrt()  # (B, M, 1)
+    noise = torch.randn(memory.shape, generator=generator, device=memory.device,
+                        dtype=memory.dtype)
+    return memory + scale * rms * noise  # (B, M, D)
+
+
 def clip_rms(memory: Tensor, max_rms: float) -> Tensor:
     """Scale down each token of ``memory`` (B, M, D) whose RMS over D exceeds ``max_rms``
     to exactly that RMS; tokens inside the bound pass unchanged. Returns (B, M, D)."""

@@ -1,0 +1,71 @@
+"""The memory exam: a cell resumes from its cache without retraining, the exam's seeds make
+two runs of one cell identical, a directory of other settings is refused naming the keys,
+horizons a task cannot take are reported as such, unknown kinds and tasks get a
+did-you-mean."""
+
+import pytest
+
+from memvla import exam
+from memvla.exam import ExamSettings, horizon_value, run_cell, run_exam
+
+
+def _settings(**changes):
+    return ExamSettings.quick(**{"tasks": ["remember-color"], "kinds": ["plain"],
+                                 "episodes": 6, "steps": 2, "eval_episodes": 2,
+                                 "multiples": [1, 3], **changes})
+
+
+def test_a_cell_resumes_from_its_cache_without_retraining(tmp_path, monkeypatch):
+    s = _settings()
+    first = run_exam(tmp_path, s, workers=1, progress=False)
+    kinds = [c["kind"] for c in first["cells"]]
+    assert kinds == ["plain", "plain-twin"] and (tmp_path / "report.md").is_file()
+    assert (tmp_path / "heatmap.png").is_file()
+    cell = first["cells"][0]
+    assert cell["horizons"]["1"]["value"] == 8 and cell["horizons"]["3"]["value"] == 24
+    assert 0 <= cell["horizons"]["3"]["success"] <= 1 and cell["chance"] == pytest.approx(1 / 3)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached cell was trained again")
+
+    monkeypatch.setattr(exam, "run_cell", no_training)
+    again = run_exam(tmp_path, s, workers=1, progress=False)
+    assert all(c["cached"] for c in again["cells"])
+    assert [c["horizons"] for c in again["cells"]] == [c["horizons"] for c in first["cells"]]
+
+
+def test_the_seeds_make_two_runs_of_a_cell_identical(tmp_path):
+    s = _settings(kinds=["memory-bptt"], multiples=[1])
+    from dataclasses import asdict
+
+    results = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        exam.check_directory(out, s)
+        data = exam.record_task_data(out, s, "remember-color", progress=False)
+        results.append(run_cell(str(out), asdict(s), "remember-color", "memory-bptt",
+                                str(data[False])))
+    a, b = results
+    assert a["final_loss"] == b["final_loss"] and a["horizons"] == b["horizons"]
+    assert a["state_bytes"] > 0  # memory tokens carry a state
+
+
+def test_a_directory_of_other_settings_is_refused_by_key(tmp_path):
+    exam.check_directory(tmp_path, _settings())
+    exam.check_directory(tmp_path, _settings(kinds=["plain", "bank"]))  # more cells: fine
+    with pytest.raises(ValueError, match=r"an exam of other settings \(steps is 2 there, 3 "
+                       r"here\); its cells would be mixed"):
+        exam.check_directory(tmp_path, _settings(steps=3))
+
+
+def test_horizons_beyond_a_task_and_bad_names():
+    s = ExamSettings()
+    assert horizon_value(s, "remember-color", 10) == 300
+    assert horizon_value(s, "seq-of-colors", 3) == 9
+    assert horizon_value(s, "seq-of-colors", 10) is None  # 30 colours: the task has 9
+    with pytest.raises(ValueError, match=r"unknown exam kind 'memory-bpt'.*memory-bptt"):
+        ExamSettings(kinds=["memory-bpt"])
+    with pytest.raises(ValueError, match=r"unknown exam task 'shell-gam'.*shell-game"):
+        ExamSettings(tasks=["shell-gam"])
+    with pytest.raises(ValueError, match=r"exam multiples must be integers >= 1"):
+        ExamSettings(multiples=[0])
