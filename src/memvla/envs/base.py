@@ -290,3 +290,28 @@ class HeldChoiceTask(TaskEnv):
     def expert_waits(self) -> bool:
         """True while held with ``ready_actions=wait``: the expert then holds still."""
         return self._frozen() and self.ready_actions == "wait"
+
+
+class TouchTargetTask(TaskEnv):
+    """Discs visible throughout (``positions`` (n, 2), palette indices ``color_ids`` (n,)):
+    touching the ``target`` succeeds, touching another fails; 25 steps by default."""
+
+    def default_max_steps(self) -> int:
+        return 25
+
+    @property
+    def chance_level(self) -> float:
+        return 1.0 / len(self.positions)
+
+    @property
+    def phase(self) -> str:
+        return "choice"
+
+    def _update(self, phase_before: str) -> None:
+        i = self._touched(self.positions)
+        if i >= 0:
+            self.success = i == self.target
+            self.failed = not self.success
+
+    def _draw(self, img: np.ndarray) -> None:
+        self._draw_objects(img, self.positions, render.COLORS[self.color_ids])

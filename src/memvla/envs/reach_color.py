@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import TaskEnv, check_int, check_layout, ring_positions
+from memvla.envs.base import TouchTargetTask, check_int, check_layout, ring_positions
 from memvla.envs.experts import Expert, reach_choice
 
 INSTRUCTIONS = (
@@ -16,7 +16,7 @@ INSTRUCTIONS = (
 )
 
 
-class ReachColorEnv(TaskEnv):
+class ReachColorEnv(TouchTargetTask):
     """``n_colors`` discs on a ring, visible from the first frame; the instruction names
     the target colour (language grounding, no memory demand). Touching another fails.
 
@@ -35,17 +35,6 @@ class ReachColorEnv(TaskEnv):
         self.color_ids = np.zeros(self.n_colors, dtype=np.int64)  # (n,) palette indices
         self.target = 0
 
-    def default_max_steps(self) -> int:
-        return 25
-
-    @property
-    def chance_level(self) -> float:
-        return 1.0 / self.n_colors
-
-    @property
-    def phase(self) -> str:
-        return "choice"
-
     def _reset_task(self, rng, options) -> None:
         self.color_ids = rng.choice(len(render.PALETTE), size=self.n_colors, replace=False)
         self.positions = ring_positions(rng, self.n_colors, layout=self.layout)  # (n, 2)
@@ -56,15 +45,6 @@ class ReachColorEnv(TaskEnv):
     def _instruction(self, rng) -> str:
         template = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
         return template.format(color=render.COLOR_NAMES[self.color_ids[self.target]])
-
-    def _update(self, phase_before: str) -> None:
-        i = self._touched(self.positions)
-        if i >= 0:
-            self.success = i == self.target
-            self.failed = not self.success
-
-    def _draw(self, img: np.ndarray) -> None:
-        self._draw_objects(img, self.positions, render.COLORS[self.color_ids])
 
     def make_expert(self) -> Expert:
         return ReachColorExpert(self)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memvla.envs import render
-from memvla.envs.base import TaskEnv, check_choice, check_int
+from memvla.envs.base import TouchTargetTask, check_choice, check_int
 from memvla.envs.experts import Expert, goto_avoiding
 
 NAME_POOLS = ("train", "test")
@@ -49,7 +48,7 @@ def nonce_words(pool: str, count: int) -> list[str]:
     return words
 
 
-class UnseenNamesEnv(TaskEnv):
+class UnseenNamesEnv(TouchTargetTask):
     """Fixed scene, nonce-word instructions (see the module docstring)."""
 
     option_keys = ("name", "decoy")
@@ -67,17 +66,6 @@ class UnseenNamesEnv(TaskEnv):
         self.color_ids = np.arange(self.n_objects)  # (n,) palette indices, fixed
         self.word = self.words[0]
         self.target = self.goal = 0
-
-    def default_max_steps(self) -> int:
-        return 25
-
-    @property
-    def chance_level(self) -> float:
-        return 1.0 / self.n_objects
-
-    @property
-    def phase(self) -> str:
-        return "choice"
 
     def _start_position(self, rng: np.random.Generator) -> np.ndarray:
         """Near the middle of the bottom edge, far from every object (an episode takes
@@ -97,15 +85,6 @@ class UnseenNamesEnv(TaskEnv):
 
     def _instruction(self, rng) -> str:
         return INSTRUCTION.format(name=self.word)
-
-    def _update(self, phase_before: str) -> None:
-        i = self._touched(self.positions)
-        if i >= 0:
-            self.success = i == self.target
-            self.failed = not self.success
-
-    def _draw(self, img: np.ndarray) -> None:
-        self._draw_objects(img, self.positions, render.COLORS[self.color_ids])
 
     def make_expert(self) -> Expert:
         return UnseenNamesExpert(self)
