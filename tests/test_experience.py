@@ -238,3 +238,18 @@ def test_bad_experience_options_are_named(option, message):
     with pytest.raises(ValueError, match=r"is an option of context.kind='experience', not of "
                        r"'none'"):
         ContextConfig(store_topk=2)
+
+
+def test_memvla_store_builds_and_adds_to_a_store(tmp_path, capsys):
+    from memvla.cli import main
+
+    out = tmp_path / "store"
+    args = ["store", str(out), "--task", "unseen-names", "--opt", "names=test", "--opt",
+            "n_test_names=2", "--opt", "image_size=32", "--chunk", "4", "--no-progress"]
+    assert main([*args, "--each-word", "2"]) == 0
+    assert main([*args, "--episodes", "3", "--decoy", "1"]) == 0
+    store = ExperienceStore.load(out)
+    assert store.episode.unique().numel() == 7
+    assert int(store.success.sum()) == int((store.episode < 4).sum())  # the decoys failed
+    assert main(["store", str(out)]) == 2
+    assert "give one of --dataset DIR or --task TASK" in capsys.readouterr().err
