@@ -14,6 +14,7 @@ from memvla.configs import ContextConfig
 from memvla.envs import make, make_expert
 from memvla.envs.unseen_names import nonce_words
 from memvla.policies import make_policy
+from memvla.policies.inputs import check_observation
 from memvla.retrieval import ExperienceSource, ExperienceStore, ObservationEmbedder
 from memvla.retrieval.record import store_from_dataset, store_from_expert, word_resets
 
@@ -118,8 +119,7 @@ def test_masked_items_equal_no_items_and_thresholds_zero_and_infinity(preset, tm
     assert policy.last_retrieval["retrieved"].all()
     assert (always - alone).abs().max() > 1e-4  # the items change the chunk
     # the items of the retrieving sample, masked for the other: each as if alone
-    images, _, tasks = __import__("memvla.policies.inputs", fromlist=["x"]).check_observation(
-        obs, cfg)
+    images, _, tasks = check_observation(obs, cfg)
     state = policy._items(images, tasks, torch.tensor([True, False]))
     inputs = policy.encode_observation(obs)
     if cfg.family == "flow":
@@ -145,7 +145,7 @@ def test_switching_keeps_the_fast_chunk_where_the_policy_is_sure(tmp_path):
     alone = policy.predict_action_chunk(obs, noise=noise)
     policy.attach_experience(store)
     always = policy.predict_action_chunk(obs, noise=noise)
-    confidence = policy._fast_path(obs, noise)[1]  # (2,)
+    confidence = policy._fast_path(obs, policy.encode_observation(obs), noise)[1]  # (2,)
     assert ((confidence >= 0) & (confidence <= 1)).all()
     policy.config.context.retrieve_below = float(confidence.mean())  # one below, one above
     got = policy.predict_action_chunk(obs, noise=noise)

@@ -120,8 +120,6 @@ def task_settings(s: ExamSettings, task: str, kind: str):
                      eval_episodes=s.eval_episodes, image_size=s.image_size, seed=s.seed,
                      preset=s.preset, episode_batch=8, lanes=1, variants=[kind],
                      overrides=list(h.overrides))
-    if task == "remember-color":
-        d.delay = trained
     d.options = {**h.options, h.option: trained}
     d.data_options = {k: trained if v == "{H}" else v for k, v in h.data.items()}
     return d

@@ -29,8 +29,10 @@ ROBOT_TYPE = "memvla-sim"
 _MAX_STEPS = 100_000  # a safety net against an episode that never ends
 
 
-def record_episode(env, expert, seed: int, action_noise: float = 0.0):
-    """Run the expert for one episode; return (frames, task, success).
+def record_episode(env, expert, seed: int, action_noise: float = 0.0,
+                   options: dict | None = None):
+    """Run the expert for one episode (reset with ``seed`` and ``options``); return
+    (frames, task, success).
 
     ``frames`` maps every ``observation.*`` key, ``action``, ``next.reward``,
     ``next.done`` and ``next.success`` to an array with a leading time axis T.
@@ -42,7 +44,7 @@ def record_episode(env, expert, seed: int, action_noise: float = 0.0):
     how to come back to it, which a cloned policy needs once its own errors take it there.
     The noise is drawn from a generator seeded with ``seed``.
     """
-    obs, _ = env.reset(seed=seed)
+    obs, _ = env.reset(seed=seed, options=options)
     expert.reset()
     rng = np.random.default_rng(seed)
     task = str(obs.get("task", ""))

@@ -23,17 +23,18 @@ from torch import Tensor
 
 @torch.no_grad()
 def sample_chunks(policy, obs: dict, samples: int, generator: torch.Generator | None = None,
-                  first: Tensor | None = None) -> Tensor:
+                  first: Tensor | None = None, inputs: tuple | None = None) -> Tensor:
     """``samples`` chunks of a flow-matching ``policy`` for ``obs`` (B, K, A, Da'),
     normalised, from one prefix per observation; ``first`` (B, A, Da'): the noise of the
-    first draw (else drawn like the others). The policy's carried state is read, not
-    changed."""
+    first draw (else drawn like the others); ``inputs``: ``obs`` as
+    ``policy.encode_observation`` gives it, when the caller has it already. The policy's
+    carried state is read, not changed."""
     if policy.config.family != "flow":
         raise ValueError(f"sample_spread samples a flow-matching policy's noise; a "
                          f"{policy.config.family!r} policy regresses one chunk")
     if samples < 2:
         raise ValueError(f"sample_spread needs samples >= 2, got {samples}")
-    images, ids, pad, state = policy.encode_observation(obs)
+    images, ids, pad, state = inputs or policy.encode_observation(obs)
     b, m = ids.shape[0], policy.config.model
     context = policy.context_state
     if context is None and policy.model.context.stateful:

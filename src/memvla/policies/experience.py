@@ -92,13 +92,14 @@ class ExperiencePolicyMixin:
         return self._items(images, tasks, use,
                            episodes.view(-1) if isinstance(episodes, Tensor) else None)
 
-    def _switch(self, obs: dict, images: list[Tensor], noise: Tensor | None = None
-                ) -> tuple[dict | None, Tensor | None]:
+    def _switch(self, obs: dict, images: list[Tensor], inputs: tuple,
+                noise: Tensor | None = None) -> tuple[dict | None, Tensor | None]:
         """For a chunk predicted now -> (the items of the samples that retrieve, None when
         none does; the fast path's chunk (B, A, Da'), normalised, when it was computed to
-        measure the confidence, else None). ``noise``: the chunk's (the fast path's first
-        draw uses it, so that a sample that does not retrieve gets the chunk a policy
-        without a store would give)."""
+        measure the confidence, else None). ``images``: the observation's checked images;
+        ``inputs``: the model inputs the policy encoded from it; ``noise``: the chunk's (the
+        fast path's first draw uses it, so that a sample that does not retrieve gets the
+        chunk a policy without a store would give)."""
         if self.experience is None:
             self.last_retrieval = None
             return None, None
@@ -110,7 +111,7 @@ class ExperiencePolicyMixin:
         elif threshold <= 0:
             use = torch.zeros(b, dtype=torch.bool)
         else:
-            fast, confidence = self._fast_path(obs, noise)  # (B, A, Da'), (B,)
+            fast, confidence = self._fast_path(obs, inputs, noise)  # (B, A, Da'), (B,)
             use = confidence.cpu() < threshold
         self.last_retrieval = {"retrieved": use, "confidence": confidence}
         return (self._items(images, tasks, use) if use.any() else None), fast
@@ -126,7 +127,8 @@ class ExperiencePolicyMixin:
         return torch.where(use, memory, fast)
 
     @torch.no_grad()
-    def _fast_path(self, obs: dict, noise: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _fast_path(self, obs: dict, inputs: tuple, noise: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
         """The chunk without items (B, A, Da') and how sure the policy is of it (B,) in
         [0, 1] (``context.confidence``; :mod:`memvla.policies.confidence`)."""
         from .confidence import confidence_of, sample_chunks, spread_of, vote_entropy
@@ -136,7 +138,7 @@ class ExperiencePolicyMixin:
             if getattr(self, "_confidence_gen", None) is None:
                 self._confidence_gen = torch.Generator(self.device).manual_seed(0)
             chunks = sample_chunks(self, obs, c.confidence_samples, self._confidence_gen,
-                                   first=noise)  # (B, K, A, Da')
+                                   first=noise, inputs=inputs)  # (B, K, A, Da')
             spread = spread_of(chunks[..., : self.config.action_dim])  # (B,)
             return chunks[:, 0], confidence_of(spread, "spread", c.max_spread)
         pruner = getattr(self.model, "pruner", None)
@@ -144,9 +146,8 @@ class ExperiencePolicyMixin:
             raise ValueError("context.confidence='entropy' reads the token pruner's votes; "
                              "this policy has no pruner (model.pruner.enabled=false): use "
                              "'spread'")
-        images, ids, pad, state = self.encode_observation(obs)
         if self.config.family == "flow":
-            x, _ = self.model.sample_actions(images, ids, pad, state, noise)
+            x, _ = self.model.sample_actions(*inputs, noise)
         else:
-            x, _ = self.model.predict(images, ids, pad, state)
+            x, _ = self.model.predict(*inputs)
         return x, confidence_of(vote_entropy(pruner.last_votes), "entropy")

@@ -123,7 +123,8 @@ class FlowVLAPolicy(VLAPolicy):
         b = state.shape[0]
         fast = None
         if self.model.context.retrieves:  # items of the store, or the fast path's chunk
-            (model_state, fast), seen = self._switch(obs, raw, noise), None
+            (model_state, fast), seen = self._switch(obs, raw, (images, ids, pad, state),
+                                                     noise), None
         else:
             model_state, seen = self._context_input(raw, b, obs)
         prev_actions, prev_valid = self._prev_chunk or (None, None)

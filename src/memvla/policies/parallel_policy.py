@@ -93,7 +93,7 @@ class ParallelVLAPolicy(VLAPolicy):
         raw, (images, ids, pad, state) = self._encode(obs)
         fast = None
         if self.model.context.retrieves:  # items of the store, or the fast path's chunk
-            (model_state, fast), seen = self._switch(obs, raw), None
+            (model_state, fast), seen = self._switch(obs, raw, (images, ids, pad, state)), None
         else:
             model_state, seen = self._context_input(raw, state.shape[0], obs)
         x = new_state = None

@@ -109,7 +109,6 @@ class RolloutRecorder:
         self.next_id += 1
 
 
-
 def store_from_expert(task: str, resets: list[dict], chunk: int, stride: int,
                       options: dict | None = None, store: ExperienceStore | None = None,
                       embedder: ObservationEmbedder | None = None, seed: int = 0,
@@ -118,6 +117,7 @@ def store_from_expert(task: str, resets: list[dict], chunk: int, stride: int,
     options of each, e.g. ``{"name": w}`` or ``{"decoy": 1}``; seeds ``seed``,
     ``seed + 1``, ...) as store items every ``stride`` frames, each with its episode's
     outcome (a decoy's failure included)."""
+    from ..data.record import record_episode
     from ..envs import make, make_expert
 
     env = make(task, **(options or {}))
@@ -127,18 +127,13 @@ def store_from_expert(task: str, resets: list[dict], chunk: int, stride: int,
     store = store or ExperienceStore(embedder.spec(), chunk, env.action_space.shape[0])
     recorder = RolloutRecorder(store, embedder, keys)
     for i, reset in enumerate(tqdm(resets, desc="store", disable=not progress)):
-        obs, _ = env.reset(seed=seed + i, options=reset)
-        expert, frames, actions, done = make_expert(env), [], [], False
-        while not done:
-            action = expert.act(obs)
-            frames.append(obs)
-            actions.append(action)
-            obs, _, terminated, truncated, _ = env.step(action)
-            done = terminated or truncated
-        starts = np.arange(0, len(actions), stride)
-        chunks = chunk_actions(np.stack(actions), starts, chunk)  # (N, A, Da)
-        recorder.chunks([i] * len(starts), [frames[s] for s in starts], chunks)
-        recorder.end(i, bool(env.unwrapped.success))
+        frames, instruction, success = record_episode(env, make_expert(env), seed + i,
+                                                      options=reset)
+        starts = np.arange(0, len(frames["action"]), stride)
+        chunks = chunk_actions(frames["action"], starts, chunk)  # (N, A, Da)
+        seen = [{**{k: frames[k][s] for k in keys}, "task": instruction} for s in starts]
+        recorder.chunks([i] * len(starts), seen, chunks)
+        recorder.end(i, bool(success))
     return store
 
 
