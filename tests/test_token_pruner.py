@@ -101,18 +101,19 @@ def test_task_queries_equal_their_reference():
         assert (got - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("kw", [{}, {"query": "residual", "temperature": 0.5},
-                                {"query": "residual", "residual_scale": 3.0},
+@pytest.mark.parametrize("kw", [{}, {"center": True}, {"query": "residual", "temperature": 0.5},
+                                {"query": "residual", "residual_scale": 3.0, "center": True},
                                 {"min_keep": 12}, {"max_keep": 4}, {"min_keep": 6, "max_keep": 6}])
 def test_batched_inference_equals_per_sample_and_reference(kw):
     patches, positions, task, valid = random_inputs()
+    kw = {"center": False, **kw}
     m = pruner(**kw).eval()
     out = m(patches, positions, task, valid)
     assert isinstance(out, PruneOutput)
     ref = prune_reference(patches, positions, task, valid, **kw)
     for got, want in zip((out.tokens, out.valid, out.positions, out.kept), ref, strict=True):
         assert torch.equal(got, want)
-    if not kw:
+    if len(kw) == 1:
         assert len(set(out.kept.tolist())) > 1  # different counts: the batch is padded
     for i in range(patches.shape[0]):
         one = m(patches[i:i + 1], positions[i:i + 1], task[i:i + 1], valid[i:i + 1])
@@ -131,10 +132,32 @@ def test_batched_inference_equals_per_sample_and_reference(kw):
 
 def test_training_keeps_the_sequence_length():
     patches, positions, task, valid = random_inputs()
-    out = pruner().train()(patches, positions, task, valid)
-    assert out.tokens.shape == patches.shape and out.valid.all()
-    assert torch.equal(out.positions, positions)
-    assert set(out.stats) == {"kept", "keep_ratio", "query_std", "top_vote_share"}
+    for duplicates in ("keep", "drop"):
+        out = pruner(duplicates=duplicates).train()(patches, positions, task, valid)
+        assert out.tokens.shape == patches.shape and torch.equal(out.positions, positions)
+        assert set(out.stats) == {"kept", "keep_ratio", "query_std", "top_vote_share"}
+        assert out.valid.all() if duplicates == "keep" else not out.valid.all()
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_training_without_duplicates_attends_what_inference_keeps(center):
+    patches, positions, task, valid = random_inputs()
+    patches.requires_grad_(True)
+    task.requires_grad_(True)
+    m = pruner(noise_scale=0.0, center=center, query="residual")
+    train = m.train()(patches, positions, task, valid)
+    infer = m.eval()(patches, positions, task, valid)
+    assert torch.equal(train.valid.sum(1), infer.kept) and torch.equal(train.kept, infer.kept)
+    tokens, ok, pos, _ = gather_kept(train.tokens, train.positions, train.valid)
+    assert torch.equal(tokens, infer.tokens) and torch.equal(pos, infer.positions)
+    assert (train.tokens[~train.valid] == 0).all()
+    # the straight-through gradient reaches the scores (here: the task tokens) and patches
+    (train.tokens * torch.randn_like(train.tokens)).sum().backward()
+    assert task.grad.abs().sum() > 0 and patches.grad.abs().sum() > 0
+    # as released, every slot is a copy of its vote: a twice-voted patch is there twice
+    kept = pruner(noise_scale=0.0, center=center, query="residual", duplicates="keep").train()(
+        patches, positions, task, valid)
+    assert kept.valid.all() and kept.tokens.shape == train.tokens.shape
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -166,6 +189,22 @@ def test_short_prompt_collapses_and_residual_query_fixes_it():
     assert kept == sorted(kept) and kept[-1] > 2 * kept[0]
 
 
+@pytest.mark.parametrize("query", ["lightvla", "residual"])
+def test_centring_holds_the_count_when_training_aligns_the_patches(query):
+    # trained visual tokens share a large component (mean cosine 0.8-0.9 between patches)
+    patches, positions, task, valid = random_inputs(b=4, p=64, t=6, d=64, seed=4)
+    shared = 6.0 * torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(5))
+    aligned = patches + shared  # (B, P, D)
+    n = plain_rms_norm(aligned)
+    assert (n @ n.transpose(1, 2) / 64).mean() > 0.8
+    kept = {c: pruner(query=query, center=c).eval()(aligned, positions, task, valid).kept
+            for c in (False, True)}
+    assert kept[False].float().mean() < 0.5 * kept[True].float().mean()  # collapsed
+    # centred, a shared component changes nothing at all
+    plain = pruner(query=query, center=True).eval()(patches, positions, task, valid)
+    assert torch.equal(kept[True], plain.kept)
+
+
 def test_errors_are_actionable():
     patches, positions, task, valid = random_inputs(p=128)
     with pytest.raises(ValueError, match=r"pruner.num_patches is 64 .* give 128; set "
@@ -175,6 +214,11 @@ def test_errors_are_actionable():
         pruner()(patches, positions, task, valid.long())
     with pytest.raises(ValueError, match="max_keep"):
         PrunerConfig(min_keep=8, max_keep=4)
+    with pytest.raises(ValueError, match=r"pruner.duplicates must be one of \('drop', 'keep'\), "
+                       r"got 'merge'"):
+        PrunerConfig(duplicates="merge")
+    with pytest.raises(ValueError, match="model.pruner.center: expected bool, got 'yes please'"):
+        get_preset("tiny", ["model.pruner.center=yes please"])
     with pytest.raises(ValueError, match=r"num_patches=16 \(or 0"):
         get_preset("tiny", ["model.pruner.enabled=true", "model.pruner.num_patches=32"])
     with pytest.raises(ValueError, match=r"num_patches is 20 .* 1 camera\(s\) × 16 tokens = "

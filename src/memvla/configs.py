@@ -57,8 +57,17 @@ class VisionConfig:
     feature_layer: int = 0
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
+    # at inference, patches that changed by at most reuse_threshold (any pixel, images in
+    # [-1, 1]) since the previous chunk's frame keep their tower states; the changed ones
+    # are computed against the cached keys (memvla.layers.vision_reuse)
+    reuse: bool = False
+    reuse_threshold: float = 0.05
 
     def __post_init__(self):
+        _require(self.reuse_threshold >= 0, f"vision.reuse_threshold must be >= 0 (a pixel "
+                 f"change in [-1, 1] units), got {self.reuse_threshold}")
+        _require(not self.reuse or self.layout == "siglip", "vision.reuse needs "
+                 f"vision.layout='siglip', got {self.layout!r}")
         _require(self.layout in VISION_LAYOUTS, f"vision.layout must be one of "
                  f"{VISION_LAYOUTS}, got {self.layout!r}")
         if self.layout == "siglip":
@@ -129,6 +138,7 @@ class DecoderConfig:
 
 PRUNER_NOISES = ("uniform", "gumbel")
 PRUNER_QUERIES = ("lightvla", "residual")
+PRUNER_DUPLICATES = ("drop", "keep")
 PRUNER_ACTION_CONTEXTS = ("none", "placeholders", "keys", "prev_chunk", "state")
 
 
@@ -144,6 +154,11 @@ class PrunerConfig:
     ``query``: "lightvla" = attention of the patches over the task tokens (collapses with a
     short prompt); "residual" = that plus ``residual_scale / √D`` × the patch itself (keeps
     some of each patch's identity; a larger scale keeps more patches, see the module).
+    ``center``: score the patches less their mean over the image(s) (the component training
+    makes them share, which otherwise collapses the votes; false = as released).
+    ``duplicates``: in training, the slots of patches voted for more than once are "drop"ped
+    (masked: training attends what inference keeps) or "keep"ped (as released: a patch
+    voted for n times fills n slots, which inference does not see).
     ``temperature`` divides the scores; ``min_keep`` / ``max_keep`` keep at least / at
     most that many patches at inference (most-voted first; 0 = no bound; both equal = a
     fixed count, e.g. for timing). They do not act in training, which keeps the length.
@@ -161,6 +176,8 @@ class PrunerConfig:
     noise_scale: float = 1.0
     query: str = "lightvla"
     residual_scale: float = 1.0
+    center: bool = True
+    duplicates: str = "drop"
     temperature: float = 1.0
     min_keep: int = 0
     max_keep: int = 0
@@ -175,6 +192,8 @@ class PrunerConfig:
                  f"{self.noise_scale}")
         _require(self.query in PRUNER_QUERIES, f"pruner.query must be one of {PRUNER_QUERIES}, "
                  f"got {self.query!r}")
+        _require(self.duplicates in PRUNER_DUPLICATES, f"pruner.duplicates must be one of "
+                 f"{PRUNER_DUPLICATES}, got {self.duplicates!r}")
         _positive("pruner", temperature=self.temperature, residual_scale=self.residual_scale)
         _require(self.min_keep >= 0, f"pruner.min_keep must be >= 0, got {self.min_keep}")
         _require(self.max_keep == 0 or self.max_keep >= max(self.min_keep, 1),

@@ -26,11 +26,13 @@ Gaussian inputs with 3 and 20 task tokens: the released query ("lightvla") with 
 padding keys unmasked (as released) and masked, and the residual query (the fix).
 
 Success after training (``--success``, tens of minutes): both families (``tiny`` and
-``tiny-oft``) without and with the pruner (``--query``, default the residual fix) trained on
-the same expert data of ``--task`` (default reach-color, 32×32, 16 visual tokens per image)
-for ``--steps`` and evaluated in closed loop on the same seeds: success with its 95%
-interval, chunk latency, and the distribution of kept visual tokens over every predicted
-chunk of the evaluation.
+``tiny-oft``) without the pruner, with it (``--query``, default the released query, with
+centred scores and duplicates dropped in training: the defaults) and with it as released
+(uncentred, duplicates kept), trained on the same expert data of ``--task``'s memoryless
+twin (default remember-color, the cue in view; 32×32, 16 visual tokens per image) for
+``--steps`` and
+evaluated in closed loop on the same seeds: success with its 95% interval, chunk latency,
+and the distribution of kept visual tokens over every predicted chunk of the evaluation.
 """
 
 from __future__ import annotations
@@ -69,15 +71,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--success", action="store_true",
                         help="also train both families with and without pruning on a built-in "
                              "task and compare success and kept counts (long: tens of minutes)")
-    parser.add_argument("--task", default="reach-color", help="task of --success (reach-color)")
-    parser.add_argument("--steps", type=int, default=2000,
-                        help="training steps per --success variant (2000)")
-    parser.add_argument("--episodes", type=int, default=10000,
-                        help="expert episodes of --success (10000)")
+    parser.add_argument("--task", default="remember-color",
+                        help="task of --success, on its memoryless twin (remember-color)")
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="training steps per --success variant (1500)")
+    parser.add_argument("--episodes", type=int, default=1500,
+                        help="expert episodes of --success (1500)")
     parser.add_argument("--eval-episodes", type=int, default=100,
                         help="evaluation episodes per --success variant (100)")
-    parser.add_argument("--query", default="residual",
-                        help="pruner query of the pruned --success variants (residual)")
+    parser.add_argument("--query", default="lightvla",
+                        help="pruner query of the pruned --success variants (lightvla)")
     parser.add_argument("--out", default="bench_pruning_success",
                         help="directory of the --success sweep")
     parser.add_argument("--no-progress", action="store_true")
@@ -109,7 +112,7 @@ def build_models(args):
                                              f"model.pruner.max_keep={k}"])
     torch.manual_seed(args.seed)
     full = FlowMatchingVLA(base.model).to(args.device).eval()
-    pruned = FlowMatchingVLA(pruned_cfg.model).to(args.device).eval()
+    pruned = FlowMatchingVLA(pruned_cfg.model, num_cameras=args.cameras).to(args.device).eval()
     pruned.load_state_dict(full.state_dict())
     return base, full, pruned, p, k
 
@@ -213,15 +216,18 @@ QUERY_VARIANTS = [("lightvla, pads unmasked (as released)", "lightvla", False),
                   ("lightvla, pads masked", "lightvla", True),
                   ("residual 0.5, pads masked", "residual:0.5", True),
                   ("residual 1, pads masked (the fix)", "residual", True),
-                  ("residual 2, pads masked", "residual:2", True)]
+                  ("residual 2, pads masked", "residual:2", True),
+                  ("residual 1, pads masked, centred", "residual:1:centred", True)]
 
 
 def _kept(query: str, patches, positions, task, valid) -> dict:
     from ..configs import PrunerConfig
     from ..layers.token_pruner import TokenPruner
 
-    query, _, scale = query.partition(":")
-    cfg = PrunerConfig(enabled=True, query=query, residual_scale=float(scale or 1.0))
+    query, _, rest = query.partition(":")
+    scale, _, centre = rest.partition(":")  # uncentred, as these rows were first measured
+    cfg = PrunerConfig(enabled=True, query=query, residual_scale=float(scale or 1.0),
+                       center=centre == "centred")
     out = TokenPruner(cfg, 0).eval()(
         patches, positions, task, valid)
     return {"kept_mean": out.stats["kept"], "kept": out.kept.tolist(),
@@ -287,9 +293,10 @@ def action_contexts(args, models) -> list[dict]:
             for query in ("lightvla", "residual"):
                 cfg = get_preset("smolvla-450m", [
                     *stack_overrides(args), "model.pruner.enabled=true",
-                    f"model.pruner.query={query}", f"model.pruner.action_context={ctx}"])
+                    f"model.pruner.query={query}", f"model.pruner.action_context={ctx}",
+                    "model.pruner.center=false"])
                 torch.manual_seed(args.seed + 5)  # the same key projection for every query
-                model = FlowMatchingVLA(cfg.model).to(args.device).eval()
+                model = FlowMatchingVLA(cfg.model, num_cameras=args.cameras).to(args.device).eval()
                 model.load_state_dict(full.state_dict(), strict=False)
                 pa, _ = model.pruner_actions(noise, prev, None)
                 model.prefill(images, ids, pad, state, pruner_actions=pa)
@@ -300,21 +307,29 @@ def action_contexts(args, models) -> list[dict]:
 
 
 # -- success after training -----------------------------------------------------------------------
-def success_variants(query: str = "residual"):
-    """Both families, each without and with the pruner (``query``), at 16 visual tokens per
-    32×32 image (patch 8, no pixel shuffle) and 4 decoder layers."""
+AS_RELEASED = ["policy.model.pruner.center=false", "policy.model.pruner.duplicates=keep"]
+
+
+def success_variants(query: str = "lightvla"):
+    """Both families, each without the pruner, with it (``query``, the defaults: centred
+    scores, duplicates dropped in training) and with it as released (uncentred, duplicates
+    kept), at 16 visual tokens per 32×32 image (patch 8, no pixel shuffle), trained and
+    evaluated on the task's memoryless twin (remember-color: the cue stays in view, so what
+    is left is to see it)."""
     from ..demo import Variant
 
     pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}"]
-    flow = ["policy.model.connector_scale=1", "policy.model.text.depth=4",
-            "policy.model.expert.depth=4"]
-    # L1 regression: a lower lr (see training.loop.PRESET_TRAIN_DEFAULTS)
-    oft = ["policy.model.text.depth=4", "train.lr=3e-4"]
-    return [Variant("flow", "flow matching (tiny)", flow),
-            Variant("flow-pruned", f"flow matching + pruner ({query})", flow + pruner),
-            Variant("oft", "parallel decoding (tiny-oft)", oft, preset="tiny-oft"),
-            Variant("oft-pruned", f"parallel decoding + pruner ({query})", oft + pruner,
-                    preset="tiny-oft")]
+    flow = ["policy.model.connector_scale=1"]
+    oft = ["train.lr=3e-4"]  # L1 regression: a lower lr (see training.loop)
+    out = []
+    for fam, label, extra, preset in (("flow", "flow matching", flow, None),
+                                      ("oft", "parallel decoding", oft, "tiny-oft")):
+        out += [Variant(fam, label, extra, twin=True, preset=preset),
+                Variant(f"{fam}-pruned", f"{label} + pruner ({query})", extra + pruner,
+                        twin=True, preset=preset),
+                Variant(f"{fam}-released", f"{label} + pruner ({query}), as released",
+                        extra + pruner + AS_RELEASED, twin=True, preset=preset)]
+    return out
 
 
 def success_with_and_without_pruning(args) -> dict:

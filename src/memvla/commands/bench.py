@@ -17,6 +17,7 @@ BENCHES = {
     "envs": "envs",
     "lm-copy": "lm_copy",
     "pruning": "pruning",
+    "vision-reuse": "vision_reuse",
     "context": "context",
     "ssm": "ssm_speed",
     "scaling": "scaling",

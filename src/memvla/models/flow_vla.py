@@ -62,6 +62,7 @@ from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference, stats_to_floats
 from ..layers.tokens import TokenSegment
 from ..layers.vision import ImageEncoder, VisionTransformer
+from ..layers.vision_reuse import current_frame_encoder, make_vision_reuse
 from .decoder import Decoder
 
 ACTION_KEY_CONTEXTS = ("placeholders", "keys", "prev_chunk")
@@ -191,6 +192,7 @@ class FlowMatchingVLA(nn.Module):
             self.action_time_mlp_in = nn.Linear(2 * de, de)
             self.action_time_mlp_out = nn.Linear(de, de)
         self.context = make_context(context or ContextConfig(), d, cfg.max_action_dim)
+        self.vision_reuse = make_vision_reuse(cfg.vision, self.context)  # inference only
         self.pruner: TokenPruner | None = None
         self.pruner_key_proj: nn.Linear | None = None  # action (or state) -> pruner key
         self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last prefix built
@@ -267,7 +269,8 @@ class FlowMatchingVLA(nn.Module):
         encoder = self.image_encoder
         parts = []
         for cam, img in enumerate(images):
-            emb = self.context.encode_images(encoder, img, cam, context_state)  # (B, Ti, D)
+            enc = current_frame_encoder(self.vision_reuse, self.training, encoder, cam)
+            emb = self.context.encode_images(enc, img, cam, context_state)  # (B, Ti, D)
             parts.append(TokenSegment.full(emb, 0, 0))
         image_parts = list(parts)
         lang = vwe.text_model.embed(lang_ids)  # (B, Nl, D)

@@ -59,6 +59,7 @@ from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference
 from ..layers.tokens import TokenSegment
 from ..layers.vision import ImageEncoder, VisionTransformer
+from ..layers.vision_reuse import current_frame_encoder, make_vision_reuse
 from ..layers.vit_timm import TimmViT
 from .decoder import Decoder
 
@@ -257,6 +258,7 @@ class ParallelVLA(nn.Module):
         self.action_head = None if self.text_actions else L1RegressionActionHead(
             d, cfg.head_hidden or d, cfg.chunk_size, cfg.max_action_dim, cfg.head_blocks)
         self.context = make_context(context or ContextConfig(), d, cfg.max_action_dim)
+        self.vision_reuse = make_vision_reuse(cfg.vision, self.context)  # inference only
         self.last_prune_stat_tensors: dict[str, Tensor] = {}  # of the last call
         self.pruner = None
         if cfg.pruner.enabled:
@@ -294,7 +296,9 @@ class ParallelVLA(nn.Module):
         """Images per camera (B, C, S, S) -> projected patch tokens of all cameras (B, P, D)
         (each camera through the context's image encoding: e.g. MEM's space-time one)."""
         encoder = self.image_encoder
-        tokens = [self.context.encode_images(encoder, img, cam, context_state)
+        reuse, training = self.vision_reuse, self.training
+        tokens = [self.context.encode_images(current_frame_encoder(reuse, training, encoder, cam),
+                                             img, cam, context_state)
                   for cam, img in enumerate(images)]  # (B, Ti, D) each
         return torch.cat(tokens, 1)  # (B, P, D)
 

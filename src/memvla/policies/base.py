@@ -216,6 +216,8 @@ class VLAPolicy(ExperiencePolicyMixin, ContextPolicyMixin, nn.Module):
         """Forget the episode: clears the action queue and the temporal context's state."""
         self._queue.clear()
         self._context_state = None
+        if getattr(self.model, "vision_reuse", None) is not None:
+            self.model.vision_reuse.reset()  # the previous frame is another episode's
 
     # -- persistence ----------------------------------------------------------------------
     def checkpoint_files(self) -> dict[str, bytes]:

@@ -1,0 +1,197 @@
+"""Vision-token reuse across frames (VLA-Cache's idea, applied to the vision tower).
+
+A robot's camera sees mostly the same scene from one chunk to the next: the patches whose
+pixels did not change need not go through the tower again. :func:`reuse_forward` runs a
+:class:`~memvla.layers.vision.VisionTransformer` on a new frame given the cache of the
+previous one: a patch is *changed* if any of its pixels moved by more than ``threshold``
+(images in [-1, 1]); only changed patches are computed, layer by layer, as queries that
+attend to every patch — the changed ones' new keys and values and the unchanged ones'
+cached keys and values of the same layer. Unchanged patches keep their cached hidden
+states. The output is exact when every patch changed (it is then the full forward) and
+when none did (the cache); in between the unchanged patches are stale by what the changed
+ones would have told them, the approximation VLA-Cache makes in the language model's KV
+cache. Cost per layer: ``C · P`` attention and ``C`` MLP rows instead of ``P · P`` and
+``P`` (C changed patches of P).
+
+:func:`reuse_forward_ref` is the slow twin: sample by sample, each changed patch through
+the layer on its own.
+
+Axis letters: P = patches of one image, C = changed patches (padded to the batch's largest
+count), Hh = heads, Dh = head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import merge_heads, scaled_attention, split_heads
+from .vision import VisionBlock, VisionTransformer
+
+
+@dataclass
+class VisionCache:
+    """What the tower computed for the previous frame of each sample."""
+
+    images: Tensor  # (B, C, H, W) the frame the cache was computed on
+    keys: list[Tensor]  # per layer (B, Hh, P, Dh)
+    values: list[Tensor]  # per layer (B, Hh, P, Dh)
+    hidden: list[Tensor]  # per layer, its output (B, P, D)
+
+
+def changed_patches(prev: Tensor, images: Tensor, patch: int, threshold: float) -> Tensor:
+    """(B, P) bool, row-major over the patch grid: the largest absolute pixel change inside
+    the patch is above ``threshold``."""
+    diff = (images - prev).abs().amax(1, keepdim=True)  # (B, 1, H, W)
+    return F.max_pool2d(diff, patch).flatten(1) > threshold  # (B, P)
+
+
+def _qkv(block: VisionBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    a, h = block.layer_norm1(x), block.self_attn.heads
+    return tuple(split_heads(p(a), h) for p in (block.self_attn.q_proj, block.self_attn.k_proj,
+                                                block.self_attn.v_proj))
+
+
+def full_forward(vit: VisionTransformer, images: Tensor) -> tuple[Tensor, VisionCache]:
+    """The tower's forward, recording each layer's keys, values and output -> (features
+    (B, P, D), cache). Equal to ``vit(images)``."""
+    x = vit.embeddings(images)  # (B, P, D)
+    keys, values, hidden = [], [], []
+    for block in vit.encoder.layers:
+        q, k, v = _qkv(block, x)  # (B, Hh, P, Dh) each
+        full = x.new_ones(x.shape[0], x.shape[1], x.shape[1], dtype=torch.bool)  # (B, P, P)
+        x = x + block.self_attn.out_proj(merge_heads(scaled_attention(q, k, v, full)))
+        x = x + block.mlp(block.layer_norm2(x))  # (B, P, D)
+        keys.append(k)
+        values.append(v)
+        hidden.append(x)
+    return vit.post_layernorm(x), VisionCache(images, keys, values, hidden)
+
+
+def _put(full: Tensor, idx: Tensor, rows: Tensor, ok: Tensor, dim: int) -> Tensor:
+    """``full`` with ``rows`` written at ``idx`` along ``dim`` where ``ok`` (padding rows
+    write back what is there)."""
+    shape = [1] * full.dim()
+    shape[0], shape[dim] = idx.shape
+    expand = list(full.shape)
+    expand[dim] = idx.shape[1]
+    index = idx.view(shape).expand(expand)
+    keep = ok.view(shape).expand(expand)
+    return full.scatter(dim, index, torch.where(keep, rows, full.gather(dim, index)))
+
+
+def reuse_forward(vit: VisionTransformer, images: Tensor, cache: VisionCache | None,
+                  threshold: float) -> tuple[Tensor, VisionCache, Tensor]:
+    """images (B, C, H, W) -> (features (B, P, D), the new cache, changed (B, P) bool).
+    Without a cache (an episode's first frame) every patch is computed."""
+    if cache is None or tuple(cache.images.shape) != tuple(images.shape):
+        feats, cache = full_forward(vit, images)
+        return feats, cache, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+    changed = changed_patches(cache.images, images, vit.embeddings.patch_size, threshold)
+    b, p = changed.shape
+    n = changed.sum(1)  # (B,)
+    if int(n.max()) == 0:
+        return vit.post_layernorm(cache.hidden[-1]), cache, changed
+    idx = torch.sort((~changed).long(), dim=1, stable=True).indices[:, : int(n.max())]  # (B, C)
+    ok = torch.arange(idx.shape[1], device=idx.device)[None] < n[:, None]  # (B, C)
+    x = vit.embeddings(images)  # (B, P, D) cheap: one matmul per patch
+    h = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, C, D)
+    keys, values, hidden = [], [], []
+    for layer, block in enumerate(vit.encoder.layers):
+        q, k_new, v_new = _qkv(block, h)  # (B, Hh, C, Dh) each
+        k = _put(cache.keys[layer], idx, k_new, ok, 2)  # (B, Hh, P, Dh)
+        v = _put(cache.values[layer], idx, v_new, ok, 2)  # (B, Hh, P, Dh)
+        full = h.new_ones(b, h.shape[1], p, dtype=torch.bool)  # (B, C, P)
+        h = h + block.self_attn.out_proj(merge_heads(scaled_attention(q, k, v, full)))
+        h = h + block.mlp(block.layer_norm2(h))  # (B, C, D)
+        keys.append(k)
+        values.append(v)
+        hidden.append(_put(cache.hidden[layer], idx, h, ok, 1))  # (B, P, D)
+    return vit.post_layernorm(hidden[-1]), VisionCache(images, keys, values, hidden), changed
+
+
+def reuse_forward_ref(vit: VisionTransformer, images: Tensor, cache: VisionCache,
+                      threshold: float) -> Tensor:
+    """Slow twin of :func:`reuse_forward` with a cache: sample by sample, changed patch by
+    changed patch, explicit softmax -> features (B, P, D)."""
+    out = []
+    for i in range(images.shape[0]):
+        pix = (images[i] - cache.images[i]).abs().amax(0)  # (H, W)
+        s = vit.embeddings.patch_size
+        side = pix.shape[0] // s
+        moved = [pix[r * s:(r + 1) * s, c * s:(c + 1) * s].max() > threshold
+                 for r in range(side) for c in range(side)]
+        x = vit.embeddings(images[i:i + 1])[0]  # (P, D)
+        rows = [j for j, m in enumerate(moved) if m]
+        hid = {j: x[j] for j in rows}
+        for layer, block in enumerate(vit.encoder.layers):
+            k, v = cache.keys[layer][i].clone(), cache.values[layer][i].clone()  # (Hh, P, Dh)
+            qs = {}
+            for j in rows:
+                q1, k1, v1 = _qkv(block, hid[j][None, None])  # (1, Hh, 1, Dh) each
+                k[:, j], v[:, j], qs[j] = k1[0, :, 0], v1[0, :, 0], q1[0, :, 0]
+            new = {}
+            for j in rows:
+                w = (qs[j][:, None] @ k.transpose(1, 2) / k.shape[-1] ** 0.5).softmax(-1)
+                a = (w @ v).reshape(1, -1)  # (1, Hh·Dh) heads side by side
+                y = hid[j] + block.self_attn.out_proj(a)[0]
+                new[j] = y + block.mlp(block.layer_norm2(y[None]))[0]
+            hid = new
+        last = cache.hidden[-1][i].clone()  # (P, D)
+        for j in rows:
+            last[j] = hid[j]
+        out.append(vit.post_layernorm(last))
+    return torch.stack(out)  # (B, P, D)
+
+
+class VisionReuse:
+    """The episode's caches, one per camera, and the changed share of each call: a model
+    with ``vision.reuse`` holds one and encodes its current frames through
+    :meth:`encoder_for` at inference (training always runs the full tower)."""
+
+    def __init__(self, threshold: float):
+        if threshold < 0:
+            raise ValueError(f"vision.reuse_threshold must be >= 0, got {threshold}")
+        self.threshold = float(threshold)
+        self.caches: dict[int, VisionCache] = {}
+        self.changed: list[float] = []  # share of the patches computed, per call and camera
+
+    def reset(self) -> None:
+        """A new episode: forget every camera's previous frame."""
+        self.caches.clear()
+
+    def tower(self, vit: VisionTransformer, camera: int):
+        """``vit`` as a callable images -> features that reuses camera ``camera``'s cache."""
+        def run(images: Tensor) -> Tensor:
+            feats, self.caches[camera], changed = reuse_forward(
+                vit, images, self.caches.get(camera), self.threshold)
+            self.changed.append(float(changed.float().mean()))
+            return feats  # (B, P, D)
+        return run
+
+    def encoder_for(self, encoder, camera: int):
+        """An :class:`~memvla.layers.vision.ImageEncoder` like ``encoder`` whose tower
+        reuses camera ``camera``'s unchanged patches."""
+        if not isinstance(encoder.vision, VisionTransformer):
+            raise ValueError("vision.reuse needs the SigLIP-layout tower (vision.layout="
+                             f"'siglip', one tower); this model's is {type(encoder.vision)}")
+        return replace(encoder, vision=self.tower(encoder.vision, camera))
+
+
+def make_vision_reuse(vision_cfg, context) -> VisionReuse | None:
+    """The reuse a model with ``vision_cfg`` holds (None with ``vision.reuse`` off)."""
+    if not vision_cfg.reuse:
+        return None
+    if getattr(getattr(context, "cfg", None), "frames_mode", None) == "mem":
+        raise ValueError("vision.reuse encodes the current frame on its own, "
+                         "context.frames_mode='mem' encodes it with its history: use one")
+    return VisionReuse(vision_cfg.reuse_threshold)
+
+
+def current_frame_encoder(reuse: VisionReuse | None, training: bool, encoder, camera: int):
+    """The encoder of camera ``camera``'s current frame: ``encoder`` itself in training or
+    without reuse, else the one that reuses the previous frame's unchanged patches."""
+    return encoder if reuse is None or training else reuse.encoder_for(encoder, camera)
