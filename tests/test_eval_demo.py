@@ -188,12 +188,18 @@ def test_sweep_with_other_variants_both_families_and_pruner_counts(tmp_path):
     res = run_sweep(tmp_path / "sweep", s, progress=False, report=False,
                     variants=success_variants("lightvla"))
     rows = {r["variant"]: r for r in res["variants"]}
-    assert list(rows) == ["flow", "flow-pruned", "oft", "oft-pruned"]
-    assert json.loads((tmp_path / "sweep" / "runs" / "oft" / "run.json").read_text())[
-        "preset"] == "tiny-oft"
+    assert list(rows) == ["flow", "flow-pruned", "flow-released", "oft", "oft-pruned",
+                          "oft-released"]
+    run = {n: json.loads((tmp_path / "sweep" / "runs" / n / "run.json").read_text())
+           for n in rows}
+    assert run["oft"]["preset"] == "tiny-oft"
+    pruner = {n: r["policy"]["model"]["pruner"] for n, r in run.items()}
+    assert pruner["flow-pruned"]["center"] and pruner["flow-pruned"]["duplicates"] == "drop"
+    assert not pruner["oft-released"]["center"]
+    assert pruner["oft-released"]["duplicates"] == "keep"
     for name, r in rows.items():
         kept = r["eval"].get("pruner_kept")
-        assert (kept is not None) == name.endswith("pruned")
+        assert (kept is not None) == name.endswith(("pruned", "released"))
         if kept:  # 16 visual tokens per 32×32 image in both families
             assert kept["visual_tokens"] == 16
             assert 1 <= kept["min"] <= kept["mean"] <= kept["max"] <= 16

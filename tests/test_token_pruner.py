@@ -154,6 +154,11 @@ def test_training_without_duplicates_attends_what_inference_keeps(center):
     # the straight-through gradient reaches the scores (here: the task tokens) and patches
     (train.tokens * torch.randn_like(train.tokens)).sum().backward()
     assert task.grad.abs().sum() > 0 and patches.grad.abs().sum() > 0
+    # pruner.gradient=none: the hard selection alone, the scores get no gradient
+    task.grad = patches.grad = None
+    m = pruner(noise_scale=0.0, center=center, query="residual", gradient="none").train()
+    (m(patches, positions, task, valid).tokens * torch.randn_like(train.tokens)).sum().backward()
+    assert task.grad is None and patches.grad.abs().sum() > 0  # only through the copies
     # as released, every slot is a copy of its vote: a twice-voted patch is there twice
     kept = pruner(noise_scale=0.0, center=center, query="residual", duplicates="keep").train()(
         patches, positions, task, valid)
@@ -217,6 +222,9 @@ def test_errors_are_actionable():
     with pytest.raises(ValueError, match=r"pruner.duplicates must be one of \('drop', 'keep'\), "
                        r"got 'merge'"):
         PrunerConfig(duplicates="merge")
+    with pytest.raises(ValueError, match=r"pruner.gradient must be one of \('straight_through', "
+                       r"'none'\), got 'soft'"):
+        PrunerConfig(gradient="soft")
     with pytest.raises(ValueError, match="model.pruner.center: expected bool, got 'yes please'"):
         get_preset("tiny", ["model.pruner.center=yes please"])
     with pytest.raises(ValueError, match=r"num_patches=16 \(or 0"):

@@ -139,6 +139,7 @@ class DecoderConfig:
 PRUNER_NOISES = ("uniform", "gumbel")
 PRUNER_QUERIES = ("lightvla", "residual")
 PRUNER_DUPLICATES = ("drop", "keep")
+PRUNER_GRADIENTS = ("straight_through", "none")
 PRUNER_ACTION_CONTEXTS = ("none", "placeholders", "keys", "prev_chunk", "state")
 
 
@@ -159,6 +160,8 @@ class PrunerConfig:
     ``duplicates``: in training, the slots of patches voted for more than once are "drop"ped
     (masked: training attends what inference keeps) or "keep"ped (as released: a patch
     voted for n times fills n slots, which inference does not see).
+    ``gradient``: "straight_through" (the softmax's gradient reaches the scores, so the
+    patch and task embeddings) or "none" (the hard selection alone: the scores get none).
     ``temperature`` divides the scores; ``min_keep`` / ``max_keep`` keep at least / at
     most that many patches at inference (most-voted first; 0 = no bound; both equal = a
     fixed count, e.g. for timing). They do not act in training, which keeps the length.
@@ -178,6 +181,7 @@ class PrunerConfig:
     residual_scale: float = 1.0
     center: bool = True
     duplicates: str = "drop"
+    gradient: str = "straight_through"
     temperature: float = 1.0
     min_keep: int = 0
     max_keep: int = 0
@@ -192,6 +196,8 @@ class PrunerConfig:
                  f"{self.noise_scale}")
         _require(self.query in PRUNER_QUERIES, f"pruner.query must be one of {PRUNER_QUERIES}, "
                  f"got {self.query!r}")
+        _require(self.gradient in PRUNER_GRADIENTS, f"pruner.gradient must be one of "
+                 f"{PRUNER_GRADIENTS}, got {self.gradient!r}")
         _require(self.duplicates in PRUNER_DUPLICATES, f"pruner.duplicates must be one of "
                  f"{PRUNER_DUPLICATES}, got {self.duplicates!r}")
         _positive("pruner", temperature=self.temperature, residual_scale=self.residual_scale)

@@ -163,7 +163,7 @@ def closed_loop(args) -> dict:
         out["reuse" if reuse else "full"] = {
             "success_rate": res["success_rate"], "ci95": res["ci95"],
             "chunk_ms_p50": res["chunk_latency_ms"]["p50"],
-            "changed_share": sum(changed) / len(changed) if changed else 1.0}
+            "changed_share": sum(changed) / len(changed) if changed else None}
     return out
 
 
@@ -203,7 +203,8 @@ def run(args) -> int:
         print(format_table(["tower", "success", "95% CI", "changed share", "chunk ms p50"],
                            [[k, f"{v['success_rate']:.1%}",
                              f"{v['ci95'][0]:.0%}-{v['ci95'][1]:.0%}",
-                             f"{v['changed_share']:.1%}", f"{v['chunk_ms_p50']:.2f}"]
+                             "-" if v["changed_share"] is None else f"{v['changed_share']:.1%}",
+                             f"{v['chunk_ms_p50']:.2f}"]
                             for k, v in loop.items()]))
     if args.json:
         atomic_write_json(Path(args.json), json.loads(json.dumps(out, default=str)))

@@ -17,6 +17,7 @@ BENCHES = {
     "envs": "envs",
     "lm-copy": "lm_copy",
     "pruning": "pruning",
+    "pruning-collapse": "pruning_collapse",
     "vision-reuse": "vision_reuse",
     "context": "context",
     "ssm": "ssm_speed",

@@ -16,8 +16,7 @@ for its argmax (column).
   forward, the softmax's gradient backward. The noise scale decays linearly to 0 over
   training (:meth:`TokenPruner.set_progress`). A patch voted for by n patches then fills n
   slots (``duplicates="keep"``, as released), where inference keeps it once: the model
-  learns to read a patch's weight from its copies (a flow-matching policy trained so reads
-  the cue at 100% with the training forward and at chance, 33%, with the inference one).
+  learns to read a patch's weight from its copies, which inference does not have.
   ``duplicates="drop"`` (the default) masks the copies: slot j holds patch j (the row of
   its first voter, with that row's straight-through gradient) if it was voted for and is
   masked otherwise, so training attends exactly the tokens and positions inference keeps.
@@ -35,13 +34,12 @@ itself as the scale grows), a smaller one approaches the collapsing ``lightvla``
 ``min_keep`` is a second, blunter fix: a floor on the count, most-voted first.
 
 Centring (``center``, the default): the patches' mean over the image(s) is subtracted before
-they are normed and scored. Training aligns the visual tokens: in the flow-matching family
-at lr 2e-3 the mean cosine between two patches of an image rises from 0.24 to 0.8–0.9 in
-300 steps, in an unpruned model too (the task loss does it, not the pruner's gradient:
-detaching the straight-through path collapses as fast). Normed, such patches are nearly one
-vector plus small differences, every patch votes for the same few winners and the kept
-count falls to 1–4 of 16. The shared component carries nothing that tells patches apart;
-without it the differences are what gets scored, and the count holds.
+they are normed and scored. Training aligns the visual tokens (the task loss does it, in an
+unpruned model too; the straight-through gradient with duplicates kept then rewards copying
+a useful patch into more slots): normed, aligned patches are nearly one vector plus small
+differences, every patch votes for the same few winners and a trained flow-matching pruner
+kept 1–4 of 16 (``memvla bench pruning-collapse``). The shared component tells no patch
+from another; without it the differences are what gets scored.
 
 Axis letters: P = visual tokens of all cameras together, T = task tokens (not time here),
 P' = kept slots.
@@ -330,6 +328,8 @@ class TokenPruner(nn.Module):
         score, queries = prune_scores(patches, task, task_valid, c.query, c.temperature,
                                       c.residual_scale, c.center)
         if self.training:
+            if c.gradient == "none":
+                score = score.detach()  # the hard selection alone
             w = straight_through_weights(score, self.noise_scale, c.noise)  # (B, P, P)
             tokens = (w.to(patches.dtype) @ patches)  # (B, P, D)
             counts = vote_counts(w.detach())  # (B, P) the noisy votes actually used
