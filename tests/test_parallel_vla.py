@@ -260,3 +260,21 @@ def test_train_tiny_oft_lowers_the_loss_and_evaluates(dataset, tmp_path):
                  "--batch", "2", "--record", "0", "--out", str(tmp_path / "eval"),
                  "--no-progress"]) == 0
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["episodes"] == 2
+
+
+def test_regression_loss_is_l1_or_squared_error():
+    """The same weights and batch: ``l1`` gives |pred − target| per element, ``mse`` its
+    square; a bad value is refused with the choices."""
+    l1, mse = _policy(["model.regression_loss=l1"]), _policy(["model.regression_loss=mse"])
+    mse.load_state_dict(l1.state_dict())
+    images, ids, pad, state = l1.encode_observation(fake_batch(l1.config, with_actions=False))
+    target = torch.randn(2, l1.model.cfg.chunk_size, l1.model.cfg.max_action_dim)
+    with torch.no_grad():
+        a, _ = l1.model(images, ids, pad, state, target)  # (B, A, Da')
+        b, _ = mse.model(images, ids, pad, state, target)
+    assert torch.allclose(b, a ** 2, atol=1e-6) and not torch.allclose(a, b)
+    assert get_preset("tiny-oft").model.regression_loss == "mse"  # see the preset
+    assert get_preset("openvla-oft-7b").model.regression_loss == "l1"  # OFT's recipe
+    with pytest.raises(ValueError, match=r"model.regression_loss must be one of \('l1', 'mse'\), "
+                                         r"got 'huber'"):
+        get_preset("tiny-oft", ["model.regression_loss=huber"])

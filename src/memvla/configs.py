@@ -140,6 +140,8 @@ PRUNER_NOISES = ("uniform", "gumbel")
 PRUNER_QUERIES = ("lightvla", "residual")
 PRUNER_DUPLICATES = ("drop", "keep")
 PRUNER_GRADIENTS = ("straight_through", "none")
+# the parallel family's regression head: L1 (OpenVLA-OFT's) or squared error
+REGRESSION_LOSSES = ("l1", "mse")
 PRUNER_ACTION_CONTEXTS = ("none", "placeholders", "keys", "prev_chunk", "state")
 
 
@@ -358,6 +360,9 @@ class ParallelVLAConfig:
     each reading the previous step's action token (the first reads ``stop_token_id``), are
     read by the LM head (``text.lm_head`` must be on) with a cross-entropy loss on the
     action tokens only, and decoded greedily over the action tokens.
+    ``regression_loss`` (the ``l1`` head): ``l1`` (OFT's) or ``mse``. L1's minimiser is the
+    median: on data where most steps hold still (the built-in tasks wait for a cue), the
+    median chunk is "do not move" and an L1 head can settle there and never leave it.
 
     ``action_offset``: 1 reads the head's hidden states one position after the
     placeholders (the last one is STOP's), in training and inference alike. OpenVLA-OFT's
@@ -382,10 +387,13 @@ class ParallelVLAConfig:
     stop_token_id: int = 2
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     action_head: str = "l1"
+    regression_loss: str = "l1"
     text_actions: int = 4
     action_offset: int = 0
 
     def __post_init__(self):
+        _require(self.regression_loss in REGRESSION_LOSSES, f"model.regression_loss must be "
+                 f"one of {REGRESSION_LOSSES}, got {self.regression_loss!r}")
         _require(self.action_offset in (0, 1) and (
             self.action_offset == 0 or self.action_head == "l1"),
             f"model.action_offset must be 0 (the head reads the placeholders) or 1 (one "

@@ -5,7 +5,8 @@ with bidirectional attention (padding masked): the ``chunk_size × action_dim`` 
 placeholders are zero embeddings (OFT multiplies their token embeddings by zero), so all
 actions of the chunk are decoded in one pass; the decoder's hidden states at the
 placeholders go through an MLP-ResNet head (:mod:`memvla.layers.action_head`) that
-regresses the normalised action chunk with an L1 loss. With ``model.action_head=text``
+regresses the normalised action chunk with an L1 loss (or squared error:
+``model.regression_loss``). With ``model.action_head=text``
 (StreamVLN's actions as text) the placeholders and STOP give way to one slot per future
 step, causal among themselves, whose hidden states the LM head reads as discrete action
 tokens (:mod:`memvla.layers.action_tokens`).
@@ -422,7 +423,8 @@ class ParallelVLA(nn.Module):
 
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, context_state=None) -> tuple[Tensor, object]:
-        """L1 losses per element (B, A, Da') of the regressed chunk against ``actions``
+        """L1 (or squared, ``model.regression_loss``) losses per element (B, A, Da') of the
+        regressed chunk against ``actions``
         (normalised, padded to max_action_dim), and the context's next state. The text head
         takes the one-hot discrete actions (B, A, n) (not normalised) and gives each step's
         cross-entropy, repeated over the n dimensions (B, A, n) (their mean is the
@@ -440,6 +442,8 @@ class ParallelVLA(nn.Module):
                                                context_state)
         self.last_prune_stat_tensors = seq.stats
         pred = self.action_head(h)  # (B, A, Da')
+        if self.cfg.regression_loss == "mse":
+            return F.mse_loss(pred, actions, reduction="none"), new_state
         return F.l1_loss(pred, actions, reduction="none"), new_state
 
     @torch.no_grad()
