@@ -320,7 +320,7 @@ def success_variants(query: str = "lightvla"):
 
     pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}"]
     flow = ["policy.model.connector_scale=1"]
-    oft = ["train.lr=3e-4"]  # L1 regression: a lower lr (see training.loop)
+    oft = ["train.lr=3e-4"]  # tiny-oft's training default (training.loop), not the demo's
     out = []
     for fam, label, extra, preset in (("flow", "flow matching", flow, None),
                                       ("oft", "parallel decoding", oft, "tiny-oft")):
