@@ -16,6 +16,10 @@ rounds (:func:`memvla.bench.timing.time_interleaved`); medians of
 - chunk: ``FlowMatchingVLA.sample_actions`` (prefill + ``num_steps`` expert steps, which
   read a shorter cache).
 
+With ``--parallel``, the parallel family too: one chunk (a single pass) of the
+``openvla-oft-7b`` widths at ``--depth`` Llama layers and 2 blocks of each vision tower,
+full and with the pruner forced to keep ``--keep`` of its 512 patches.
+
 FLOPs of the same calls come from ``torch.utils.flop_counter.FlopCounterMode`` with a
 formula added for the CPU attention kernel (dense: masked entries are computed too).
 
@@ -68,6 +72,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when "
                         "available, else cpu)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="also time one chunk of the parallel family at the "
+                             "openvla-oft-7b widths (--depth Llama layers), full and pruned")
     parser.add_argument("--success", action="store_true",
                         help="also train both families with and without pruning on a built-in "
                              "task and compare success and kept counts (long: tens of minutes)")
@@ -209,6 +216,49 @@ def cost(args, models) -> dict:
             "prefix_tokens_full": prefix_full.length, "prefix_tokens_pruned": prefix_pruned.length,
             "pruner_ms": ms["pruner"], "pruner_gflops": flops["pruner"] / 1e9, "rows": rows,
             "timings": {n: t.to_dict() for n, t in times.items()}, "flops": flops}
+
+
+def parallel_cost(args) -> dict:
+    """The parallel family at the ``openvla-oft-7b`` widths (``--depth`` Llama layers, 2
+    blocks of each vision tower, 2 cameras × 256 patches): one action chunk (a single
+    parallel pass) full and with the pruner forced to keep ``--keep`` of the patches."""
+    import torch
+
+    from ..data.tokenizers import make_tokenizer
+    from ..models.parallel_vla import ParallelVLA
+    from ..presets import get_preset
+    from .timing import cuda_sync
+
+    stack = [f"model.text.depth={args.depth}", "model.vision.depth=2",
+             "model.vision_fused.depth=2"]
+    base = get_preset("openvla-oft-7b", stack)
+    p = 2 * base.model.tokens_per_image
+    k = max(1, min(p, round(args.keep * p)))
+    pruned_cfg = get_preset("openvla-oft-7b", [*stack, "model.pruner.enabled=true",
+                                               f"model.pruner.min_keep={k}",
+                                               f"model.pruner.max_keep={k}"])
+    torch.manual_seed(args.seed)
+    full = ParallelVLA(base.model, num_cameras=2).to(args.device).eval()
+    pruned = ParallelVLA(pruned_cfg.model, num_cameras=2).to(args.device).eval()
+    pruned.load_state_dict(full.state_dict())
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    s = base.model.vision.image_size
+    images = [torch.rand(1, 3, s, s, generator=g, device=args.device) * 2 - 1
+              for _ in range(2)]  # (1, 3, S, S) each
+    ids, pad = make_tokenizer(base.tokenizer)([LONG_PROMPT])  # (1, Nl)
+    ids, pad = ids[:, 1:].to(args.device), pad[:, 1:].to(args.device)  # without BOS
+    state = torch.randn(1, base.model.max_state_dim, generator=g, device=args.device)
+    calls = {"chunk full": lambda: full.predict(images, ids, pad, state),
+             "chunk pruned": lambda: pruned.predict(images, ids, pad, state)}
+    with torch.inference_mode():
+        flops = {n: count_flops(fn) for n, fn in calls.items()}
+        times = time_interleaved(calls, args.chunk_repeats or 1, args.warmup,
+                                 sync=cuda_sync if args.device.type == "cuda" else None)
+    ms = {n: t.median_ms for n, t in times.items()}
+    return {"stack": "openvla-oft-7b widths", "overrides": stack, "visual_tokens": p,
+            "kept": k, "full_ms": ms["chunk full"], "pruned_ms": ms["chunk pruned"],
+            "speedup": ms["chunk full"] / ms["chunk pruned"],
+            "full_gflops": flops["chunk full"] / 1e9, "pruned_gflops": flops["chunk pruned"] / 1e9}
 
 
 # -- collapse ------------------------------------------------------------------------------------
@@ -399,6 +449,13 @@ def run(args) -> int:
                        [[r["action_context"], r["query"], f"{r['kept_mean']:.1f}",
                          f"{r['top_vote_share']:.3f}"] for r in ctx_rows], align="llrr"))
     out = {"cost": c, "collapse": rows, "action_contexts": ctx_rows, "torch": torch_info()}
+    if args.parallel:
+        pc = out["parallel_cost"] = parallel_cost(args)
+        print(f"\nparallel family, openvla-oft-7b widths at {args.depth} Llama layers and 2 "
+              f"blocks per vision tower, {pc['visual_tokens']} visual tokens, pruned keeps "
+              f"{pc['kept']}: one chunk {pc['full_ms']:.0f} -> {pc['pruned_ms']:.0f} ms "
+              f"({pc['speedup']:.2f}x), {pc['full_gflops']:.1f} -> {pc['pruned_gflops']:.1f} "
+              "GFLOP")
     if args.success:
         out["success"] = success_with_and_without_pruning(args)
     if args.json:
