@@ -140,8 +140,6 @@ PRUNER_NOISES = ("uniform", "gumbel")
 PRUNER_QUERIES = ("lightvla", "residual")
 PRUNER_DUPLICATES = ("drop", "keep")
 PRUNER_GRADIENTS = ("straight_through", "none")
-# the parallel family's regression head: L1 (OpenVLA-OFT's) or squared error
-REGRESSION_LOSSES = ("l1", "mse")
 PRUNER_ACTION_CONTEXTS = ("none", "placeholders", "keys", "prev_chunk", "state")
 
 
@@ -462,6 +460,8 @@ class ParallelVLAConfig:
 
 
 ACTION_HEADS = ("l1", "text")
+# the "l1" head's loss: L1 (OpenVLA-OFT's) or squared error
+REGRESSION_LOSSES = ("l1", "mse")
 TOKENIZER_KINDS = ("words", "hf")
 
 

@@ -34,9 +34,9 @@ Success after training (``--success``, tens of minutes): both families (``tiny``
 centred scores and duplicates dropped in training: the defaults) and with it as released
 (uncentred, duplicates kept), trained on the same expert data of ``--task``'s memoryless
 twin (default remember-color, the cue in view; 32×32, 16 visual tokens per image) for
-``--steps`` and
-evaluated in closed loop on the same seeds: success with its 95% interval, chunk latency,
-and the distribution of kept visual tokens over every predicted chunk of the evaluation.
+``--steps`` and evaluated in closed loop on the same seeds: success with its 95% interval,
+chunk latency, and the distribution of kept visual tokens over every predicted chunk of
+the evaluation.
 """
 
 from __future__ import annotations
@@ -104,6 +104,14 @@ def stack_overrides(args) -> list[str]:
             f"model.text.vocab_size={WORD_VOCAB}", f"cameras={cams}"]
 
 
+def forced_keep(keep: float, p: int) -> tuple[int, list[str]]:
+    """The count a ``keep`` share of ``p`` visual tokens is (at least 1, at most p) and the
+    model overrides of a pruner that keeps exactly that many (the most-voted)."""
+    k = max(1, min(p, round(keep * p)))
+    return k, ["model.pruner.enabled=true", f"model.pruner.min_keep={k}",
+               f"model.pruner.max_keep={k}"]
+
+
 def build_models(args):
     """(unpruned model, pruned model with the same weights, visual tokens, kept count)."""
     import torch
@@ -113,10 +121,8 @@ def build_models(args):
 
     base = get_preset("smolvla-450m", stack_overrides(args))
     p = args.cameras * base.model.tokens_per_image
-    k = max(1, min(p, round(args.keep * p)))
-    pruned_cfg = get_preset("smolvla-450m", [*stack_overrides(args), "model.pruner.enabled=true",
-                                             f"model.pruner.min_keep={k}",
-                                             f"model.pruner.max_keep={k}"])
+    k, prune = forced_keep(args.keep, p)
+    pruned_cfg = get_preset("smolvla-450m", [*stack_overrides(args), *prune])
     torch.manual_seed(args.seed)
     full = FlowMatchingVLA(base.model).to(args.device).eval()
     pruned = FlowMatchingVLA(pruned_cfg.model, num_cameras=args.cameras).to(args.device).eval()
@@ -233,10 +239,8 @@ def parallel_cost(args) -> dict:
              "model.vision_fused.depth=2"]
     base = get_preset("openvla-oft-7b", stack)
     p = 2 * base.model.tokens_per_image
-    k = max(1, min(p, round(args.keep * p)))
-    pruned_cfg = get_preset("openvla-oft-7b", [*stack, "model.pruner.enabled=true",
-                                               f"model.pruner.min_keep={k}",
-                                               f"model.pruner.max_keep={k}"])
+    k, prune = forced_keep(args.keep, p)
+    pruned_cfg = get_preset("openvla-oft-7b", [*stack, *prune])
     torch.manual_seed(args.seed)
     full = ParallelVLA(base.model, num_cameras=2).to(args.device).eval()
     pruned = ParallelVLA(pruned_cfg.model, num_cameras=2).to(args.device).eval()

@@ -58,15 +58,14 @@ def _models(args, keep: float):
 
     from ..models.flow_vla import FlowMatchingVLA
     from ..presets import WORD_VOCAB, get_preset
+    from .pruning import forced_keep
 
     stack = [f"model.text.depth={args.depth}", f"model.expert.depth={args.depth}",
              f"model.vision.depth={args.vision_depth}", "model.connector_scale=2",
              f"model.text.vocab_size={WORD_VOCAB}", 'cameras=["cam0","cam1"]']
     base = get_preset("smolvla-450m", stack)
     p = 2 * base.model.tokens_per_image
-    k = max(1, round(keep * p))
-    prune = ["model.pruner.enabled=true", f"model.pruner.min_keep={k}",
-             f"model.pruner.max_keep={k}"]
+    k, prune = forced_keep(keep, p)
     reuse = ["model.vision.reuse=true"]
     variants = {"full": [], "reuse": reuse, "pruned": prune, "pruned+reuse": prune + reuse}
     torch.manual_seed(args.seed)

@@ -120,10 +120,14 @@ def prune_scores(patches: Tensor, task: Tensor, task_valid: Tensor, query: str =
 
 
 # -- inference: hard selection ----------------------------------------------------------------
+def count_votes(votes: Tensor) -> Tensor:
+    """Votes each patch receives (B, P), from every patch's vote ``votes`` (B, P)."""
+    return torch.zeros_like(votes).scatter_add_(1, votes, torch.ones_like(votes))  # (B, P)
+
+
 def vote_counts(score: Tensor) -> Tensor:
     """Votes each patch receives (B, P): every row votes for its argmax column."""
-    votes = score.argmax(-1)  # (B, P)
-    return torch.zeros_like(votes).scatter_add_(1, votes, torch.ones_like(votes))  # (B, P)
+    return count_votes(score.argmax(-1))  # (B, P)
 
 
 def priority_order(counts: Tensor, strength: Tensor) -> Tensor:
@@ -332,9 +336,10 @@ class TokenPruner(nn.Module):
                 score = score.detach()  # the hard selection alone
             w = straight_through_weights(score, self.noise_scale, c.noise)  # (B, P, P)
             tokens = (w.to(patches.dtype) @ patches)  # (B, P, D)
-            counts = vote_counts(w.detach())  # (B, P) the noisy votes actually used
+            votes = w.detach().argmax(-1)  # (B, P) the noisy votes actually used
+            counts = count_votes(votes)  # (B, P)
             if c.duplicates == "drop":
-                tokens, valid = one_slot_per_winner(tokens, w.detach().argmax(-1))
+                tokens, valid = one_slot_per_winner(tokens, votes)
             else:
                 valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
             out = PruneOutput(tokens, valid, positions, (counts > 0).sum(1))

@@ -63,10 +63,18 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed tokens (B, N, D) -> queries, keys, values (B, Hh, N, Dh) each."""
+        return tuple(split_heads(p(x), self.heads)
+                     for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Queries (B, Hh, N, Dh) over every key / value (B, Hh, L, Dh) -> (B, N, D)."""
+        full = q.new_ones(q.shape[0], q.shape[2], k.shape[2], dtype=bool)  # (B, N, L)
+        return self.out_proj(merge_heads(scaled_attention(q, k, v, full)))  # (B, N, D)
+
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        full = x.new_ones(x.shape[0], x.shape[1], x.shape[1], dtype=bool)  # (B, P, P)
-        return self.out_proj(merge_heads(scaled_attention(q, k, v, full)))  # (B, P, D)
+        return self.attend(*self.qkv(x))  # (B, P, D)
 
 
 class VisionBlock(nn.Module):
@@ -78,7 +86,13 @@ class VisionBlock(nn.Module):
         self.mlp = MLP(width, mlp_dim, act)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+        return self.finish(x, *self.self_attn.qkv(self.layer_norm1(x)))
+
+    def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The block's output (B, N, D) for tokens ``x`` (B, N, D) whose normed queries are
+        ``q`` (B, Hh, N, Dh), attending to keys / values ``k``, ``v`` (B, Hh, L, Dh) (their
+        own, or others' too: :mod:`memvla.layers.vision_reuse`)."""
+        x = x + self.self_attn.attend(q, k, v)
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import merge_heads, scaled_attention, split_heads
 from .vision import VisionBlock, VisionTransformer
 
 
@@ -50,9 +49,7 @@ def changed_patches(prev: Tensor, images: Tensor, patch: int, threshold: float) 
 
 
 def _qkv(block: VisionBlock, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    a, h = block.layer_norm1(x), block.self_attn.heads
-    return tuple(split_heads(p(a), h) for p in (block.self_attn.q_proj, block.self_attn.k_proj,
-                                                block.self_attn.v_proj))
+    return block.self_attn.qkv(block.layer_norm1(x))  # (B, Hh, N, Dh) each
 
 
 def full_forward(vit: VisionTransformer, images: Tensor) -> tuple[Tensor, VisionCache]:
@@ -62,9 +59,7 @@ def full_forward(vit: VisionTransformer, images: Tensor) -> tuple[Tensor, Vision
     keys, values, hidden = [], [], []
     for block in vit.encoder.layers:
         q, k, v = _qkv(block, x)  # (B, Hh, P, Dh) each
-        full = x.new_ones(x.shape[0], x.shape[1], x.shape[1], dtype=torch.bool)  # (B, P, P)
-        x = x + block.self_attn.out_proj(merge_heads(scaled_attention(q, k, v, full)))
-        x = x + block.mlp(block.layer_norm2(x))  # (B, P, D)
+        x = block.finish(x, q, k, v)  # (B, P, D)
         keys.append(k)
         values.append(v)
         hidden.append(x)
@@ -91,7 +86,6 @@ def reuse_forward(vit: VisionTransformer, images: Tensor, cache: VisionCache | N
         feats, cache = full_forward(vit, images)
         return feats, cache, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
     changed = changed_patches(cache.images, images, vit.embeddings.patch_size, threshold)
-    b, p = changed.shape
     n = changed.sum(1)  # (B,)
     if int(n.max()) == 0:
         return vit.post_layernorm(cache.hidden[-1]), cache, changed
@@ -104,9 +98,7 @@ def reuse_forward(vit: VisionTransformer, images: Tensor, cache: VisionCache | N
         q, k_new, v_new = _qkv(block, h)  # (B, Hh, C, Dh) each
         k = _put(cache.keys[layer], idx, k_new, ok, 2)  # (B, Hh, P, Dh)
         v = _put(cache.values[layer], idx, v_new, ok, 2)  # (B, Hh, P, Dh)
-        full = h.new_ones(b, h.shape[1], p, dtype=torch.bool)  # (B, C, P)
-        h = h + block.self_attn.out_proj(merge_heads(scaled_attention(q, k, v, full)))
-        h = h + block.mlp(block.layer_norm2(h))  # (B, C, D)
+        h = block.finish(h, q, k, v)  # (B, C, D) over all P keys
         keys.append(k)
         values.append(v)
         hidden.append(_put(cache.hidden[layer], idx, h, ok, 1))  # (B, P, D)
