@@ -23,7 +23,11 @@ from memvla.policies import load_policy, make_policy
 KINDS = {"none": [],
          "memory_tokens": ["context.kind=memory_tokens", "context.num_tokens=3"],
          "memory_tokens-gated": ["context.kind=memory_tokens", "context.num_tokens=3",
-                                 "context.memory_update=gated", "context.memory_noise=0.1"],
+                                 "context.memory_update=gated", "context.memory_noise=0.1",
+                                 "context.memory_scale=match"],
+         "memory_tokens-assoc": ["context.kind=memory_tokens", "context.num_tokens=3",
+                                 "context.memory_update=associative",
+                                 "context.memory_key_dim=8"],
          "frames": ["context.kind=frames", "context.num_frames=2", "context.frame_stride=3"],
          "frames-pooled": ["context.kind=frames", "context.num_frames=2",
                            "context.frame_stride=3", "context.frames_mode=pooled"],
@@ -35,13 +39,22 @@ KINDS = {"none": [],
          "ssm_state": ["context.kind=ssm_state"],
          # two entries for four chunks: entries merge on the way
          "bank": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2"],
+         # the state also written from the frame 2 steps into each 4-step chunk
+         "memory_tokens-observe": ["context.kind=memory_tokens", "context.num_tokens=3",
+                                   "context.observe_every=2"],
+         "slow_fast-observe": ["context.kind=slow_fast", "context.num_turns=2",
+                               "context.num_history=2", "context.observe_every=2"],
+         "bank-observe": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2",
+                          "context.observe_every=2"],
+         "ssm_state-observe": ["context.kind=ssm_state", "context.observe_every=2"],
          # items of a store of the test's episode (attached by _with_store)
          "experience": ["context.kind=experience", "context.store_chunk=4",
                         "context.store_topk=2"]}
 MAMBA_ONLY = ("ssm_state",)  # the kinds of a Mamba backbone, and what it runs with
 CASES = [(kind, preset) for kind in KINDS for preset in ("tiny", "tiny-oft")
          if not kind.startswith(MAMBA_ONLY)]
-CASES += [(kind, "tiny-mamba") for kind in ("ssm_state", "none", "memory_tokens", "frames")]
+CASES += [(kind, "tiny-mamba") for kind in ("ssm_state", "ssm_state-observe", "none",
+                                            "memory_tokens", "frames")]
 
 
 def test_every_registered_kind_is_tested_here():
@@ -108,11 +121,15 @@ def _training_states(policy, root, length: int) -> list:
     from memvla.policies.frames import FrameCollate, frame_delta_indices
 
     cfg, n = policy.config, policy.config.n_action_steps
-    if cfg.context.recurrent:
+    if cfg.context.recurrent:  # a segment per write: a chunk, or a write pass between
+        stride = cfg.segment_stride
         ep = EpisodeSegmentLoader(LeRobotV3Dataset(root), cfg.model.chunk_size, 1,
-                                  shuffle=False, stride=n).collate([0])
+                                  shuffle=False, stride=stride).collate([0])
         states, carried = [], None
         for s in range(ep.num_segments):
+            if s * stride % n:
+                carried = policy._segment_write(ep.segment(s), carried)
+                continue
             states.append(carried if carried is not None else policy.model.initial_state(1))
             _, _, carried = policy._segment_losses(ep.segment(s), carried)
         return states
@@ -208,7 +225,8 @@ def test_a_recurrent_model_needs_its_state():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
-@pytest.mark.parametrize("kind", ["memory_tokens", "memory_tokens-gated", "frames",
+@pytest.mark.parametrize("kind", ["memory_tokens", "memory_tokens-gated", "memory_tokens-assoc",
+                                  "frames",
                                   "frames-mem", "bank", "experience"])
 def test_every_parameter_learns_with_each_kind_on_both_families(kind, preset, tmp_path):
     from memvla.data.lerobot_v3 import LeRobotV3Dataset

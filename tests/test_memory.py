@@ -202,17 +202,64 @@ def test_a_closed_gate_carries_the_memory_and_an_open_one_replaces_it():
     assert 0.03 < float(ratio.mean()) < 0.3 and torch.equal(memory_noise(old, 0.0), old)
 
 
+def test_scale_matching_matches_its_reference_and_the_prefix_rms():
+    from memvla.layers.memory_tokens import match_scale, match_scale_reference
+
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(2, 3, 16, generator=g) * torch.tensor([0.01, 1.0, 50.0])[None, :, None]
+    prefix = 3 * torch.randn(2, 5, 16, generator=g)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[0, 4] = False
+    prefix[0, 4] = 1000.0  # padding: not part of the reference scale
+    out = match_scale(memory, prefix, valid)
+    torch.testing.assert_close(out, match_scale_reference(memory, prefix, valid))
+    target = torch.stack([prefix[0, :4].pow(2).mean().sqrt(), prefix[1].pow(2).mean().sqrt()])
+    torch.testing.assert_close(out.pow(2).mean(-1).sqrt(), target[:, None].expand(2, 3))
+    assert torch.allclose(torch.cosine_similarity(out, memory, -1), torch.ones(2, 3))
+
+
+def test_the_delta_rule_matches_its_reference_and_overwrites_a_key():
+    from memvla.layers.associative_memory import (
+        AssociativeMemory,
+        associative_read,
+        delta_write,
+        delta_write_reference,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    b, m, d, k = 2, 3, 6, 4
+    assoc = torch.randn(b, d, k, generator=g)
+    keys = torch.nn.functional.normalize(torch.randn(b, m, k, generator=g), dim=-1)
+    values, beta = torch.randn(b, m, d, generator=g), torch.rand(b, m, generator=g)
+    torch.testing.assert_close(delta_write(assoc, keys, values, beta),
+                               delta_write_reference(assoc, keys, values, beta))
+    # with strength 1 a key reads back the value last stored under it, whatever was there
+    key = keys[:, :1].expand(b, 2, k)  # the same key twice
+    stored = delta_write(assoc, key, values[:, :2], torch.ones(b, 2))
+    torch.testing.assert_close(torch.einsum("bdk,bk->bd", stored, key[:, 0]), values[:, 1])
+    torch.testing.assert_close(associative_read(stored, key[0, :1])[0], values[:1, 1])
+    mem = AssociativeMemory(m, d, k)
+    empty = mem.initial(b, values)
+    assert empty.shape == (b, d, k) and not empty.any()
+    assert not mem.read(empty).any() and mem.write(empty, values).shape == (b, d, k)
+
+
 def test_bad_memory_configs_and_batches():
     with pytest.raises(ValueError, match="context.num_tokens must be > 0"):
         memory_config(extra=["context.num_tokens=0"])
     with pytest.raises(ValueError, match=r"context.layout must be one of \('smolvla', 'rmt'\)"):
         memory_config(layout="middle")
     with pytest.raises(ValueError, match=r"context.memory_update must be one of \('replace', "
-                       r"'gated'\), got 'add'"):
+                       r"'gated', 'associative'\), got 'add'"):
         memory_config(extra=["context.memory_update=add"])
     with pytest.raises(ValueError, match=r"context.memory_noise is a share of the memory's RMS, "
                        r">= 0; got -0.1"):
         memory_config(extra=["context.memory_noise=-0.1"])
+    with pytest.raises(ValueError, match=r"context.memory_scale must be one of \('raw', "
+                       r"'match'\), got 'rms'"):
+        memory_config(extra=["context.memory_scale=rms"])
+    with pytest.raises(ValueError, match=r"context.memory_key_dim must be > 0, got 0"):
+        memory_config(extra=["context.memory_update=associative", "context.memory_key_dim=0"])
     with pytest.raises(ValueError, match=r"context.write must be one of \('norm', 'clip'\), "
                        r"got 'layernorm'"):
         memory_config(extra=["context.write=layernorm"])
@@ -479,3 +526,60 @@ def test_uint8_segments_train_as_float_ones(tmp_path):
     torch.testing.assert_close(loss_u, loss_f)
     with pytest.raises(ValueError, match=r"images_as must be one of \('float', 'uint8'\)"):
         LeRobotV3Dataset(root, images_as="half")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-oft"])
+def test_memory_written_while_a_chunk_executes_trains_as_it_runs(tmp_path, preset):
+    # context.observe_every = 4 with chunks every 8 steps: the memory is also written from
+    # the frame 4 steps into each chunk (a write pass), in training as at inference
+    from memvla.data.segments import EpisodeSegmentLoader
+
+    torch.manual_seed(0)
+    policy = make_policy(narrow_config(preset, extra=[
+        "context.kind=memory_tokens", f"context.num_tokens={M}", "context.observe_every=4",
+        "n_action_steps=8"])).eval()
+    every, length = 4, 20
+    ds = write_episode(tmp_path / "ds", policy.config, length)
+    ep = EpisodeSegmentLoader(ds, 8, 1, shuffle=False,
+                              stride=policy.config.segment_stride).collate([0])
+    assert ep.frame_index.tolist() == [[0, 4, 8, 12, 16]]
+    memories, memory, losses = [], None, []
+    for s in range(ep.num_segments):
+        if s % 2:  # frames 4 and 12: a write pass, no chunk
+            memory = policy._segment_write(ep.segment(s), memory)
+        else:
+            loss, valid, memory = policy._segment_losses(ep.segment(s), memory)
+            losses.append((loss * valid[..., None]).sum() / (valid.sum() * 3))
+        memories.append(memory)
+    assert not torch.allclose(memories[1], memories[0]), "the write pass changed the memory"
+    policy.reset()
+    for t in range(length):
+        item = ds[t]
+        policy.select_action({"observation.images.top": item["observation.images.top"][None],
+                              "observation.state": item["observation.state"][None],
+                              "task": [item["task"]]})
+        if t % every == 0:
+            assert (policy.memory - memories[t // every]).abs().max().item() <= 1e-5, t
+    loss, info = policy(ep)
+    assert info["valid_steps"] == 8 + 8 + 4  # the chunks at frames 0, 8, 16 only
+    if preset == "tiny-oft":  # deterministic: the loss is that of the three chunks
+        want = (losses[0] * 8 + losses[1] * 8 + losses[2] * 4) / 20
+        assert abs(loss.item() - want.item()) <= 1e-5
+        ep.observation["observation.images.top"][:, 1] = 0  # the written frame matters
+        assert abs(policy(ep)[0].item() - loss.item()) > 1e-6
+    with pytest.raises(ValueError, match=r"starts at frame 8, not at 4: the policy predicts a "
+                       r"chunk every n_action_steps=8 frames and writes its state every "
+                       r"context.observe_every=4"):
+        policy(EpisodeSegmentLoader(ds, 8, 1, shuffle=False).collate([0]))
+
+
+def test_observe_every_gets_actionable_errors():
+    with pytest.raises(ValueError, match=r"context.observe_every \(3\) must divide "
+                       r"policy.n_action_steps \(8\)"):
+        memory_config(extra=["context.observe_every=3"])
+    with pytest.raises(ValueError, match=r"context.observe_every is a number of environment "
+                       r"steps >= 1 .* got 0"):
+        memory_config(extra=["context.observe_every=0"])
+    with pytest.raises(ValueError, match=r"context.observe_every is an option of "
+                       r"context.kind=.*not of 'frames'"):
+        narrow_config("tiny", extra=["context.kind=frames", "context.observe_every=4"])

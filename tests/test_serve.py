@@ -472,3 +472,23 @@ def test_serve_command_fails_before_listening_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_policy_writing_while_a_chunk_executes_is_served_as_it_runs_locally():
+    from memvla.serving.observation import ObservationSpec
+    from memvla.serving.session import Session
+
+    policy = _policy("context.kind=memory_tokens", "n_action_steps=4", "context.observe_every=2")
+    steps = 9
+    served = _alone(policy, (0,), steps)[0]
+    spec, session, m = ObservationSpec(policy.config), Session(torch.device("cpu"), seed=0), \
+        policy.config.model
+    policy.reset()
+    local = []
+    for t in range(steps):
+        noise = session.draw_noise(m.chunk_size, m.max_action_dim) if (
+            policy.queued_actions == 0) else None
+        local.append(policy.select_action(spec.to_batch(_obs(0, t)), noise=noise)[0].numpy())
+    assert all(np.abs(s[0] - a).max() <= 1e-5 for s, a in zip(served, local, strict=True))
+    with pytest.raises(ValueError, match=r"observe_every=2.*serve it in mode 'step'"):
+        ServerThread(policy, ServeConfig(port=0, mode="chunk"))

@@ -524,6 +524,13 @@ class PolicyConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
 
+    @property
+    def segment_stride(self) -> int:
+        """Frames from one training segment of an episode to the next: one per write of
+        the temporal context's state (``context.observe_every``; by default one per
+        predicted chunk, ``n_action_steps``)."""
+        return self.context.observe_every or self.n_action_steps
+
     @staticmethod
     def field_types_for(data: dict) -> dict[str, type]:
         """The model config class of the family named in ``data`` (for ``from_dict``)."""
@@ -558,6 +565,11 @@ class PolicyConfig:
         _require(self.n_action_steps <= self.model.chunk_size,
                  f"policy.n_action_steps ({self.n_action_steps}) must be <= "
                  f"model.chunk_size ({self.model.chunk_size})")
+        every = self.context.observe_every
+        _require(every is None or self.n_action_steps % every == 0,
+                 f"context.observe_every ({every}) must divide policy.n_action_steps "
+                 f"({self.n_action_steps}): a chunk is planned on every "
+                 f"{self.n_action_steps}-th frame and the state written every {every}-th")
         for key, mode in self.normalization.items():
             _require(mode in NORM_MODES, f"policy.normalization[{key!r}] must be one of "
                      f"{NORM_MODES}, got {mode!r}")

@@ -11,20 +11,21 @@ CONTEXT_KINDS = ("none", "memory_tokens", "frames", "slow_fast", "ssm_state", "b
                  "experience")
 MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
-MEMORY_UPDATES = ("replace", "gated")
+MEMORY_UPDATES = ("replace", "gated", "associative")
+MEMORY_SCALES = ("raw", "match")
 FRAMES_MODES = ("tokens", "pooled", "mem")
 POOL_MODES = ("avg", "max", "bilinear")
 # the options of each kind; the others must keep their defaults
 CONTEXT_OPTIONS = {
     "none": (),
-    "ssm_state": (),
+    "ssm_state": ("observe_every",),
     "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms", "memory_update",
-                      "memory_noise"),
+                      "memory_noise", "memory_scale", "memory_key_dim", "observe_every"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
-                  "voxel_size"),
-    "bank": ("bank_size", "bank_topk", "bank_merge", "write", "max_rms"),
+                  "voxel_size", "observe_every"),
+    "bank": ("bank_size", "bank_topk", "bank_merge", "write", "max_rms", "observe_every"),
     "experience": ("store_topk", "store_chunk", "store_dropout", "retrieve_below",
                    "confidence", "confidence_samples", "max_spread"),
 }
@@ -83,8 +84,24 @@ class ContextConfig:
 
     ``memory_update``: ``replace`` (the written memory is the next one) or ``gated`` (a
     learned per-channel interpolation between the old and the written memory: a closed
-    gate carries the memory unchanged). ``memory_noise``: Gaussian noise of that share of
-    each token's RMS added to the carried memory in training (0: none).
+    gate carries the memory unchanged) or ``associative`` (ARMT-style: the carried state is
+    a matrix (B, D, ``memory_key_dim``) into which each written token is stored by the
+    delta rule; the memory tokens read it at learned queries, see
+    :mod:`memvla.layers.associative_memory`). ``memory_noise``: Gaussian noise of that share of
+    each token's RMS added to the carried memory in training (0: none). ``memory_scale``:
+    ``raw`` (the carried memory enters the prefix as it is) or ``match`` (each memory token
+    rescaled to the RMS of the other prefix tokens of its sample, so that its scale stays
+    that of the prefix however long the episode: μVLA's scale matching).
+
+    ``observe_every`` (the kinds trained through the episode: ``memory_tokens``,
+    ``slow_fast``, ``ssm_state``, ``bank``): the state is also written from the frames
+    observed while a chunk executes, every that many environment steps (a write pass: the
+    model's prefix on that frame, no actions; it must divide ``n_action_steps``). None
+    (default): written once per chunk, from the frame the chunk is planned on, so an event
+    shorter than a chunk can be missed. Training cuts episodes into segments every
+    ``observe_every`` frames and predicts a chunk (with its loss) every
+    ``n_action_steps``; the others are write passes, back-propagated through like the rest.
+    (``frames`` records every frame already; its history is set by ``frame_stride``.)
 
     ``bank``: a within-episode memory bank (:mod:`memvla.context.bank`, MemoryVLA's): one
     pooled observation vector per chunk, at most ``bank_size`` entries (when full, the most
@@ -119,6 +136,9 @@ class ContextConfig:
     max_rms: float = 16.0
     memory_update: str = "replace"
     memory_noise: float = 0.0
+    memory_scale: str = "raw"
+    memory_key_dim: int = 32
+    observe_every: int | None = None
     num_frames: int = 6
     frame_stride: int = 10
     frames_mode: str = "tokens"
@@ -197,6 +217,10 @@ class ContextConfig:
                      f"{CONFIDENCES}, got {self.confidence!r}")
             _require(self.confidence_samples >= 2, f"context.confidence_samples must be >= 2 "
                      f"(the spread of one sample is 0), got {self.confidence_samples}")
+        _require(self.observe_every is None or (isinstance(self.observe_every, int)
+                                                and self.observe_every >= 1),
+                 f"context.observe_every is a number of environment steps >= 1 (or None: "
+                 f"only the frame a chunk is planned on), got {self.observe_every!r}")
         if self.kind == "memory_tokens":
             _require(self.num_tokens > 0, f"context.num_tokens must be > 0 with "
                      f"context.kind=memory_tokens, got {self.num_tokens}")
@@ -208,6 +232,9 @@ class ContextConfig:
             _require(self.max_rms > 0, f"context.max_rms must be > 0, got {self.max_rms}")
             _require(self.memory_update in MEMORY_UPDATES, f"context.memory_update must be one "
                      f"of {MEMORY_UPDATES}, got {self.memory_update!r}")
+            _positive("context", memory_key_dim=self.memory_key_dim)
+            _require(self.memory_scale in MEMORY_SCALES, f"context.memory_scale must be one "
+                     f"of {MEMORY_SCALES}, got {self.memory_scale!r}")
             _require(self.memory_noise >= 0, f"context.memory_noise is a share of the "
                      f"memory's RMS, >= 0; got {self.memory_noise}")
 

@@ -32,7 +32,8 @@ FORMAT = "memvla-exam-1"
 # variants of memory beyond training run when asked for (--kinds)
 DEFAULT_KINDS = ("plain", "memory-k0", "memory-bptt", "frames-3x8", "slow-fast", "mamba",
                  "bank")
-KINDS = (*DEFAULT_KINDS, "memory-gated", "memory-noise")
+KINDS = (*DEFAULT_KINDS, "memory-gated", "memory-noise", "memory-assoc",
+         "memory-scale", "memory-observe")
 CEILING = "plain-twin"
 
 

@@ -8,7 +8,11 @@ positions as the next memory, bounded by ``context.write``: ``clip`` (the residu
 each token's RMS clipped to ``context.max_rms``) or ``norm`` (the output of the backbone's
 final RMSNorm). ``context.memory_update="gated"`` interpolates between the old and the
 written memory with a learned gate (:func:`~memvla.layers.memory_tokens.gated_write`);
-``context.memory_noise`` perturbs the carried memory in training.
+``context.memory_update="associative"`` carries an associative matrix instead, written by
+the delta rule and read at learned queries (:mod:`memvla.layers.associative_memory`);
+``context.memory_noise`` perturbs the written memory in training;
+``context.memory_scale="match"`` puts the memory in the prefix at the RMS of the other
+prefix tokens (:func:`~memvla.layers.memory_tokens.match_scale`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..configs import ContextConfig
-from ..layers.memory_tokens import MemoryGate, MemoryTokens, bound_written, memory_noise
+from ..layers.associative_memory import AssociativeMemory
+from ..layers.memory_tokens import (
+    MemoryGate,
+    MemoryTokens,
+    bound_written,
+    match_scale,
+    memory_noise,
+)
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
 
@@ -30,6 +41,8 @@ class MemoryTokensContext(TemporalContext):
         self.width = width
         self.tokens = MemoryTokens(cfg.num_tokens, width, cfg.layout, cfg.init_std)
         self.gate = MemoryGate(width) if cfg.memory_update == "gated" else None
+        self.assoc = (AssociativeMemory(cfg.num_tokens, width, cfg.memory_key_dim)
+                      if cfg.memory_update == "associative" else None)
 
     @property
     def recurrent(self) -> bool:
@@ -44,10 +57,17 @@ class MemoryTokensContext(TemporalContext):
         return self.cfg.write == "norm"
 
     def initial_state(self, batch: int) -> Tensor:
+        if self.assoc is not None:
+            return self.assoc.initial(batch, self.tokens.init)  # (B, D, K)
         return self.tokens.initial(batch)  # (B, M, D)
 
     def extend_prefix(self, parts: list[TokenSegment], state: Tensor,
                       encoder=None) -> list[TokenSegment]:
+        if self.assoc is not None:  # the memory tokens read from the associative matrix
+            state = self.tokens.initial(state.shape[0]) + self.assoc.read(state)  # (B, M, D)
+        if self.cfg.memory_scale == "match":
+            prefix = TokenSegment.cat(parts)
+            state = match_scale(state, prefix.embs, prefix.pad)  # (B, M, D)
         return self.tokens.insert(parts, state)
 
     def update(self, state: Tensor, hidden: Tensor, cache=None, images=None) -> Tensor:
@@ -57,6 +77,8 @@ class MemoryTokensContext(TemporalContext):
             written = self.gate(state, written)  # (B, M, D)
         if self.training and self.cfg.memory_noise > 0:
             written = memory_noise(written, self.cfg.memory_noise)
+        if self.assoc is not None:
+            return self.assoc.write(state, written)  # (B, D, K)
         return written
 
     def norm_bound(self, final_norm_weight: Tensor) -> float:

@@ -105,6 +105,28 @@ def clip_rms_reference(memory: Tensor, max_rms: float) -> Tensor:
     return out
 
 
+def match_scale(memory: Tensor, reference: Tensor, valid: Tensor, eps: float = 1e-6) -> Tensor:
+    """``memory`` (B, M, D) with each token rescaled to the RMS of the real tokens of
+    ``reference`` (B, N, D) (``valid`` (B, N)) of its sample: its direction unchanged, its
+    scale that of the other prefix tokens (μVLA's scale matching). Returns (B, M, D)."""
+    w = valid[..., None].to(reference.dtype)  # (B, N, 1)
+    ref = (reference.pow(2) * w).sum((1, 2)) / (w.sum((1, 2)) * reference.shape[-1]).clamp_min(1)
+    rms = memory.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(eps)  # (B, M, 1)
+    return memory * (ref.sqrt()[:, None, None] / rms)  # (B, M, D)
+
+
+def match_scale_reference(memory: Tensor, reference: Tensor, valid: Tensor,
+                          eps: float = 1e-6) -> Tensor:
+    """Loop twin of :func:`match_scale`, for tests."""
+    out = memory.clone()
+    for b in range(memory.shape[0]):
+        target = float(reference[b][valid[b]].pow(2).mean().sqrt())
+        for m in range(memory.shape[1]):
+            out[b, m] = memory[b, m] * (target / max(float(memory[b, m].pow(2).mean().sqrt()),
+                                                     eps))
+    return out
+
+
 def truncates_before(segment: int, depth: int) -> bool:
     """Truncated back-propagation through time of depth k = ``depth``: True when the
     carried memory is detached before ``segment``, i.e. s > 0 and s % (k + 1) == 0, so

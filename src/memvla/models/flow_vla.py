@@ -394,6 +394,14 @@ class FlowMatchingVLA(nn.Module):
             return cache, None
         return cache, self.context.update(context_state, hidden, cache=cache, images=images)
 
+    def write_state(self, images, lang_ids, lang_pad, state, context_state, prev=None):
+        """The context's next state from a frame observed while a chunk executes (a write
+        pass, ``context.observe_every``): the prefix on that frame, no actions. ``prev``:
+        the executed chunk and its real steps (the pruner's ``prev_chunk``) or None."""
+        pa, pv = self.pruner_actions(self._noise(state), *(prev or (None, None)))
+        return self.prefill(images, lang_ids, lang_pad, state, context_state,
+                            pruner_actions=pa, pruner_actions_valid=pv)[1]
+
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, noise: Tensor | None = None, time: Tensor | None = None,
                 context_state=None, prev_actions: Tensor | None = None,

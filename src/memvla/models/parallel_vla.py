@@ -421,6 +421,16 @@ class ParallelVLA(nn.Module):
         """The temporal context's state at the start of ``batch`` episodes (or None)."""
         return self.context.initial_state(batch)
 
+    def write_state(self, images, lang_ids, lang_pad, state, context_state, prev=None):
+        """The context's next state from a frame observed while a chunk executes (a write
+        pass, ``context.observe_every``): the whole sequence on that frame, its actions
+        unread (the text head's slots hold the stop token). ``prev`` is not read."""
+        slots = None
+        if self.text_actions:
+            slots = torch.full((state.shape[0], self.cfg.num_action_tokens),
+                               self.cfg.stop_token_id, device=state.device)  # (B, K)
+        return self.action_hidden(images, lang_ids, lang_pad, state, context_state, slots)[2]
+
     def forward(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor, state: Tensor,
                 actions: Tensor, context_state=None) -> tuple[Tensor, object]:
         """L1 (or squared, ``model.regression_loss``) losses per element (B, A, Da') of the

@@ -38,6 +38,29 @@ class ContextPolicyMixin:
         geometry = self.step_geometry(obs, batch)
         return self.model_state(ctx.read(carried, seen, geometry)), (seen, geometry)
 
+    def writes_at(self, step: int) -> bool:
+        """True when the temporal context's state is written from the frame observed
+        ``step`` environment steps after a chunk was planned (``context.observe_every``)."""
+        every = self.config.context.observe_every
+        return every is not None and step % every == 0
+
+    @torch.no_grad()
+    def write_observation(self, obs: dict) -> None:
+        """Write the carried state from a frame observed while a chunk executes (a write
+        pass of the model on it: no actions are predicted)."""
+        from ..layers.token_pruner import pruning_for_inference
+
+        raw, (images, ids, pad, state) = self._encode(obs)
+        model_state, _ = self._context_input(raw, state.shape[0], obs)
+        with pruning_for_inference(self.model.pruner):
+            written = self.model.write_state(images, ids, pad, state, model_state,
+                                             self._executed_chunk())
+        self._context_output(None, written)
+
+    def _executed_chunk(self):
+        """The last executed chunk a pruner reads (the flow family's ``prev_chunk``)."""
+        return None
+
     def step_geometry(self, batch: dict, b: int) -> dict | None:
         """This frame's camera geometry for voxel pruning (None without it): the world
         points (B, T', 3) of the memory-token patch centres and whether each exists
@@ -158,13 +181,21 @@ class ContextPolicyMixin:
         """What a segment leaves for the next one's ``prev`` (None: nothing)."""
         return None
 
+    def _segment_write(self, segment: dict, context_state, prev=None):
+        """The next state from a write pass on a segment that predicts no chunk."""
+        images, ids, pad, state = self.encode_observation(segment)
+        context_state = self._segment_state(segment, context_state, state.shape[0])
+        return self.model.write_state(images, ids, pad, state, context_state, prev)
+
     def forward_episode(self, episodes, bptt_depth: int = -1,
                         max_segments: int | None = None) -> tuple[Tensor, dict]:
         """Loss over whole episodes cut into segments (a
         :class:`memvla.data.segments.SegmentBatch` with a stride of ``n_action_steps``),
         carrying the temporal context's state (e.g. the memory tokens) from segment to
         segment in lockstep across the batch: one update per segment, as at inference one
-        per predicted chunk.
+        per predicted chunk. With ``context.observe_every`` the segments are that many
+        frames apart and only every ``n_action_steps``-th frame predicts a chunk (and has
+        a loss); the others are write passes (:meth:`_segment_write`).
 
         Truncated back-propagation through time of depth k = ``bptt_depth``
         (:func:`memvla.layers.memory_tokens.truncates_before`): the loss of a segment
@@ -177,14 +208,18 @@ class ContextPolicyMixin:
         self._check_segments(episodes)
         carried = prev = None  # the temporal context's state, the previous chunk
         total, count = 0.0, 0.0
+        writes_per_chunk = self.config.n_action_steps // self.config.segment_stride
         for s in range(s_total):
             if truncates_before(s, bptt_depth):
                 carried = detach_state(carried)
             seg = episodes.segment(s)
-            losses, valid, new_state = self._segment_losses(seg, carried, prev=prev)
-            prev = self._previous_chunk(seg)
-            total = total + (losses * valid[..., None]).sum()
-            count = count + valid.sum() * self.config.action_dim
+            if s % writes_per_chunk:  # a frame observed while the chunk executes
+                new_state = self._segment_write(seg, carried, prev)
+            else:
+                losses, valid, new_state = self._segment_losses(seg, carried, prev=prev)
+                prev = self._previous_chunk(seg)
+                total = total + (losses * valid[..., None]).sum()
+                count = count + valid.sum() * self.config.action_dim
             # an episode past its end keeps its state (its padded segments change nothing)
             carried = select_state(seg["segment_is_pad"], carried, new_state)
         if count == 0:
@@ -196,8 +231,10 @@ class ContextPolicyMixin:
 
     def _check_segments(self, episodes) -> None:
         """Segments must hold chunks of chunk_size actions, one every n_action_steps
-        frames from the episode's first frame (what the policy does at inference)."""
-        a, r = self.config.model.chunk_size, self.config.n_action_steps
+        frames (or ``context.observe_every``) from the episode's first frame (what the
+        policy does at inference)."""
+        a, r = self.config.model.chunk_size, self.config.segment_stride
+        n = self.config.n_action_steps
         if episodes.action.shape[2] != a:
             raise ValueError(f"segments hold chunks of {episodes.action.shape[2]} actions, the "
                              f"policy's chunk_size is {a}; build them with "
@@ -210,5 +247,7 @@ class ContextPolicyMixin:
             raise ValueError(
                 f"segment {s} of episode {int(episodes.episode_index[b])} starts at frame "
                 f"{int(frames[b, s])}, not at {s * r}: the policy predicts a chunk every "
-                f"n_action_steps={r} frames, so its episodes must be cut every {r} frames "
+                f"n_action_steps={n} frames"
+                + (f" and writes its state every context.observe_every={r}" if r != n else "")
+                + f", so its episodes must be cut every {r} frames "
                 f"from their first one (use EpisodeSegmentLoader(chunk_size={a}, stride={r}))")

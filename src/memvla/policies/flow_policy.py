@@ -101,6 +101,9 @@ class FlowVLAPolicy(VLAPolicy):
                                        prev_valid=prev_valid)  # (B, A, Da')
         return losses[..., : self.config.action_dim], real.float(), new_state
 
+    def _executed_chunk(self):
+        return self._prev_chunk
+
     @property
     def _reads_prev_chunk(self) -> bool:
         return reads_prev_chunk(self.config)

@@ -9,15 +9,16 @@ session already has one pending or ``max_batch`` are there, then hands the lot t
 keeps reading and answering meanwhile). One-at-a-time serving is ``wait_s=0,
 max_batch=1``.
 
-:class:`Engine` splits a batch into groups that can share a call: the same work (predict
-a chunk, show a stateful context the frame, or only pop a queued action, which needs no
-call) and the same *signature* — the same observation dtypes and shapes and episode
-states of the same tree structure and leaf shapes except the batch axis (a fresh episode,
-whose state is None, goes with other fresh ones; a frame history of the same ring size
-with others at any step; a growing cache only with caches of its length). A group's
-episode states are gathered leaf by leaf along the batch axis (``torch.cat``), swapped
-into the policy, and scattered back (``split``) after the call; each session draws its
-noise (1, A, Da') from its own generator, so its actions are those it gets served alone
+:class:`Engine` splits a batch into groups that can share a call: the same work (predict a
+chunk, show a stateful context the frame, write its state from the frame
+(``context.observe_every``: a write pass while the chunk executes), or only pop a queued
+action, which needs no call) and the same *signature* — the same observation dtypes and
+shapes and episode states of the same tree structure and leaf shapes except the batch axis
+(a fresh episode, whose state is None, goes with other fresh ones; a frame history of the
+same ring size with others at any step; a growing cache only with caches of its length). A
+group's episode states are gathered leaf by leaf along the batch axis (``torch.cat``),
+swapped into the policy, and scattered back (``split``) after the call; each session draws
+its noise (1, A, Da') from its own generator, so its actions are those it gets served alone
 (up to float rounding of batched kernels, ~1e-6). A failing group is retried session by
 session, so one bad request never fails the others.
 """
@@ -38,7 +39,7 @@ from ..context.base import TemporalContext
 from .observation import stack_batches
 from .session import Episode, Session, load_episode, read_episode
 
-PREDICT, OBSERVE, POP = "predict", "observe", "pop"
+PREDICT, WRITE, OBSERVE, POP = "predict", "write", "observe", "pop"
 
 
 def signature(tree: Any) -> Any:
@@ -131,6 +132,8 @@ class Engine:
     def kind(self, request: Request) -> str:
         if request.mode == "chunk" or not request.session.queue:
             return PREDICT
+        if self.policy.writes_at(self.policy.config.n_action_steps - len(request.session.queue)):
+            return WRITE
         return OBSERVE if self.observes else POP
 
     def serve(self, requests: list[Request]) -> list[Reply | Exception]:
@@ -179,6 +182,8 @@ class Engine:
                 n = policy.config.n_action_steps
                 chunk = policy.predict_action_chunk(obs, noise=noise)[:, :n]  # (B, n, Da)
                 chunk = chunk.float().cpu()
+            elif kind == WRITE:
+                policy.write_observation(obs)  # as select_action does while a chunk executes
             else:
                 policy.observe(obs)  # as select_action does between chunks
             written = read_episode(policy)

@@ -17,14 +17,16 @@ What ``actions`` holds (``mode``):
 - ``"step"`` (the default): the client sends *every* observation and executes
   ``actions[0]``. The server runs ``select_action``'s logic per session: it predicts a
   chunk of ``n_action_steps`` when the session's queue is empty, else pops the queue
-  (a stateful context, e.g. a frame history, is shown the frame first, as locally), and
+  (a stateful context, e.g. a frame history, is shown the frame first, and with
+  ``context.observe_every`` the state is written from it, as locally), and
   replies with this step's action followed by the rest of the queue. A memory policy so
   writes its memory exactly every ``n_action_steps`` steps, and every context sees what
   it sees in local evaluation: ``memvla eval --server`` reaches local evaluation's results.
 - ``"chunk"``: every observation predicts a new chunk of ``n_action_steps`` actions (what
   openpi's ``ActionChunkBroker`` and :class:`memvla.client.AsyncActor` expect). A context
-  that records every frame (frame history, slow-fast) cannot be served this way (it would
-  miss the frames in between) and is refused at start.
+  that records every frame (frame history), or a policy that writes its state from the
+  frames observed while a chunk executes (``context.observe_every``), cannot be served
+  this way (it would miss the frames in between) and is refused at start.
 
 Control message: ``{"reset": true, "seed": int (optional)}`` starts a new episode (a new
 connection does too) and is answered ``{"reset": true, "seed": s, "episode": n}``; the
@@ -110,6 +112,12 @@ class PolicyServer:
             raise ValueError(f"mode 'chunk': the policy's context ({ctx.kind}) records every "
                              "frame, which a chunk-per-request client does not send; serve it "
                              "in mode 'step'")
+        every = policy.config.context.observe_every
+        if self.config.mode == "chunk" and every is not None:
+            raise ValueError(f"mode 'chunk': the policy writes its {ctx.kind} state from the "
+                             f"frames observed while a chunk executes (context.observe_every="
+                             f"{every}), which a chunk-per-request client does not send; "
+                             "serve it in mode 'step'")
         self.spec = ObservationSpec(policy.config, self.config.keymap)
         self.engine = Engine(policy)
         self.port: int | None = None

@@ -460,10 +460,10 @@ def make_loader(ds, policy, tc: TrainConfig, start: int, rank: int, world: int,
     if policy.is_recurrent:
         from ..data.segments import EpisodeSegmentLoader
 
-        # one segment every n_action_steps frames: the memory is written as often as at
-        # inference, where the policy predicts a chunk every n_action_steps steps
+        # one segment per write of the memory, as at inference: every n_action_steps frames
+        # (one chunk each), or every context.observe_every frames
         segs = EpisodeSegmentLoader(ds, policy.config.model.chunk_size, tc.batch_size,
-                                    stride=policy.config.n_action_steps)
+                                    stride=policy.config.segment_stride)
         sampler = StepBatchSampler(ds.num_episodes, tc.batch_size, tc.steps, tc.seed, start,
                                    rank, world)
         return torch.utils.data.DataLoader(_Positions(ds.num_episodes), batch_sampler=sampler,
