@@ -104,6 +104,14 @@ def fake_batch(cfg, b: int = 2, with_actions: bool = True, seed: int = 0) -> dic
     return batch
 
 
+def params_without_gradient(model) -> list[str]:
+    """Names of ``model``'s parameters that the last backward did not reach (those its
+    ``unused_parameter_names`` declares unused aside)."""
+    unused = model.unused_parameter_names()
+    return [n for n, p in model.named_parameters()
+            if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
+
+
 def model_inputs(cfg, b: int = 2, seed: int = 0, pad_from: int | None = None):
     """Random model inputs of a flow config: images per camera in [-1, 1], language ids
     with sample 0 padded from ``pad_from`` (default: half way), state, and a previous

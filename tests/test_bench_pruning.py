@@ -48,6 +48,40 @@ def test_pruning_cost_builds_the_pruned_stack_for_every_camera():
     assert len(whole) - len(cut) == p - k
 
 
+def test_pruning_cost_drops_patches_inside_the_tower():
+    from memvla.bench import pruning
+
+    args = bench_args(pruning, ["--depth", "1", "--vision-depth", "2", "--tower-layer", "1",
+                                "--keep", "0.25"])
+    base, full, pruned, p, k = pruning.build_models(args)
+    assert pruned.cfg.pruner.tower_layer == 1 and full.cfg.pruner.tower_layer is None
+    images, ids, pad, state = pruning.model_inputs(base, pruning.SHORT_PROMPT, 1, 0,
+                                                   args.device)
+    seen = []
+    layer = pruned.vlm_with_expert.vlm.model.vision_model.encoder.layers[1]
+    layer.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    with torch.inference_mode():
+        cut, _ = pruned.prefill(images, ids, pad, state)
+    per_camera = base.model.vision.grid ** 2
+    assert len(seen) == args.cameras and max(seen) < per_camera  # kept groups only
+    assert len(cut) == len(full.prefill(images, ids, pad, state)[0]) - (p - k)
+
+
+def test_pruning_success_variants_are_chosen_by_name():
+    import pytest
+
+    from memvla.bench import pruning
+
+    args = bench_args(pruning, ["--success", "--tower-layer", "0",
+                                "--variants", "flow-pruned,flow-tower"])
+    chosen = pruning.chosen_variants(args)
+    assert [v.name for v in chosen] == ["flow-pruned", "flow-tower"]
+    assert "policy.model.pruner.tower_layer=0" in chosen[1].overrides
+    args = bench_args(pruning, ["--success", "--variants", "flow,flow-tower"])
+    with pytest.raises(ValueError, match=r"unknown \['flow-tower'\].*needs --tower-layer"):
+        pruning.chosen_variants(args)
+
+
 def test_vision_reuse_times_every_call():
     from memvla.bench import vision_reuse
 

@@ -5,7 +5,7 @@ the collapse with a short prompt and its fix, and the pruner inside the flow-mat
 
 import pytest
 import torch
-from helpers import episode_batch, fake_batch
+from helpers import episode_batch, fake_batch, params_without_gradient
 from helpers import model_inputs as shared_inputs
 
 from memvla.configs import PrunerConfig
@@ -272,9 +272,7 @@ def test_flow_vla_with_pruner_trains_and_samples(ctx):
     losses, _ = model(images, ids, pad, state, actions, prev_actions=prev)
     losses.mean().backward()
     assert model.last_prune_stats["keep_ratio"] <= 1.0
-    unused = model.unused_parameter_names()
-    missing = [n for n, p in model.named_parameters()
-               if n not in unused and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = params_without_gradient(model)
     assert not missing
     model.eval()
     noise = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)

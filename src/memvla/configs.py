@@ -171,6 +171,10 @@ class PrunerConfig:
     at inference, where the prefix precedes denoising — the previously executed chunk
     (in training: the dataset's actions before the frame, or the previous segment's), or
     the state.
+    ``tower_layer`` (flow-matching family only): None = vote on the vision tower's output
+    tokens (as LightVLA); k = vote after the tower's first k layers (on the connector's
+    tokens of those features: :mod:`memvla.layers.vision_drop`), so the tower's other layers
+    run on the kept patches only (k = 0: on the patch embeddings, before any layer).
     """
 
     enabled: bool = False
@@ -186,8 +190,13 @@ class PrunerConfig:
     min_keep: int = 0
     max_keep: int = 0
     action_context: str = "none"
+    tower_layer: int | None = None
 
     def __post_init__(self):
+        _require(self.tower_layer is None or (isinstance(self.tower_layer, int)
+                                              and self.tower_layer >= 0),
+                 f"pruner.tower_layer must be None (vote after the vision tower) or a layer "
+                 f"count >= 0, got {self.tower_layer!r}")
         _require(self.num_patches >= 0, f"pruner.num_patches must be >= 0, got "
                  f"{self.num_patches}")
         _require(self.noise in PRUNER_NOISES, f"pruner.noise must be one of {PRUNER_NOISES}, "
@@ -285,6 +294,14 @@ class FlowVLAConfig:
         _require(self.backbone == "transformer" or not self.pruner.enabled,
                  "model.pruner.enabled: the token pruner drops prefix tokens of a "
                  "transformer; with model.backbone='mamba' set model.pruner.enabled=false")
+        k = self.pruner.tower_layer
+        _require(k is None or k < self.vision.depth, f"model.pruner.tower_layer must be "
+                 f"below model.vision.depth={self.vision.depth} (the pruner votes after that "
+                 f"many layers; None = after the tower), got {k}")
+        _require(k is None or not self.vision.reuse, "model.pruner.tower_layer drops patches "
+                 "inside the vision tower, whose states model.vision.reuse caches for every "
+                 "patch: set one of them (model.vision.reuse=false or "
+                 "model.pruner.tower_layer=null)")
         _positive("model", connector_scale=self.connector_scale,
                   self_attn_every_n_layers=self.self_attn_every_n_layers,
                   chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
@@ -431,6 +448,9 @@ class ParallelVLAConfig:
                      f"image_size {self.vision.image_size}, a {self.vision.grid}×"
                      f"{self.vision.grid} patch grid and {self.vision.channels} channels; got "
                      f"image_size {f.image_size}, grid {f.grid}, channels {f.channels}")
+        _require(self.pruner.tower_layer is None, f"model.pruner.tower_layer="
+                 f"{self.pruner.tower_layer} is for the flow-matching family's SigLIP tower; "
+                 "the parallel VLA prunes after its towers (set it to null)")
         _require(self.pruner.action_context == "none",
                  f"model.pruner.action_context={self.pruner.action_context!r} is for the "
                  "flow-matching family; the parallel VLA's pruner reads the prompt only "
@@ -593,6 +613,11 @@ class PolicyConfig:
                  f"observation.depth / pose / intrinsics: expected 1 camera, got "
                  f"{len(self.cameras)} ({', '.join(self.cameras)})")
         pruner = getattr(self.model, "pruner", None)
+        _require(pruner is None or pruner.tower_layer is None or not (
+            self.context.kind == "frames" and self.context.frames_mode == "mem"),
+            "model.pruner.tower_layer drops patches inside the vision tower, which "
+            "context.frames_mode='mem' runs over the frame history: use "
+            "context.frames_mode='tokens' or model.pruner.tower_layer=null")
         if pruner is not None and pruner.enabled and pruner.num_patches:
             have = len(self.cameras) * self.model.tokens_per_image
             _require(pruner.num_patches == have,

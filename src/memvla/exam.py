@@ -52,7 +52,9 @@ class Horizon:
 
 HORIZONS = {
     "remember-color": Horizon("delay", 30, data={"delay": 0, "max_delay": "{H}"}),
-    "shell-game": Horizon("n_swaps", 3, data={"n_swaps": 0, "max_swaps": "{H}"}),
+    # a swap lasts one chunk (8 frames, as the sweeps): the memory is written once per chunk
+    "shell-game": Horizon("n_swaps", 3, data={"n_swaps": 0, "max_swaps": "{H}"},
+                          options={"swap_steps": 8}),
     "seq-of-colors": Horizon("n_items", 3, limit=9),
     "take-it-back": Horizon("delay", 4),
     # the display shows the next move only: replan every 2 steps (as the sweeps do)

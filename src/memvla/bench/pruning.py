@@ -88,6 +88,15 @@ def add_arguments(parser) -> None:
                         help="evaluation episodes per --success variant (100)")
     parser.add_argument("--query", default="lightvla",
                         help="pruner query of the pruned --success variants (lightvla)")
+    parser.add_argument("--tower-layer", type=int, default=None,
+                        help="the pruned variants vote after this many vision layers and run "
+                             "the rest of the tower on the kept patches "
+                             "(model.pruner.tower_layer; default: after the tower); with "
+                             "--success a flow variant 'flow-tower' is added")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated --success variants to run (default all: flow, "
+                             "flow-pruned, flow-released, oft, oft-pruned, oft-released"
+                             "[, flow-tower])")
     parser.add_argument("--out", default="bench_pruning_success",
                         help="directory of the --success sweep")
     parser.add_argument("--no-progress", action="store_true")
@@ -112,6 +121,12 @@ def forced_keep(keep: float, p: int) -> tuple[int, list[str]]:
                f"model.pruner.max_keep={k}"]
 
 
+def tower_overrides(tower_layer: int | None, prefix: str = "") -> list[str]:
+    """The overrides of a pruner that votes after ``tower_layer`` vision layers (none for
+    None: after the tower)."""
+    return [] if tower_layer is None else [f"{prefix}model.pruner.tower_layer={tower_layer}"]
+
+
 def build_models(args):
     """(unpruned model, pruned model with the same weights, visual tokens, kept count)."""
     import torch
@@ -122,7 +137,8 @@ def build_models(args):
     base = get_preset("smolvla-450m", stack_overrides(args))
     p = args.cameras * base.model.tokens_per_image
     k, prune = forced_keep(args.keep, p)
-    pruned_cfg = get_preset("smolvla-450m", [*stack_overrides(args), *prune])
+    pruned_cfg = get_preset("smolvla-450m", [*stack_overrides(args), *prune,
+                                             *tower_overrides(args.tower_layer)])
     torch.manual_seed(args.seed)
     full = FlowMatchingVLA(base.model).to(args.device).eval()
     pruned = FlowMatchingVLA(pruned_cfg.model, num_cameras=args.cameras).to(args.device).eval()
@@ -364,12 +380,13 @@ def action_contexts(args, models) -> list[dict]:
 AS_RELEASED = ["policy.model.pruner.center=false", "policy.model.pruner.duplicates=keep"]
 
 
-def success_variants(query: str = "lightvla"):
+def success_variants(query: str = "lightvla", tower_layer: int | None = None):
     """Both families, each without the pruner, with it (``query``, the defaults: centred
     scores, duplicates dropped in training) and with it as released (uncentred, duplicates
     kept), at 16 visual tokens per 32×32 image (patch 8, no pixel shuffle), trained and
     evaluated on the task's memoryless twin (remember-color: the cue stays in view, so what
-    is left is to see it)."""
+    is left is to see it). With ``tower_layer`` also ``flow-tower``: the flow pruner voting
+    after that many vision layers (the rest of the tower on the kept patches)."""
     from ..demo import Variant
 
     pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}"]
@@ -383,7 +400,26 @@ def success_variants(query: str = "lightvla"):
                         twin=True, preset=preset),
                 Variant(f"{fam}-released", f"{label} + pruner ({query}), as released",
                         extra + pruner + AS_RELEASED, twin=True, preset=preset)]
+    if tower_layer is not None:
+        out.insert(2, Variant("flow-tower", f"flow matching + pruner ({query}) after "
+                              f"{tower_layer} vision layer(s)",
+                              flow + pruner + tower_overrides(tower_layer, "policy."),
+                              twin=True))
     return out
+
+
+def chosen_variants(args) -> list:
+    """The --success variants ``--variants`` names (all by default), or a clear error."""
+    variants = success_variants(args.query, args.tower_layer)
+    if not args.variants:
+        return variants
+    names = {v.name: v for v in variants}
+    wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        hint = " (flow-tower needs --tower-layer)" if "flow-tower" in unknown else ""
+        raise ValueError(f"--variants: unknown {unknown}; expected some of {list(names)}{hint}")
+    return [names[n] for n in wanted]
 
 
 def success_with_and_without_pruning(args) -> dict:
@@ -395,7 +431,7 @@ def success_with_and_without_pruning(args) -> dict:
     s = DemoSettings(task=args.task, episodes=args.episodes, steps=args.steps,
                      eval_episodes=args.eval_episodes, image_size=32, device=str(args.device))
     res = run_sweep(args.out, s, progress=not args.no_progress, overwrite=True, report=False,
-                    variants=success_variants(args.query))
+                    variants=chosen_variants(args))
     rows = []
     for r in res["variants"]:
         e, k = r["eval"], r["eval"].get("pruner_kept")
@@ -426,6 +462,8 @@ def run(args) -> int:
 
     if not 0.0 < args.keep <= 1.0:
         raise ValueError(f"--keep must be in (0, 1], got {args.keep}")
+    if args.success:
+        chosen_variants(args)  # a bad --variants fails now, not after the timings
     args.device = policy_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

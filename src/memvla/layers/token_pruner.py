@@ -325,8 +325,11 @@ class TokenPruner(nn.Module):
                              f"{tuple(task_valid.shape)}")
 
     def forward(self, patches: Tensor, positions: Tensor, task: Tensor,
-                task_valid: Tensor) -> PruneOutput:
-        """patches (B, P, D), positions (B, P) long, task (B, T, D), task_valid (B, T) bool."""
+                task_valid: Tensor, values=None) -> PruneOutput:
+        """patches (B, P, D), positions (B, P) long, task (B, T, D), task_valid (B, T) bool.
+        ``values``: the patches are scored, the tokens selected are ``values(kept)`` (B, P,
+        D) for the kept patches (B, P) bool (default the patches themselves; a preview of
+        the tokens is scored in :mod:`memvla.layers.vision_drop`)."""
         self._check(patches, positions, task, task_valid)
         c = self.cfg
         score, queries = prune_scores(patches, task, task_valid, c.query, c.temperature,
@@ -335,9 +338,10 @@ class TokenPruner(nn.Module):
             if c.gradient == "none":
                 score = score.detach()  # the hard selection alone
             w = straight_through_weights(score, self.noise_scale, c.noise)  # (B, P, P)
-            tokens = (w.to(patches.dtype) @ patches)  # (B, P, D)
             votes = w.detach().argmax(-1)  # (B, P) the noisy votes actually used
             counts = count_votes(votes)  # (B, P)
+            chosen = patches if values is None else values(counts > 0)  # (B, P, D)
+            tokens = (w.to(chosen.dtype) @ chosen)  # (B, P, D)
             if c.duplicates == "drop":
                 tokens, valid = one_slot_per_winner(tokens, votes)
             else:
@@ -345,7 +349,8 @@ class TokenPruner(nn.Module):
             out = PruneOutput(tokens, valid, positions, (counts > 0).sum(1))
         else:
             mask = keep_mask(score, c.min_keep, c.max_keep)  # (B, P)
-            tokens, valid, pos, kept = gather_kept(patches, positions, mask)
+            chosen = patches if values is None else values(mask)  # (B, P, D)
+            tokens, valid, pos, kept = gather_kept(chosen, positions, mask)
             counts = vote_counts(score)  # (B, P)
             out = PruneOutput(tokens, valid, pos, kept)
         out.stat_tensors = self._stats(out.kept, counts, queries)

@@ -68,13 +68,19 @@ class VisionAttention(nn.Module):
         return tuple(split_heads(p(x), self.heads)
                      for p in (self.q_proj, self.k_proj, self.v_proj))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Queries (B, Hh, N, Dh) over every key / value (B, Hh, L, Dh) -> (B, N, D)."""
-        full = q.new_ones(q.shape[0], q.shape[2], k.shape[2], dtype=bool)  # (B, N, L)
-        return self.out_proj(merge_heads(scaled_attention(q, k, v, full)))  # (B, N, D)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None = None
+               ) -> Tensor:
+        """Queries (B, Hh, N, Dh) over the keys / values (B, Hh, L, Dh) -> (B, N, D): every
+        key, or those where ``key_valid`` (B, L) bool is True."""
+        b, n, length = q.shape[0], q.shape[2], k.shape[2]
+        if key_valid is None:
+            mask = q.new_ones(b, n, length, dtype=bool)  # (B, N, L)
+        else:
+            mask = key_valid[:, None, :].expand(b, n, length)  # (B, N, L)
+        return self.out_proj(merge_heads(scaled_attention(q, k, v, mask)))  # (B, N, D)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attend(*self.qkv(x))  # (B, P, D)
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        return self.attend(*self.qkv(x), key_valid)  # (B, P, D)
 
 
 class VisionBlock(nn.Module):
@@ -85,14 +91,17 @@ class VisionBlock(nn.Module):
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_dim, act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.finish(x, *self.self_attn.qkv(self.layer_norm1(x)))
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        """``key_valid`` (B, N) bool: the tokens attended to (default every one)."""
+        return self.finish(x, *self.self_attn.qkv(self.layer_norm1(x)), key_valid)
 
-    def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+               key_valid: Tensor | None = None) -> Tensor:
         """The block's output (B, N, D) for tokens ``x`` (B, N, D) whose normed queries are
         ``q`` (B, Hh, N, Dh), attending to keys / values ``k``, ``v`` (B, Hh, L, Dh) (their
-        own, or others' too: :mod:`memvla.layers.vision_reuse`)."""
-        x = x + self.self_attn.attend(q, k, v)
+        own, or others' too: :mod:`memvla.layers.vision_reuse`; ``key_valid`` (B, L) bool
+        masks some out)."""
+        x = x + self.self_attn.attend(q, k, v, key_valid)
         return x + self.mlp(self.layer_norm2(x))
 
 

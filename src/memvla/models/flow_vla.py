@@ -62,6 +62,7 @@ from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference, stats_to_floats
 from ..layers.tokens import TokenSegment
 from ..layers.vision import ImageEncoder, VisionTransformer
+from ..layers.vision_drop import TowerPreview
 from ..layers.vision_reuse import current_frame_encoder, make_vision_reuse
 from .decoder import Decoder
 
@@ -267,9 +268,12 @@ class FlowMatchingVLA(nn.Module):
             raise ValueError(f"context.kind={self.context.kind!r} needs its state: give "
                              "context_state (e.g. initial_state(B) at an episode's start)")
         encoder = self.image_encoder
+        tower = self.cfg.pruner.tower_layer if self.pruner is not None else None
+        previews = None if tower is None else TowerPreview(encoder, tower)
         parts = []
         for cam, img in enumerate(images):
-            enc = current_frame_encoder(self.vision_reuse, self.training, encoder, cam)
+            enc = previews or current_frame_encoder(self.vision_reuse, self.training, encoder,
+                                                    cam)
             emb = self.context.encode_images(enc, img, cam, context_state)  # (B, Ti, D)
             parts.append(TokenSegment.full(emb, 0, 0))
         image_parts = list(parts)
@@ -292,7 +296,7 @@ class FlowMatchingVLA(nn.Module):
         if context_state is not None:
             parts = self.context.extend_prefix(parts, context_state, encoder)
         if self.pruner is not None:
-            parts = self._prune_images(parts, image_parts, lang_part, keys)
+            parts = self._prune_images(parts, image_parts, lang_part, keys, previews)
         return parts
 
     def _pruner_keys(self, state: Tensor, state_emb: Tensor | None, actions: Tensor | None,
@@ -311,9 +315,12 @@ class FlowMatchingVLA(nn.Module):
 
     def _prune_images(self, parts: list[TokenSegment], image_parts: list[TokenSegment],
                       lang_part: TokenSegment,
-                      keys: tuple[Tensor, Tensor] | None) -> list[TokenSegment]:
+                      keys: tuple[Tensor, Tensor] | None,
+                      previews: TowerPreview | None = None) -> list[TokenSegment]:
         """Give every part the positions it has without pruning, then replace the image
-        parts (contiguous) by the pruner's output, which keeps their original positions."""
+        parts (contiguous) by the pruner's output, which keeps their original positions.
+        With ``previews`` the image parts are previews the pruner votes on; the kept ones
+        are finished by the rest of the vision tower (:mod:`memvla.layers.vision_drop`)."""
         pad = torch.cat([p.pad for p in parts], 1)  # (B, N)
         pos = torch.cumsum(pad.long(), 1) - 1  # (B, N) unpruned positions
         starts = [0]
@@ -328,7 +335,10 @@ class FlowMatchingVLA(nn.Module):
         if keys is not None:
             task = torch.cat([task, keys[0]], 1)  # (B, Nl + K, D)
             task_valid = torch.cat([task_valid, keys[1]], 1)  # (B, Nl + K)
-        out = self.pruner(patches, pos[:, starts[first]:starts[last]], task, task_valid)
+        values = None if previews is None else (
+            lambda kept: previews.finish(kept, fast=not self.pruner.training))
+        out = self.pruner(patches, pos[:, starts[first]:starts[last]], task, task_valid,
+                          values)
         self.last_prune_stat_tensors = out.stat_tensors
         # image tokens have block flag 0 (one block with what precedes them)
         images = TokenSegment(out.tokens, out.valid, torch.zeros_like(out.positions),

@@ -1,0 +1,143 @@
+"""Dropping pruned tokens inside the vision tower (``model.pruner.tower_layer``): the fast
+path against its masked twin, the group order against the pixel shuffle, training against
+inference inside the flow-matching VLA, keeping everything against the unpruned model, the
+work actually saved, and actionable errors."""
+
+import pytest
+import torch
+from helpers import model_inputs, params_without_gradient
+
+from memvla.layers.connector import pixel_shuffle
+from memvla.layers.vision_drop import (
+    TowerPreview,
+    finish_kept,
+    finish_masked,
+    group_major_order,
+    tower_head,
+)
+from memvla.models.flow_vla import FlowMatchingVLA
+from memvla.presets import get_preset
+
+
+def tower_config(k=0, *extra):
+    return get_preset("tiny", ["model.pruner.enabled=true", f"model.pruner.tower_layer={k}",
+                               "model.num_steps=2", "model.pruner.noise_scale=0", *extra])
+
+
+def model_for(cfg, seed=0):
+    torch.manual_seed(seed)
+    return FlowMatchingVLA(cfg.model, cfg.context, num_cameras=len(cfg.cameras))
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_group_major_order_is_the_pixel_shuffle(scale):
+    x = torch.randn(2, 64, 5)  # an 8×8 grid
+    order = group_major_order(8, scale)
+    assert torch.equal(x[:, order].reshape(2, 64 // scale**2, -1), pixel_shuffle(x, scale))
+
+
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("scale", [1, 2])
+def test_finish_kept_equals_its_masked_twin(k, scale):
+    cfg = tower_config(k, f"model.connector_scale={scale}")
+    encoder = model_for(cfg).image_encoder
+    images = model_inputs(cfg, b=3)[0][0]
+    feats = tower_head(encoder.vision, images, k)
+    g = cfg.model.tokens_per_image
+    keep = torch.rand(3, g, generator=torch.Generator().manual_seed(1)) > 0.6
+    keep[0] = False  # a camera can lose every token (the pruner votes over all cameras)
+    keep[1, :2] = True
+    fast, slow = finish_kept(encoder, feats, k, keep), finish_masked(encoder, feats, k, keep)
+    assert (fast[~keep] == 0).all()
+    assert (fast[keep] - slow[keep]).abs().max().item() < 1e-5
+    every = torch.ones(3, g, dtype=torch.bool)
+    assert (finish_kept(encoder, feats, k, every) - encoder(images)).abs().max().item() < 1e-5
+
+
+def test_the_remaining_layers_run_on_the_kept_patches_only():
+    cfg = tower_config(1)
+    encoder = model_for(cfg).image_encoder
+    images = model_inputs(cfg, b=2)[0][0]
+    seen = []
+    layer = encoder.vision.encoder.layers[1]
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    keep = torch.zeros(2, cfg.model.tokens_per_image, dtype=torch.bool)
+    keep[0, [1, 5, 6]] = True
+    keep[1, [0, 2]] = True
+    finish_kept(encoder, tower_head(encoder.vision, images, 1), 1, keep)
+    handle.remove()
+    assert seen == [3 * cfg.model.connector_scale ** 2]  # the largest kept count × s²
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_training_prefix_holds_what_inference_computes(k):
+    cfg = tower_config(k, 'cameras=["top","wrist"]')
+    model = model_for(cfg)
+    images, ids, pad, state, _ = model_inputs(cfg)
+    train = model.train().embed_prefix(images, ids, pad, state)
+    infer = model.eval().embed_prefix(images, ids, pad, state)
+    t, i = train[0], infer[0]  # the pruned image part
+    assert torch.equal(t.pad.sum(1), i.pad.sum(1))
+    assert 0 < int(i.pad.sum(1).min()) < 2 * cfg.model.tokens_per_image
+    for b in range(2):
+        kept_t = t.embs[b][t.pad[b]]
+        kept_i = i.embs[b][i.pad[b]]
+        assert (kept_t - kept_i).abs().max().item() < 1e-5
+        assert torch.equal(t.positions[b][t.pad[b]], i.positions[b][i.pad[b]])
+
+
+def test_keeping_every_token_equals_the_unpruned_model():
+    plain_cfg = get_preset("tiny", ["model.num_steps=2"])
+    cfg = tower_config(1, "model.pruner.min_keep=16")
+    plain, pruned = model_for(plain_cfg).eval(), model_for(cfg).eval()
+    pruned.load_state_dict(plain.state_dict())
+    images, ids, pad, state, _ = model_inputs(cfg)
+    noise = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
+    want, _ = plain.sample_actions(images, ids, pad, state, noise=noise)
+    got, _ = pruned.sample_actions(images, ids, pad, state, noise=noise)
+    assert pruned.last_prune_stats["keep_ratio"] == 1.0
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_trains_every_parameter_and_samples_as_its_uncached_twin():
+    cfg = tower_config(1, "model.pruner.noise_scale=0.5")
+    model = model_for(cfg)
+    images, ids, pad, state, _ = model_inputs(cfg)
+    actions = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
+    losses, _ = model(images, ids, pad, state, actions)
+    losses.mean().backward()
+    missing = params_without_gradient(model)
+    assert not missing
+    model.eval()
+    noise = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
+    fast, _ = model.sample_actions(images, ids, pad, state, noise=noise)
+    assert model.last_prune_stats["kept"] < cfg.model.tokens_per_image
+    slow, _ = model.sample_actions_uncached(images, ids, pad, state, noise=noise)
+    assert (fast - slow).abs().max().item() < 1e-5
+
+
+def test_preview_splits_the_cameras_or_says_why():
+    cfg = tower_config(0)
+    previews = TowerPreview(model_for(cfg).image_encoder, 0)
+    with pytest.raises(RuntimeError, match="no camera was encoded"):
+        previews.finish(torch.ones(1, 16, dtype=torch.bool), fast=True)
+    previews(model_inputs(cfg, b=1)[0][0])
+    previews(model_inputs(cfg, b=1)[0][0])
+    with pytest.raises(ValueError, match="17 kept flags do not split into 2 cameras"):
+        previews.finish(torch.ones(1, 17, dtype=torch.bool), fast=True)
+
+
+@pytest.mark.parametrize("preset, extra, match", [
+    ("tiny", ["model.pruner.tower_layer=2"],
+     r"model.pruner.tower_layer must be below model.vision.depth=2 .* got 2"),
+    ("tiny", ["model.pruner.tower_layer=-1"], r"pruner.tower_layer must be None .* got -1"),
+    ("tiny", ["model.pruner.tower_layer=0", "model.vision.reuse=true"],
+     r"model.vision.reuse=false or model.pruner.tower_layer=null"),
+    ("tiny", ["model.pruner.tower_layer=0", "context.kind=frames", "context.frames_mode=mem"],
+     r"context.frames_mode='mem' runs over the frame history"),
+    ("tiny-oft", ["model.pruner.tower_layer=0"],
+     r"tower_layer=0 is for the flow-matching family's SigLIP tower"),
+])
+def test_bad_tower_layer_is_actionable(preset, extra, match):
+    with pytest.raises(ValueError, match=match):
+        get_preset(preset, ["model.pruner.enabled=true", *extra])
