@@ -154,14 +154,21 @@ def keep_mask(score: Tensor, min_keep: int = 0, max_keep: int = 0) -> Tensor:
     return rank < n[:, None]
 
 
-def gather_kept(patches: Tensor, positions: Tensor, mask: Tensor):
-    """Kept patches in original order, padded to the batch's largest count ->
-    (tokens (B, K, D) zero in padding, valid (B, K), positions (B, K), kept (B,)).
-    Padding slots repeat the last kept position (they are masked anyway)."""
+def kept_first(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``mask`` (B, P) bool -> (indices (B, K) of the kept entries first, in original order,
+    K = the batch's largest count (at least 1); valid (B, K); kept counts (B,))."""
     kept = mask.sum(1)  # (B,)
     k = max(int(kept.max()), 1)
     idx = torch.sort((~mask).long(), dim=1, stable=True).indices[:, :k]  # (B, K) kept first
     valid = torch.arange(k, device=mask.device)[None] < kept[:, None]  # (B, K)
+    return idx, valid, kept
+
+
+def gather_kept(patches: Tensor, positions: Tensor, mask: Tensor):
+    """Kept patches in original order, padded to the batch's largest count ->
+    (tokens (B, K, D) zero in padding, valid (B, K), positions (B, K), kept (B,)).
+    Padding slots repeat the last kept position (they are masked anyway)."""
+    idx, valid, kept = kept_first(mask)
     d = patches.shape[-1]
     tokens = patches.gather(1, idx[..., None].expand(-1, -1, d))  # (B, K, D)
     tokens = torch.where(valid[..., None], tokens, torch.zeros_like(tokens))  # (B, K, D)

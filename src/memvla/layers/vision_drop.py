@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .token_pruner import kept_first
 from .vision import ImageEncoder
 
 
@@ -78,10 +79,8 @@ def finish_kept(encoder: ImageEncoder, feats: Tensor, k: int, keep: Tensor) -> T
     s2 = s * s
     order = group_major_order(vision.embeddings.side, s, feats.device)  # (P,)
     groups = feats[:, order].view(b, p // s2, s2, dv)  # (B, G, s², Dv)
-    kept = keep.sum(1)  # (B,)
-    n = max(int(kept.max()), 1)
-    idx = torch.sort((~keep).long(), dim=1, stable=True).indices[:, :n]  # (B, K) kept first
-    valid = torch.arange(n, device=feats.device)[None] < kept[:, None]  # (B, K)
+    idx, valid, _ = kept_first(keep)  # (B, K), (B, K)
+    n = idx.shape[1]
     x = groups.gather(1, idx[:, :, None, None].expand(-1, -1, s2, dv))  # (B, K, s², Dv)
     x = x.reshape(b, n * s2, dv)  # (B, K·s², Dv)
     key_valid = valid.repeat_interleave(s2, 1)  # (B, K·s²)
