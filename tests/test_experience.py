@@ -253,3 +253,5 @@ def test_memvla_store_builds_and_adds_to_a_store(tmp_path, capsys):
     assert int(store.success.sum()) == int((store.episode < 4).sum())  # the decoys failed
     assert main(["store", str(out)]) == 2
     assert "give one of --dataset DIR or --task TASK" in capsys.readouterr().err
+    assert main(args) == 2  # neither --episodes nor --each-word
+    assert "give --episodes N or --each-word N" in capsys.readouterr().err

@@ -139,15 +139,19 @@ def test_training_keeps_the_sequence_length():
         assert out.valid.all() if duplicates == "keep" else not out.valid.all()
 
 
-@pytest.mark.parametrize("center", [False, True])
-def test_training_without_duplicates_attends_what_inference_keeps(center):
+@pytest.mark.parametrize("center,max_keep", [(False, 0), (True, 0), (True, 5)])
+def test_training_without_duplicates_attends_what_inference_keeps(center, max_keep):
     patches, positions, task, valid = random_inputs()
     patches.requires_grad_(True)
     task.requires_grad_(True)
-    m = pruner(noise_scale=0.0, center=center, query="residual")
+    m = pruner(noise_scale=0.0, center=center, query="residual", max_keep=max_keep)
     train = m.train()(patches, positions, task, valid)
     infer = m.eval()(patches, positions, task, valid)
     assert torch.equal(train.valid.sum(1), infer.kept) and torch.equal(train.kept, infer.kept)
+    uncapped = pruner(noise_scale=0.0, center=center, query="residual").eval()(
+        patches, positions, task, valid).kept
+    if max_keep:  # the cap binds here, in training as at inference
+        assert (uncapped > max_keep).all() and (train.kept == max_keep).all()
     tokens, ok, pos, _ = gather_kept(train.tokens, train.positions, train.valid)
     assert torch.equal(tokens, infer.tokens) and torch.equal(pos, infer.positions)
     assert (train.tokens[~train.valid] == 0).all()

@@ -69,9 +69,9 @@ def test_the_remaining_layers_run_on_the_kept_patches_only():
     assert seen == [3 * cfg.model.connector_scale ** 2]  # the largest kept count × s²
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_training_prefix_holds_what_inference_computes(k):
-    cfg = tower_config(k, 'cameras=["top","wrist"]')
+@pytest.mark.parametrize("k,max_keep", [(0, 0), (1, 0), (0, 3)])
+def test_training_prefix_holds_what_inference_computes(k, max_keep):
+    cfg = tower_config(k, 'cameras=["top","wrist"]', f"model.pruner.max_keep={max_keep}")
     model = model_for(cfg)
     images, ids, pad, state, _ = model_inputs(cfg)
     train = model.train().embed_prefix(images, ids, pad, state)
@@ -79,6 +79,8 @@ def test_training_prefix_holds_what_inference_computes(k):
     t, i = train[0], infer[0]  # the pruned image part
     assert torch.equal(t.pad.sum(1), i.pad.sum(1))
     assert 0 < int(i.pad.sum(1).min()) < 2 * cfg.model.tokens_per_image
+    if max_keep:  # training is bounded as inference is
+        assert int(t.pad.sum(1).max()) <= max_keep
     for b in range(2):
         kept_t = t.embs[b][t.pad[b]]
         kept_i = i.embs[b][i.pad[b]]

@@ -164,7 +164,9 @@ class PrunerConfig:
     patch and task embeddings) or "none" (the hard selection alone: the scores get none).
     ``temperature`` divides the scores; ``min_keep`` / ``max_keep`` keep at least / at
     most that many patches at inference (most-voted first; 0 = no bound; both equal = a
-    fixed count, e.g. for timing). They do not act in training, which keeps the length.
+    fixed count, e.g. for timing). Training keeps the length; with ``duplicates="drop"``
+    ``max_keep`` also masks the winners beyond the cap there (so a policy can be trained
+    to a budget), ``min_keep`` acts at inference only.
     ``action_context`` (flow-matching family only): what the pruner sees of the action:
     nothing, noisy-action placeholders in the prefix (option A) or the same features as
     extra keys only (option B) — both read the initial noise (x at t = 1), in training as

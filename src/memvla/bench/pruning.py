@@ -93,6 +93,10 @@ def add_arguments(parser) -> None:
                              "the rest of the tower on the kept patches "
                              "(model.pruner.tower_layer; default: after the tower); with "
                              "--success a flow variant 'flow-tower' is added")
+    parser.add_argument("--max-keep", type=int, default=0,
+                        help="the pruned --success variants keep at most this many visual "
+                             "tokens, in training and at inference (model.pruner.max_keep; "
+                             "0: no cap)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated --success variants to run (default all: flow, "
                              "flow-pruned, flow-released, oft, oft-pruned, oft-released"
@@ -380,16 +384,20 @@ def action_contexts(args, models) -> list[dict]:
 AS_RELEASED = ["policy.model.pruner.center=false", "policy.model.pruner.duplicates=keep"]
 
 
-def success_variants(query: str = "lightvla", tower_layer: int | None = None):
+def success_variants(query: str = "lightvla", tower_layer: int | None = None,
+                     max_keep: int = 0):
     """Both families, each without the pruner, with it (``query``, the defaults: centred
     scores, duplicates dropped in training) and with it as released (uncentred, duplicates
     kept), at 16 visual tokens per 32×32 image (patch 8, no pixel shuffle), trained and
     evaluated on the task's memoryless twin (remember-color: the cue stays in view, so what
     is left is to see it). With ``tower_layer`` also ``flow-tower``: the flow pruner voting
-    after that many vision layers (the rest of the tower on the kept patches)."""
+    after that many vision layers (the rest of the tower on the kept patches). ``max_keep``
+    (0 = none) caps the kept count of the pruned variants, in training and at inference."""
     from ..demo import Variant
 
-    pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}"]
+    pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}",
+              f"policy.model.pruner.max_keep={max_keep}"]
+    query = query + (f", at most {max_keep} kept" if max_keep else "")
     flow = ["policy.model.connector_scale=1"]
     oft = ["train.lr=3e-4"]  # tiny-oft's training default (training.loop), not the demo's
     out = []
@@ -410,7 +418,7 @@ def success_variants(query: str = "lightvla", tower_layer: int | None = None):
 
 def chosen_variants(args) -> list:
     """The --success variants ``--variants`` names (all by default), or a clear error."""
-    variants = success_variants(args.query, args.tower_layer)
+    variants = success_variants(args.query, args.tower_layer, args.max_keep)
     if not args.variants:
         return variants
     names = {v.name: v for v in variants}
@@ -462,6 +470,8 @@ def run(args) -> int:
 
     if not 0.0 < args.keep <= 1.0:
         raise ValueError(f"--keep must be in (0, 1], got {args.keep}")
+    if args.max_keep < 0:
+        raise ValueError(f"--max-keep must be >= 0 (0: no cap), got {args.max_keep}")
     if args.success:
         chosen_variants(args)  # a bad --variants fails now, not after the timings
     args.device = policy_device(args.device)

@@ -31,7 +31,12 @@ def run(args) -> int:
 
     from ..envs import parse_options
     from ..retrieval import ExperienceStore
-    from ..retrieval.record import store_from_dataset, store_from_expert, word_resets
+    from ..retrieval.record import (
+        expert_resets,
+        next_seed,
+        store_from_dataset,
+        store_from_expert,
+    )
 
     if bool(args.dataset) == bool(args.task):
         raise ValueError("give one of --dataset DIR or --task TASK")
@@ -43,15 +48,9 @@ def run(args) -> int:
                                    progress=progress)
     else:
         options = parse_options(args.opt)
-        resets = (word_resets(args.task, args.each_word, options, args.decoy)
-                  if args.each_word else [{"decoy": args.decoy} if args.decoy else {}
-                                          for _ in range(args.episodes)])
-        if not resets:
-            raise ValueError("give --episodes N or --each-word N")
-        seed = args.seed + (int(store.episode.max()) + 1 if store is not None and len(store)
-                            else 0)
+        resets = expert_resets(args.task, args.episodes, args.each_word, options, args.decoy)
         store = store_from_expert(args.task, resets, args.chunk, stride, options, store,
-                                  seed=seed, progress=progress)
+                                  seed=next_seed(store, args.seed), progress=progress)
     store.save(path)
     ok = int(store.success.sum())
     print(f"experience store {path}: {len(store)} items ({ok} of successful episodes) from "

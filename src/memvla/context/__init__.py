@@ -48,10 +48,7 @@ def make_context(cfg: ContextConfig, width: int, action_dim: int) -> TemporalCon
     of ``action_dim`` (padded) dimensions."""
     if cfg.kind not in CONTEXTS:
         raise ValueError(f"context.kind must be one of {tuple(CONTEXTS)}, got {cfg.kind!r}")
-    cls = CONTEXTS[cfg.kind]
-    if cls is TemporalContext:
-        return cls()
-    return cls(cfg, width, action_dim) if cls is ExperienceContext else cls(cfg, width)
+    return CONTEXTS[cfg.kind].build(cfg, width, action_dim)
 
 
 __all__ = ["CONTEXTS", "BankContext", "ExperienceContext", "FramesContext",

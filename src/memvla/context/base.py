@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..configs import ContextConfig
 from ..layers.tokens import TokenSegment
 
 State = Any  # None, or a nested structure (dict, list, tuple) of tensors with leading axis B
@@ -89,6 +90,13 @@ class TemporalContext(nn.Module):
     """The default kind, and the base of every kind: carries nothing."""
 
     kind: str = "none"
+
+    @classmethod
+    def build(cls, cfg: ContextConfig, width: int, action_dim: int) -> TemporalContext:
+        """The context for ``cfg``, a backbone of width ``width`` and actions of
+        ``action_dim`` (padded) dimensions; a kind takes what it needs (the default kind:
+        nothing; most kinds: ``cfg`` and ``width``)."""
+        return cls() if cls is TemporalContext else cls(cfg, width)
 
     @property
     def recurrent(self) -> bool:

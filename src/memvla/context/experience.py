@@ -37,6 +37,10 @@ def item_features(actions: Tensor, success: Tensor, score: Tensor) -> Tensor:
 class ExperienceContext(TemporalContext):
     kind = "experience"
 
+    @classmethod
+    def build(cls, cfg: ContextConfig, width: int, action_dim: int) -> ExperienceContext:
+        return cls(cfg, width, action_dim)  # the retrieved items' actions are encoded
+
     def __init__(self, cfg: ContextConfig, width: int, action_dim: int):
         super().__init__()
         self.cfg, self.width, self.action_dim = cfg, width, action_dim

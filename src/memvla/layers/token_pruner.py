@@ -10,6 +10,8 @@ for its argmax (column).
   original (RoPE) positions. Samples keep different counts, so the batch is padded to the
   largest count and a validity mask says which slots are real. ``min_keep`` / ``max_keep``
   bound the count (most-voted first, ties by the strongest vote received, then by index).
+  With ``duplicates="drop"`` ``max_keep`` bounds training's kept slots the same way (the
+  winners of the noisy votes), so training attends what inference keeps.
 - Training (``train()``): the length is kept. Noise (``rand · noise_scale`` as released, or
   Gumbel) is added to the scores, and ``patches ← W @ patches`` with the straight-through
   weights ``W = one_hot(argmax) + (softmax − softmax.detach())``: the hard selection
@@ -137,10 +139,11 @@ def priority_order(counts: Tensor, strength: Tensor) -> Tensor:
     return by_strength.gather(1, torch.sort(c, dim=1, descending=True, stable=True).indices)
 
 
-def keep_mask(score: Tensor, min_keep: int = 0, max_keep: int = 0) -> Tensor:
-    """Kept patches (B, P) bool: the vote winners, at least ``min_keep`` and at most
-    ``max_keep`` (0 = no bound) of them, most-voted first."""
-    counts = vote_counts(score)  # (B, P)
+def bounded_winners(counts: Tensor, strength: Tensor, min_keep: int = 0,
+                    max_keep: int = 0) -> Tensor:
+    """Kept patches (B, P) bool from the votes each received ``counts`` (B, P): the
+    winners, at least ``min_keep`` and at most ``max_keep`` (0 = no bound) of them,
+    most-voted first (ties by ``strength`` (B, P), the strongest vote received)."""
     voted = counts > 0  # (B, P)
     if min_keep == 0 and max_keep == 0:
         return voted
@@ -148,10 +151,16 @@ def keep_mask(score: Tensor, min_keep: int = 0, max_keep: int = 0) -> Tensor:
     n = voted.sum(1).clamp(min=min(min_keep, p))  # (B,)
     if max_keep:
         n = n.clamp(max=max_keep)
-    order = priority_order(counts, score.max(1).values)  # (B, P)
-    ranks = torch.arange(p, device=score.device).expand(b, p)  # (B, P)
+    order = priority_order(counts, strength)  # (B, P)
+    ranks = torch.arange(p, device=counts.device).expand(b, p)  # (B, P)
     rank = torch.empty_like(order).scatter_(1, order, ranks)  # (B, P) rank of each patch
     return rank < n[:, None]
+
+
+def keep_mask(score: Tensor, min_keep: int = 0, max_keep: int = 0) -> Tensor:
+    """Kept patches (B, P) bool: the vote winners of ``score`` (B, P, P), at least
+    ``min_keep`` and at most ``max_keep`` (0 = no bound) of them, most-voted first."""
+    return bounded_winners(vote_counts(score), score.max(1).values, min_keep, max_keep)
 
 
 def kept_first(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -347,13 +356,18 @@ class TokenPruner(nn.Module):
             w = straight_through_weights(score, self.noise_scale, c.noise)  # (B, P, P)
             votes = w.detach().argmax(-1)  # (B, P) the noisy votes actually used
             counts = count_votes(votes)  # (B, P)
-            chosen = patches if values is None else values(counts > 0)  # (B, P, D)
+            kept = counts > 0  # (B, P)
+            if c.duplicates == "drop" and c.max_keep:  # the cap inference applies
+                kept = bounded_winners(counts, score.detach().max(1).values, 0, c.max_keep)
+            chosen = patches if values is None else values(kept)  # (B, P, D)
             tokens = (w.to(chosen.dtype) @ chosen)  # (B, P, D)
             if c.duplicates == "drop":
                 tokens, valid = one_slot_per_winner(tokens, votes)
+                tokens = torch.where(kept[..., None], tokens, torch.zeros_like(tokens))
+                valid = valid & kept  # (B, P)
             else:
                 valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-            out = PruneOutput(tokens, valid, positions, (counts > 0).sum(1))
+            out = PruneOutput(tokens, valid, positions, kept.sum(1))
         else:
             mask = keep_mask(score, c.min_keep, c.max_keep)  # (B, P)
             chosen = patches if values is None else values(mask)  # (B, P, D)

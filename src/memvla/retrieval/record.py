@@ -149,3 +149,22 @@ def word_resets(task: str, per_word: int, options: dict | None = None, decoy: in
         raise ValueError(f"task {task!r} has no word pool; --each-word is for unseen-names")
     extra = {"decoy": decoy} if decoy else {}
     return [{"name": w, **extra} for w in words for _ in range(per_word)]
+
+
+def expert_resets(task: str, episodes: int = 0, each_word: int = 0,
+                  options: dict | None = None, decoy: int = 0) -> list[dict]:
+    """Reset options of the expert episodes to record: ``each_word`` per word of the task's
+    pool (:func:`word_resets`) or else ``episodes`` of them, the expert sent to the decoy
+    ``decoy`` places away (0: none)."""
+    if each_word:
+        return word_resets(task, each_word, options, decoy)
+    if episodes <= 0:
+        raise ValueError("give --episodes N or --each-word N (the expert episodes to add)")
+    return [{"decoy": decoy} if decoy else {} for _ in range(episodes)]
+
+
+def next_seed(store: ExperienceStore | None, seed: int = 0) -> int:
+    """The first seed of episodes added to ``store``: ``seed`` past the episode ids it
+    already holds, so adding to a store never records an episode it has again."""
+    return seed + (int(store.episode.max()) + 1 if store is not None and len(store) else 0)
+
