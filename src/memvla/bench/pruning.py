@@ -397,19 +397,19 @@ def success_variants(query: str = "lightvla", tower_layer: int | None = None,
 
     pruner = ["policy.model.pruner.enabled=true", f"policy.model.pruner.query={query}",
               f"policy.model.pruner.max_keep={max_keep}"]
-    query = query + (f", at most {max_keep} kept" if max_keep else "")
+    what = query + (f", at most {max_keep} kept" if max_keep else "")  # for the labels
     flow = ["policy.model.connector_scale=1"]
     oft = ["train.lr=3e-4"]  # tiny-oft's training default (training.loop), not the demo's
     out = []
     for fam, label, extra, preset in (("flow", "flow matching", flow, None),
                                       ("oft", "parallel decoding", oft, "tiny-oft")):
         out += [Variant(fam, label, extra, twin=True, preset=preset),
-                Variant(f"{fam}-pruned", f"{label} + pruner ({query})", extra + pruner,
+                Variant(f"{fam}-pruned", f"{label} + pruner ({what})", extra + pruner,
                         twin=True, preset=preset),
-                Variant(f"{fam}-released", f"{label} + pruner ({query}), as released",
+                Variant(f"{fam}-released", f"{label} + pruner ({what}), as released",
                         extra + pruner + AS_RELEASED, twin=True, preset=preset)]
     if tower_layer is not None:
-        out.insert(2, Variant("flow-tower", f"flow matching + pruner ({query}) after "
+        out.insert(2, Variant("flow-tower", f"flow matching + pruner ({what}) after "
                               f"{tower_layer} vision layer(s)",
                               flow + pruner + tower_overrides(tower_layer, "policy."),
                               twin=True))

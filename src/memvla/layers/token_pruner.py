@@ -244,16 +244,18 @@ def straight_through_weights(score: Tensor, noise_scale: float = 0.0,
     return hard + (soft - soft.detach())
 
 
-def one_slot_per_winner(mixed: Tensor, votes: Tensor) -> tuple[Tensor, Tensor]:
+def one_slot_per_winner(mixed: Tensor, votes: Tensor,
+                        kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Training as inference sees it: ``mixed`` (B, P, D) = W @ patches, whose slot i is
     (forward) a copy of patch ``votes[:, i]`` -> (tokens (B, P, D), valid (B, P)): slot j
     holds the first voter's row for winner j (forward: patch j itself, with its gradient
     through the straight-through weights) and is valid iff j was voted for; the other slots
     are zero and masked. Each voted patch counts once, in its own place, as it does after
-    :func:`gather_kept`."""
+    :func:`gather_kept`. ``kept`` (B, P) bool, a subset of the voted patches (the winners
+    within a cap), keeps only those valid (default: every voted patch)."""
     p = votes.shape[1]
     voted_for = F.one_hot(votes, p).bool()  # (B, P voter, P winner)
-    valid = voted_for.any(1)  # (B, P)
+    valid = voted_for.any(1) if kept is None else kept  # (B, P)
     first = voted_for.to(torch.uint8).argmax(1)  # (B, P) first voter of each patch
     tokens = mixed.gather(1, first[..., None].expand(-1, -1, mixed.shape[-1]))  # (B, P, D)
     return torch.where(valid[..., None], tokens, torch.zeros_like(tokens)), valid
@@ -362,9 +364,7 @@ class TokenPruner(nn.Module):
             chosen = patches if values is None else values(kept)  # (B, P, D)
             tokens = (w.to(chosen.dtype) @ chosen)  # (B, P, D)
             if c.duplicates == "drop":
-                tokens, valid = one_slot_per_winner(tokens, votes)
-                tokens = torch.where(kept[..., None], tokens, torch.zeros_like(tokens))
-                valid = valid & kept  # (B, P)
+                tokens, valid = one_slot_per_winner(tokens, votes, kept)
             else:
                 valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
             out = PruneOutput(tokens, valid, positions, kept.sum(1))

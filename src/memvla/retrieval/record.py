@@ -41,7 +41,7 @@ def store_from_dataset(root: str | Path, chunk: int, stride: int | None = None,
                             else ObservationEmbedder(cameras=len(cams)))
     action_dim = ds.features["action"]["shape"][0]
     store = store or ExperienceStore(embedder.spec(), chunk, action_dim)
-    ids = (np.arange(ds.num_episodes) + int(store.episode.max()) + 1 if len(store)
+    ids = (np.arange(ds.num_episodes) + store.next_episode if len(store)
            else np.asarray(ds.episode_index))  # (E,)
     for e in tqdm(range(ds.num_episodes), desc="store", disable=not progress):
         lo, hi = ds.episode_range(e)
@@ -86,7 +86,7 @@ class RolloutRecorder:
                  image_keys: list[str]):
         self.store, self.embedder, self.image_keys = store, embedder, image_keys
         self.pending: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        self.next_id = int(store.episode.max()) + 1 if len(store) else 0
+        self.next_id = store.next_episode
 
     def chunks(self, episodes: list, observations: list[dict], actions: np.ndarray) -> None:
         """One chunk of each of ``episodes``: ``observations`` one environment observation
@@ -166,5 +166,4 @@ def expert_resets(task: str, episodes: int = 0, each_word: int = 0,
 def next_seed(store: ExperienceStore | None, seed: int = 0) -> int:
     """The first seed of episodes added to ``store``: ``seed`` past the episode ids it
     already holds, so adding to a store never records an episode it has again."""
-    return seed + (int(store.episode.max()) + 1 if store is not None and len(store) else 0)
-
+    return seed + (store.next_episode if store is not None else 0)

@@ -60,6 +60,11 @@ class ExperienceStore:
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
+    @property
+    def next_episode(self) -> int:
+        """The first episode id past those the store holds (0 when empty)."""
+        return int(self.episode.max()) + 1 if len(self) else 0
+
     def add(self, embeddings: Tensor, actions: Tensor, success: Tensor, episode: Tensor
             ) -> None:
         """Append N items: embeddings (N, E), actions (N, A, Da), success (N,), episode (N,)."""
@@ -86,9 +91,8 @@ class ExperienceStore:
                              f"{self.action_dim} ({self.embedder.get('name')}, dim {self.dim})")
         if not len(other):
             return
-        first = int(self.episode.max()) + 1 if len(self) else 0
         self.add(other.embeddings, other.actions[:, : self.chunk], other.success,
-                 other.episode - int(other.episode.min()) + first)
+                 other.episode - int(other.episode.min()) + self.next_episode)
 
     def _search_index(self):
         """The faiss index over every item (built, or brought up to date, lazily)."""
