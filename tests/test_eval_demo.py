@@ -94,6 +94,9 @@ def test_a_timed_out_episode_is_a_failure(tmp_path):
         res = json.loads((out / "eval.json").read_text())
         assert [e["success"] for e in res["per_episode"]] == [expected] * 3
         assert res["successes"] == (3 if expected else 0)
+        outcome = "success" if expected else "timeout"
+        assert [e["outcome"] for e in res["per_episode"]] == [outcome] * 3
+        assert res["outcomes"] == {"success": 0, "failed": 0, "timeout": 0, outcome: 3}
         if limit is not None:
             assert [e["length"] for e in res["per_episode"]] == [limit] * 3
 
@@ -248,3 +251,22 @@ def test_demo_variants_named_or_added_to_the_defaults():
     assert variant_names("+mamba,+plain") == [*DEMO_VARIANTS, "mamba"]
     with pytest.raises(ValueError, match="'\\+name'"):
         variant_names("plain,+mamba")
+
+
+@pytest.mark.parametrize("terminated,truncated,success,outcome", [
+    (True, False, True, "success"), (True, False, False, "failed"),
+    (False, True, False, "timeout"), (True, True, False, "failed")])
+def test_an_episode_ends_in_one_named_outcome(terminated, truncated, success, outcome):
+    """Terminated without success is a failure of the task (e.g. the wrong cup touched);
+    truncated is the step limit; the summary counts each."""
+    from memvla.evaluate import Wave, _step, summarize
+
+    class Env:
+        def step(self, action):
+            return {}, 0.0, terminated, truncated, {"is_success": success}
+
+    wave = Wave.start([{"task": "t", "observation.images.top": None}], [0], record=0)
+    assert _step(Env(), np.zeros(2), 0, [{}], wave, None) is False
+    assert wave.episodes[0]["outcome"] == outcome
+    assert summarize([wave])["outcomes"] == {"success": 0, "failed": 0, "timeout": 0,
+                                             outcome: 1}

@@ -24,6 +24,10 @@ def test_a_cell_resumes_from_its_cache_without_retraining(tmp_path, monkeypatch)
     cell = first["cells"][0]
     assert cell["horizons"]["1"]["value"] == 8 and cell["horizons"]["3"]["value"] == 24
     assert 0 <= cell["horizons"]["3"]["success"] <= 1 and cell["chance"] == pytest.approx(1 / 3)
+    outcomes = cell["horizons"]["3"]["outcomes"]  # every evaluated episode ended one way
+    assert sum(outcomes.values()) == 2 and outcomes["success"] == 2 * cell["horizons"]["3"][
+        "success"]
+    assert "ran out of steps" in (tmp_path / "report.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached cell was trained again")

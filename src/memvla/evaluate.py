@@ -28,6 +28,9 @@ import torch
 from .utils import atomic_write_json
 
 IMAGE_KEY = "observation.images.top"  # the camera the recordings show
+# how an episode ended: the task succeeded, the task failed (terminated without success: e.g.
+# the wrong object touched) or the step limit came first (truncated: a failure too)
+OUTCOMES = ("success", "failed", "timeout")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -202,7 +205,8 @@ class Wave:
     def start(cls, obs: list[dict], seeds: list[int], record: int) -> Wave:
         """A wave whose episodes start from ``obs`` (one per seed), recording the first
         ``record``."""
-        wave = cls([{"seed": s, "success": False, "length": 0} for s in seeds])
+        wave = cls([{"seed": s, "success": False, "outcome": "running", "length": 0}
+                    for s in seeds])
         wave.recordings = [{"frames": [o[IMAGE_KEY]], "actions": [], "task": o["task"],
                             "seed": s, "success": False}
                            for o, s in zip(obs[:record], seeds, strict=False)]
@@ -264,6 +268,8 @@ def _step(env, action: np.ndarray, i: int, obs: list[dict], wave: Wave, on_done)
     if not (terminated or truncated):
         return True
     episode["success"] = bool(terminated and info.get("is_success", False))
+    episode["outcome"] = ("success" if episode["success"] else
+                          "failed" if terminated else "timeout")
     if i < len(wave.recordings):
         wave.recordings[i]["success"] = episode["success"]
     if on_done is not None:
@@ -321,14 +327,16 @@ def run_waves(episodes: int, batch: int, seed: int, record: int, desc: str, prog
 
 
 def summarize(waves: list[Wave], **meta) -> dict:
-    """Success rate with its 95% Wilson interval, mean episode length, latency and the
-    per-episode results (seed, success, length) of the waves, with ``meta`` (task, ...)."""
+    """Success rate with its 95% Wilson interval, the count of each outcome (success, failed,
+    timeout), mean episode length, latency and the per-episode results (seed, success,
+    outcome, length) of the waves, with ``meta`` (task, ...)."""
     per_episode = [e for w in waves for e in w.episodes]
     n = len(per_episode)
     k = sum(e["success"] for e in per_episode)
     steps = sum(w.steps for w in waves)
+    outcomes = {o: sum(e["outcome"] == o for e in per_episode) for o in OUTCOMES}
     return {**meta, "episodes": n, "successes": k, "success_rate": k / n if n else float("nan"),
-            "ci95": list(wilson_interval(k, n)),
+            "ci95": list(wilson_interval(k, n)), "outcomes": outcomes,
             "mean_episode_length": float(np.mean([e["length"] for e in per_episode])),
             "chunk_latency_ms": percentiles([ms for w in waves for ms in w.chunk_ms]),
             "step_latency_ms": sum(w.policy_ms for w in waves) / steps if steps else float("nan"),
@@ -393,6 +401,8 @@ def format_results(r: dict) -> str:
     chunk = r["chunk_latency_ms"]
     text = (f"{r['task']}: success {r['success_rate']:.1%} ({r['successes']}/{r['episodes']}, "
             f"95% CI {lo:.1%}-{hi:.1%})")
+    if "outcomes" in r:  # results of older versions have none
+        text += f" (failed {r['outcomes']['failed']}, timed out {r['outcomes']['timeout']})"
     if r.get("chance_level") is not None:
         text += f", chance {r['chance_level']:.1%}"
     wave = min(r["batch"], r["episodes"])

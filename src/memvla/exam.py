@@ -205,7 +205,8 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
         res, _ = evaluate(task, s.eval_episodes, policy, batch=25, seed=d.eval_seed,
                           task_options=options, progress=False)
         horizons[str(m)] = {"value": value, "success": res["success_rate"],
-                            "ci95": res["ci95"], "episodes": res["episodes"]}
+                            "ci95": res["ci95"], "episodes": res["episodes"],
+                            "outcomes": res["outcomes"]}
         if not cost:  # at the trained horizon
             state = policy.context_state  # of the last wave's episodes
             cost = {"step_ms": res["step_latency_ms"],
@@ -270,6 +271,21 @@ def _rate(cell: dict, m: int) -> str:
     return f"{h['success']:.0%} ({lo:.0%}–{hi:.0%})"
 
 
+def _timeouts(cells: list[dict], ms: list[int]) -> list[str]:
+    """A line on the failures that ran out of steps (the others chose wrong), per horizon."""
+    parts = []
+    for c in cells:
+        counts = [c["horizons"].get(str(m), {}).get("outcomes") for m in ms]
+        if any(counts):
+            parts.append(f"{c['kind']} " + " / ".join(
+                "-" if o is None else f"{o['timeout']} of {o['failed'] + o['timeout']}"
+                for o in counts))
+    if not parts:  # cells of an older version count no outcomes
+        return []
+    return ["Failed episodes that ran out of steps (the others chose wrong), per horizon: "
+            + "; ".join(parts) + ".", ""]
+
+
 def report_markdown(results: dict) -> str:
     s = ExamSettings(**results["settings"])
     ms = s.multiples
@@ -292,7 +308,7 @@ def report_markdown(results: dict) -> str:
             md.append(f"| {name} | " + " | ".join(_rate(c, m) for m in ms)
                       + f" | {c.get('step_ms', float('nan')):.2f} | {c.get('state_bytes', 0):,}"
                       f" | {c['parameters']:,} |")
-        md.append("")
+        md += ["", *_timeouts(cells, ms)]
     md += ["![success by kind, task and horizon](heatmap.png)", ""]
     return "\n".join(md)
 
