@@ -188,7 +188,7 @@ class VLAPolicy(ExperiencePolicyMixin, ContextPolicyMixin, nn.Module):
         if not self._queue:  # predicting a chunk also shows the temporal context the frame
             chunk = self.predict_action_chunk(obs, noise=noise)[:, : self.config.n_action_steps]
             self._queue.extend(chunk.transpose(0, 1))  # n_action_steps × (B, Da)
-        elif self.writes_at(self.config.n_action_steps - len(self._queue)):
+        elif self.writes_with(len(self._queue)):
             self.write_observation(obs)  # context.observe_every: the chunk is executing
         elif self.model.context.stateful:  # e.g. frame history records every frame
             self.observe(obs)

@@ -38,11 +38,12 @@ class ContextPolicyMixin:
         geometry = self.step_geometry(obs, batch)
         return self.model_state(ctx.read(carried, seen, geometry)), (seen, geometry)
 
-    def writes_at(self, step: int) -> bool:
-        """True when the temporal context's state is written from the frame observed
-        ``step`` environment steps after a chunk was planned (``context.observe_every``)."""
+    def writes_with(self, queued: int) -> bool:
+        """True when the temporal context's state is written from the frame observed with
+        ``queued`` actions of the chunk left (``context.observe_every``: every that many
+        steps after the chunk was planned)."""
         every = self.config.context.observe_every
-        return every is not None and step % every == 0
+        return every is not None and (self.config.n_action_steps - queued) % every == 0
 
     @torch.no_grad()
     def write_observation(self, obs: dict) -> None:

@@ -132,7 +132,7 @@ class Engine:
     def kind(self, request: Request) -> str:
         if request.mode == "chunk" or not request.session.queue:
             return PREDICT
-        if self.policy.writes_at(self.policy.config.n_action_steps - len(request.session.queue)):
+        if self.policy.writes_with(len(request.session.queue)):
             return WRITE
         return OBSERVE if self.observes else POP
 
