@@ -73,12 +73,14 @@ def test_pruning_success_variants_are_chosen_by_name():
     from memvla.bench import pruning
 
     args = bench_args(pruning, ["--success", "--tower-layer", "0",
-                                "--variants", "flow-pruned,flow-tower"])
+                                "--variants", "flow-pruned,flow-tower,oft-tower"])
     chosen = pruning.chosen_variants(args)
-    assert [v.name for v in chosen] == ["flow-pruned", "flow-tower"]
+    assert [v.name for v in chosen] == ["flow-pruned", "flow-tower", "oft-tower"]
     assert "policy.model.pruner.tower_layer=0" in chosen[1].overrides
+    assert "policy.model.pruner.tower_layer=0" in chosen[2].overrides
+    assert chosen[2].preset == "tiny-oft"
     args = bench_args(pruning, ["--success", "--variants", "flow,flow-tower"])
-    with pytest.raises(ValueError, match=r"unknown \['flow-tower'\].*needs --tower-layer"):
+    with pytest.raises(ValueError, match=r"unknown \['flow-tower'\].*need --tower-layer"):
         pruning.chosen_variants(args)
 
 

@@ -73,3 +73,15 @@ def test_horizons_beyond_a_task_and_bad_names():
         ExamSettings(tasks=["shell-gam"])
     with pytest.raises(ValueError, match=r"exam multiples must be integers >= 1"):
         ExamSettings(multiples=[0])
+
+
+def test_a_failing_cell_stops_the_exam_and_names_itself(tmp_path, monkeypatch):
+    """A cell that fails in a worker stops the exam at once (the pending cells are not
+    run), naming the cell; nothing is cached for it."""
+    monkeypatch.setattr(exam, "record_task_data",
+                        lambda out, s, task, progress: {False: tmp_path / "missing",
+                                                        True: tmp_path / "missing"})
+    with pytest.raises(RuntimeError, match=r"exam cell remember-color/(plain|plain-twin) "
+                                           r"failed .*rerun to resume"):
+        run_exam(tmp_path, _settings(), workers=2, progress=False)
+    assert not (tmp_path / "cells").exists()

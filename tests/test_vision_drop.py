@@ -1,11 +1,12 @@
 """Dropping pruned tokens inside the vision tower (``model.pruner.tower_layer``): the fast
 path against its masked twin, the group order against the pixel shuffle, training against
-inference inside the flow-matching VLA, keeping everything against the unpruned model, the
-work actually saved, and actionable errors."""
+inference inside both families (the parallel one's SigLIP tower, a timm tower with prefix
+tokens read at an earlier block, and OpenVLA's fused pair), keeping everything against the
+unpruned model, the work actually saved, and actionable errors."""
 
 import pytest
 import torch
-from helpers import model_inputs, params_without_gradient
+from helpers import model_inputs, narrow_config, params_without_gradient
 
 from memvla.layers.connector import pixel_shuffle
 from memvla.layers.vision_drop import (
@@ -16,6 +17,7 @@ from memvla.layers.vision_drop import (
     tower_head,
 )
 from memvla.models.flow_vla import FlowMatchingVLA
+from memvla.models.parallel_vla import PATCH, ParallelVLA
 from memvla.presets import get_preset
 
 
@@ -118,6 +120,82 @@ def test_trains_every_parameter_and_samples_as_its_uncached_twin():
     assert (fast - slow).abs().max().item() < 1e-5
 
 
+# the parallel family's towers: SigLIP's layout; timm's with class and register tokens read
+# at the second-to-last block; OpenVLA's fused DINOv2 + SigLIP pair (both timm)
+TIMM = ["model.vision.layout=timm", "model.vision.class_token=true",
+        "model.vision.reg_tokens=2", "model.vision.feature_layer=1", "model.vision.depth=3"]
+PARALLEL_TOWERS = {"siglip": ("tiny-oft", []), "timm": ("tiny-oft", TIMM),
+                   "fused": ("openvla-oft-7b", ["model.vision.depth=3",
+                                                "model.vision_fused.depth=3"])}
+
+
+def parallel_config(tower, k=0, *extra):
+    name, towers = PARALLEL_TOWERS[tower]
+    return narrow_config(name, 2, [*towers, "model.pruner.enabled=true",
+                                   f"model.pruner.tower_layer={k}",
+                                   "model.pruner.noise_scale=0", *extra])
+
+
+def parallel_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return ParallelVLA(cfg.model, num_cameras=len(cfg.cameras))
+
+
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("tower", sorted(PARALLEL_TOWERS))
+def test_parallel_towers_finish_kept_as_their_masked_twin(tower, k):
+    cfg = parallel_config(tower, k)
+    encoder = parallel_model(cfg).image_encoder
+    images = model_inputs(cfg, b=3)[0][0]
+    states = tower_head(encoder.vision, images, k)  # one per tower
+    assert len(states) == (2 if tower == "fused" else 1)
+    g = cfg.model.tokens_per_image
+    keep = torch.rand(3, g, generator=torch.Generator().manual_seed(1)) > 0.6
+    keep[0] = False
+    fast, slow = finish_kept(encoder, states, k, keep), finish_masked(encoder, states, k, keep)
+    assert (fast[~keep] == 0).all()
+    assert (fast[keep] - slow[keep]).abs().max().item() < 1e-5
+    every = torch.ones(3, g, dtype=torch.bool)
+    assert (finish_kept(encoder, states, k, every) - encoder(images)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tower", sorted(PARALLEL_TOWERS))
+def test_parallel_training_sequence_holds_what_inference_computes(tower):
+    cfg = parallel_config(tower, 1, "model.pruner.max_keep=20")
+    model = parallel_model(cfg)
+    images, ids, pad, state, _ = model_inputs(cfg)
+    train = model.train().encode(images, ids, pad, state)
+    infer = model.eval().encode(images, ids, pad, state)
+    assert torch.equal(train.kept, infer.kept) and int(infer.kept.min()) > 0
+    assert int(train.kept.max()) <= 20 < cfg.model.tokens_per_image
+    for b in range(2):
+        t, i = train.kinds[b] == PATCH, infer.kinds[b] == PATCH
+        assert (train.embs[b][t] - infer.embs[b][i]).abs().max().item() < 1e-5
+        assert torch.equal(train.positions[b][t], infer.positions[b][i])
+
+
+def test_parallel_keeping_every_token_equals_the_unpruned_model():
+    cfg = parallel_config("fused", 1, f"model.pruner.min_keep={64}")
+    plain_cfg = narrow_config("openvla-oft-7b", 2, PARALLEL_TOWERS["fused"][1])
+    plain, pruned = parallel_model(plain_cfg).eval(), parallel_model(cfg).eval()
+    pruned.load_state_dict(plain.state_dict())
+    images, ids, pad, state, _ = model_inputs(cfg)
+    want, _ = plain.predict(images, ids, pad, state)
+    got, _ = pruned.predict(images, ids, pad, state)
+    assert int(pruned.pruner.last_kept.min()) == cfg.model.tokens_per_image == 64
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_parallel_tower_trains_every_parameter():
+    cfg = parallel_config("siglip", 1, "model.pruner.noise_scale=0.5")
+    model = parallel_model(cfg).train()
+    images, ids, pad, state, _ = model_inputs(cfg)
+    actions = torch.randn(2, cfg.model.chunk_size, cfg.model.max_action_dim)
+    losses, _ = model(images, ids, pad, state, actions)
+    losses.mean().backward()
+    assert not params_without_gradient(model)
+
+
 def test_preview_splits_the_cameras_or_says_why():
     cfg = tower_config(0)
     previews = TowerPreview(model_for(cfg).image_encoder, 0)
@@ -131,14 +209,16 @@ def test_preview_splits_the_cameras_or_says_why():
 
 @pytest.mark.parametrize("preset, extra, match", [
     ("tiny", ["model.pruner.tower_layer=2"],
-     r"model.pruner.tower_layer must be below model.vision.depth=2 .* got 2"),
+     r"model.pruner.tower_layer must be below the 2 blocks .* got 2"),
+    ("openvla-oft-7b", ["model.pruner.tower_layer=23"],  # DINOv2's 24 blocks, read at 23
+     r"model.pruner.tower_layer must be below the 23 blocks .* got 23"),
+    ("tiny-oft", ["model.pruner.tower_layer=0", "model.vision.reuse=true"],
+     r"model.vision.reuse=false or model.pruner.tower_layer=null"),
     ("tiny", ["model.pruner.tower_layer=-1"], r"pruner.tower_layer must be None .* got -1"),
     ("tiny", ["model.pruner.tower_layer=0", "model.vision.reuse=true"],
      r"model.vision.reuse=false or model.pruner.tower_layer=null"),
     ("tiny", ["model.pruner.tower_layer=0", "context.kind=frames", "context.frames_mode=mem"],
      r"context.frames_mode='mem' runs over the frame history"),
-    ("tiny-oft", ["model.pruner.tower_layer=0"],
-     r"tower_layer=0 is for the flow-matching family's SigLIP tower"),
 ])
 def test_bad_tower_layer_is_actionable(preset, extra, match):
     with pytest.raises(ValueError, match=match):

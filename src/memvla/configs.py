@@ -143,6 +143,22 @@ PRUNER_GRADIENTS = ("straight_through", "none")
 PRUNER_ACTION_CONTEXTS = ("none", "placeholders", "keys", "prev_chunk", "state")
 
 
+def _check_tower_layer(pruner, towers: list[VisionConfig]) -> None:
+    """``pruner.tower_layer`` cuts every tower the model reads at the same block: below the
+    blocks the shallowest one's features read, and not with ``vision.reuse``."""
+    k = pruner.tower_layer
+    if k is None:
+        return
+    depth = min(v.depth - v.feature_layer for v in towers)
+    _require(k < depth, f"model.pruner.tower_layer must be below the {depth} blocks the vision "
+             f"tower's features read (model.vision.depth - feature_layer; the pruner votes "
+             f"after that many blocks; None = after the tower), got {k}")
+    _require(not any(v.reuse for v in towers), "model.pruner.tower_layer drops patches "
+             "inside the vision tower, whose states model.vision.reuse caches for every "
+             "patch: set one of them (model.vision.reuse=false or "
+             "model.pruner.tower_layer=null)")
+
+
 @dataclass
 class PrunerConfig:
     """LightVLA's adaptive visual-token pruner (:mod:`memvla.layers.token_pruner`).
@@ -173,10 +189,11 @@ class PrunerConfig:
     at inference, where the prefix precedes denoising — the previously executed chunk
     (in training: the dataset's actions before the frame, or the previous segment's), or
     the state.
-    ``tower_layer`` (flow-matching family only): None = vote on the vision tower's output
-    tokens (as LightVLA); k = vote after the tower's first k layers (on the connector's
-    tokens of those features: :mod:`memvla.layers.vision_drop`), so the tower's other layers
-    run on the kept patches only (k = 0: on the patch embeddings, before any layer).
+    ``tower_layer``: None = vote on the vision tower's output tokens (as LightVLA); k =
+    vote after the tower's first k layers (each tower's, for the parallel family's fused
+    pair; on the connector's tokens of those features: :mod:`memvla.layers.vision_drop`),
+    so the tower's other layers run on the kept patches only (k = 0: on the patch
+    embeddings, before any layer).
     """
 
     enabled: bool = False
@@ -296,14 +313,7 @@ class FlowVLAConfig:
         _require(self.backbone == "transformer" or not self.pruner.enabled,
                  "model.pruner.enabled: the token pruner drops prefix tokens of a "
                  "transformer; with model.backbone='mamba' set model.pruner.enabled=false")
-        k = self.pruner.tower_layer
-        _require(k is None or k < self.vision.depth, f"model.pruner.tower_layer must be "
-                 f"below model.vision.depth={self.vision.depth} (the pruner votes after that "
-                 f"many layers; None = after the tower), got {k}")
-        _require(k is None or not self.vision.reuse, "model.pruner.tower_layer drops patches "
-                 "inside the vision tower, whose states model.vision.reuse caches for every "
-                 "patch: set one of them (model.vision.reuse=false or "
-                 "model.pruner.tower_layer=null)")
+        _check_tower_layer(self.pruner, [self.vision])
         _positive("model", connector_scale=self.connector_scale,
                   self_attn_every_n_layers=self.self_attn_every_n_layers,
                   chunk_size=self.chunk_size, max_state_dim=self.max_state_dim,
@@ -450,9 +460,7 @@ class ParallelVLAConfig:
                      f"image_size {self.vision.image_size}, a {self.vision.grid}×"
                      f"{self.vision.grid} patch grid and {self.vision.channels} channels; got "
                      f"image_size {f.image_size}, grid {f.grid}, channels {f.channels}")
-        _require(self.pruner.tower_layer is None, f"model.pruner.tower_layer="
-                 f"{self.pruner.tower_layer} is for the flow-matching family's SigLIP tower; "
-                 "the parallel VLA prunes after its towers (set it to null)")
+        _check_tower_layer(self.pruner, [v for v in (self.vision, self.vision_fused) if v])
         _require(self.pruner.action_context == "none",
                  f"model.pruner.action_context={self.pruner.action_context!r} is for the "
                  "flow-matching family; the parallel VLA's pruner reads the prompt only "

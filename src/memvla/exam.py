@@ -252,7 +252,12 @@ def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool 
             futures = {pool.submit(run_cell, *job): job for job in todo}
             for f in as_completed(futures):
                 job = futures[f]
-                cells[job[2], job[3]] = f.result()
+                try:
+                    cells[job[2], job[3]] = f.result()
+                except Exception as e:  # stop now: the finished cells stay cached
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise RuntimeError(f"exam cell {job[2]}/{job[3]} failed ({e!r}); the "
+                                       "finished cells are cached: rerun to resume") from e
                 bar.update(1)
     bar.close()
     results = {"settings": asdict(s), "wall_seconds": time.perf_counter() - t0,

@@ -91,8 +91,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tower-layer", type=int, default=None,
                         help="the pruned variants vote after this many vision layers and run "
                              "the rest of the tower on the kept patches "
-                             "(model.pruner.tower_layer; default: after the tower); with "
-                             "--success a flow variant 'flow-tower' is added")
+                             "(model.pruner.tower_layer; default: after the tower), in "
+                             "--parallel's timing too; with --success the variants "
+                             "'flow-tower' and 'oft-tower' are added")
     parser.add_argument("--max-keep", type=int, default=0,
                         help="the pruned --success variants keep at most this many visual "
                              "tokens, in training and at inference (model.pruner.max_keep; "
@@ -100,7 +101,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", default=None,
                         help="comma-separated --success variants to run (default all: flow, "
                              "flow-pruned, flow-released, oft, oft-pruned, oft-released"
-                             "[, flow-tower])")
+                             "[, flow-tower, oft-tower])")
     parser.add_argument("--out", default="bench_pruning_success",
                         help="directory of the --success sweep")
     parser.add_argument("--no-progress", action="store_true")
@@ -245,9 +246,10 @@ def cost(args, models) -> dict:
 
 
 def parallel_cost(args) -> dict:
-    """The parallel family at the ``openvla-oft-7b`` widths (``--depth`` Llama layers, 2
-    blocks of each vision tower, 2 cameras × 256 patches): one action chunk (a single
-    parallel pass) full and with the pruner forced to keep ``--keep`` of the patches."""
+    """The parallel family at the ``openvla-oft-7b`` widths (``--depth`` Llama layers,
+    ``--vision-depth`` blocks read of each vision tower, 2 cameras × 256 patches): one
+    action chunk (a single parallel pass) full and with the pruner forced to keep
+    ``--keep`` of the patches (voting after ``--tower-layer`` blocks of each tower)."""
     import torch
 
     from ..data.tokenizers import make_tokenizer
@@ -255,12 +257,15 @@ def parallel_cost(args) -> dict:
     from ..presets import get_preset
     from .timing import cuda_sync
 
-    stack = [f"model.text.depth={args.depth}", "model.vision.depth=2",
-             "model.vision_fused.depth=2"]
+    read = get_preset("openvla-oft-7b").model.vision.feature_layer  # blocks after the read
+    stack = [f"model.text.depth={args.depth}",
+             f"model.vision.depth={args.vision_depth + read}",
+             f"model.vision_fused.depth={args.vision_depth + read}"]
     base = get_preset("openvla-oft-7b", stack)
     p = 2 * base.model.tokens_per_image
     k, prune = forced_keep(args.keep, p)
-    pruned_cfg = get_preset("openvla-oft-7b", [*stack, *prune])
+    pruned_cfg = get_preset("openvla-oft-7b", [*stack, *prune,
+                                               *tower_overrides(args.tower_layer)])
     torch.manual_seed(args.seed)
     full = ParallelVLA(base.model, num_cameras=2).to(args.device).eval()
     pruned = ParallelVLA(pruned_cfg.model, num_cameras=2).to(args.device).eval()
@@ -409,10 +414,12 @@ def success_variants(query: str = "lightvla", tower_layer: int | None = None,
                 Variant(f"{fam}-released", f"{label} + pruner ({what}), as released",
                         extra + pruner + AS_RELEASED, twin=True, preset=preset)]
     if tower_layer is not None:
-        out.insert(2, Variant("flow-tower", f"flow matching + pruner ({what}) after "
-                              f"{tower_layer} vision layer(s)",
-                              flow + pruner + tower_overrides(tower_layer, "policy."),
-                              twin=True))
+        tower = tower_overrides(tower_layer, "policy.")
+        where = f"after {tower_layer} vision layer(s)"
+        out.insert(2, Variant("flow-tower", f"flow matching + pruner ({what}) {where}",
+                              flow + pruner + tower, twin=True))
+        out.append(Variant("oft-tower", f"parallel decoding + pruner ({what}) {where}",
+                           oft + pruner + tower, twin=True, preset="tiny-oft"))
     return out
 
 
@@ -425,7 +432,8 @@ def chosen_variants(args) -> list:
     wanted = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in names]
     if unknown:
-        hint = " (flow-tower needs --tower-layer)" if "flow-tower" in unknown else ""
+        hint = (" (flow-tower and oft-tower need --tower-layer)"
+                if {"flow-tower", "oft-tower"} & set(unknown) else "")
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(names)}{hint}")
     return [names[n] for n in wanted]
 
@@ -503,9 +511,12 @@ def run(args) -> int:
     out = {"cost": c, "collapse": rows, "action_contexts": ctx_rows, "torch": torch_info()}
     if args.parallel:
         pc = out["parallel_cost"] = parallel_cost(args)
-        print(f"\nparallel family, openvla-oft-7b widths at {args.depth} Llama layers and 2 "
-              f"blocks per vision tower, {pc['visual_tokens']} visual tokens, pruned keeps "
-              f"{pc['kept']}: one chunk {pc['full_ms']:.0f} -> {pc['pruned_ms']:.0f} ms "
+        where = ("" if args.tower_layer is None else
+                 f", voting after {args.tower_layer} tower block(s)")
+        print(f"\nparallel family, openvla-oft-7b widths at {args.depth} Llama layers and "
+              f"{args.vision_depth} block(s) read per vision tower, {pc['visual_tokens']} "
+              f"visual tokens, pruned keeps {pc['kept']}{where}: one chunk "
+              f"{pc['full_ms']:.0f} -> {pc['pruned_ms']:.0f} ms "
               f"({pc['speedup']:.2f}x), {pc['full_gflops']:.1f} -> {pc['pruned_gflops']:.1f} "
               "GFLOP")
     if args.success:

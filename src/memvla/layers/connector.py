@@ -63,6 +63,11 @@ class Connector(nn.Module):
             x = pixel_shuffle(x, self.scale)  # (B, P/s², D·s²)
         return self.modality_projection(x)  # (B, P/s², Dout)
 
+    def project_groups(self, groups: Tensor) -> Tensor:
+        """Groups of s² patch features (B, K, s², D) in the pixel shuffle's (r, c) order ->
+        their tokens (B, K, Dout): the forward on any subset of the grid's groups."""
+        return self.modality_projection(groups.flatten(2))  # (B, K, Dout)
+
 
 class MLPProjector(nn.Module):
     """OpenVLA's projector from patch features to the decoder width, with GELUs between the
@@ -78,6 +83,12 @@ class MLPProjector(nn.Module):
         for i in range(layers):
             setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1]))
         self.layers = layers
+
+    scale = 1  # a token per patch (no pixel shuffle)
+
+    def project_groups(self, groups: Tensor) -> Tensor:
+        """Patch features as groups of one (B, K, 1, D) -> their tokens (B, K, Dout)."""
+        return self(groups[:, :, 0])  # (B, K, Dout)
 
     def forward(self, x: Tensor) -> Tensor:
         for i in range(self.layers):

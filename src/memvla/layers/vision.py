@@ -132,15 +132,40 @@ class VisionTransformer(nn.Module):
     def num_patches(self) -> int:
         return self.embeddings.num_patches
 
+    # the tower in stages, which memvla.layers.vision_drop cuts between blocks (as
+    # memvla.layers.vit_timm.TimmViT): stem -> feature_blocks -> head
+    num_prefix = 0  # tokens before the patches (none)
+
+    @property
+    def side(self) -> int:
+        return self.embeddings.side
+
+    @property
+    def feature_blocks(self) -> list[VisionBlock]:
+        """The blocks the features read (every one)."""
+        return list(self.encoder.layers)
+
+    def stem(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) -> the first block's input (B, P, D)."""
+        check_tower_images(images, self.channels, self.image_size)
+        return self.embeddings(images)  # (B, P, D)
+
+    def head(self, x: Tensor) -> Tensor:
+        """The last block's output (B, P, D) -> the patch features (B, P, D)."""
+        return self.post_layernorm(x)
+
     def forward(self, images: Tensor) -> Tensor:
-        want = (self.channels, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"vision: images must be (B, {want[0]}, {want[1]}, {want[2]}), "
-                             f"got {tuple(images.shape)}")
-        x = self.embeddings(images)  # (B, P, D)
-        for layer in self.encoder.layers:
+        x = self.stem(images)  # (B, P, D)
+        for layer in self.feature_blocks:
             x = layer(x)
-        return self.post_layernorm(x)  # (B, P, D)
+        return self.head(x)  # (B, P, D)
+
+
+def check_tower_images(images: Tensor, channels: int, size: int) -> None:
+    want = (channels, size, size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(f"vision: images must be (B, {want[0]}, {want[1]}, {want[2]}), "
+                         f"got {tuple(images.shape)}")
 
 
 @dataclass

@@ -19,17 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mlp import MLP
-from .vision import patchify_conv
+from .vision import check_tower_images, patchify_conv
 
 
-def timm_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, heads: int
-                   ) -> Tensor:
-    """Full self-attention with one fused projection: x (B, N, D) -> (B, N, D) before the
-    output projection."""
+def timm_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, heads: int,
+                   key_valid: Tensor | None = None) -> Tensor:
+    """Self-attention with one fused projection: x (B, N, D) -> (B, N, D) before the
+    output projection; every key, or those where ``key_valid`` (B, N) bool is True."""
     b, n, d = x.shape
     qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, heads, d // heads)  # (B,N,3,H,hd)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, hd) each
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
     return out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
 
 
@@ -49,8 +50,9 @@ class TimmAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(timm_attention(x, self.qkv.weight, self.qkv.bias, self.heads))
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        return self.proj(timm_attention(x, self.qkv.weight, self.qkv.bias, self.heads,
+                                        key_valid))
 
 
 class TimmBlock(nn.Module):
@@ -64,8 +66,9 @@ class TimmBlock(nn.Module):
         self.mlp = MLP(width, mlp_dim, act)
         self.ls2 = LayerScale(width) if layer_scale else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))  # (B, N, D)
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        """``key_valid`` (B, N) bool: the tokens attended to (default every one)."""
+        x = x + self.ls1(self.attn(self.norm1(x), key_valid))  # (B, N, D)
         return x + self.ls2(self.mlp(self.norm2(x)))  # (B, N, D)
 
 
@@ -120,11 +123,20 @@ class TimmViT(nn.Module):
         return {name for name, _ in self.named_parameters()
                 if any(name.startswith(u) for u in unused)}
 
-    def forward(self, images: Tensor) -> Tensor:
-        want = (self.channels, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"vision: images must be (B, {want[0]}, {want[1]}, {want[2]}), "
-                             f"got {tuple(images.shape)}")
+    # the tower in stages, as memvla.layers.vision.VisionTransformer's
+    @property
+    def side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def feature_blocks(self) -> list[TimmBlock]:
+        """The blocks the features read (up to the feature layer)."""
+        return list(self.blocks[: len(self.blocks) - self.feature_layer])
+
+    def stem(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in [-1, 1] -> the first block's input: the prefix tokens,
+        then the patches (B, n_prefix + P, D)."""
+        check_tower_images(images, self.channels, self.image_size)
         x = images
         if self.pixel_norm is not None:  # [-1, 1] -> [0, 1] -> (x − mean) / std
             mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -134,9 +146,17 @@ class TimmViT(nn.Module):
         x = patchify_conv(x, w.weight, w.bias, self.patch_size) + self.pos_embed  # (B, P, D)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token)
                   if t is not None]  # (B, 1, D), (B, R, D)
-        x = torch.cat([*prefix, x], 1)  # (B, n_prefix + P, D)
-        for block in self.blocks[: len(self.blocks) - self.feature_layer]:
-            x = block(x)  # (B, n_prefix + P, D)
+        return torch.cat([*prefix, x], 1)  # (B, n_prefix + P, D)
+
+    def head(self, x: Tensor) -> Tensor:
+        """The feature layer's output (B, n_prefix + N, D) -> its patch features (B, N, D)
+        (the final norm when the feature layer is the last)."""
         if self.feature_layer == 0:
             x = self.norm(x)
-        return x[:, self.num_prefix:]  # (B, P, D)
+        return x[:, self.num_prefix:]  # (B, N, D)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.stem(images)  # (B, n_prefix + P, D)
+        for block in self.feature_blocks:
+            x = block(x)  # (B, n_prefix + P, D)
+        return self.head(x)  # (B, P, D)

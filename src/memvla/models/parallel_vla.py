@@ -60,6 +60,7 @@ from ..layers.masks import block_mask_between
 from ..layers.token_pruner import TokenPruner, pruning_for_inference
 from ..layers.tokens import TokenSegment
 from ..layers.vision import ImageEncoder, VisionTransformer
+from ..layers.vision_drop import TowerPreview
 from ..layers.vision_reuse import current_frame_encoder, make_vision_reuse
 from ..layers.vit_timm import TimmViT
 from .decoder import Decoder
@@ -203,6 +204,11 @@ class VisionBackbone(nn.Module):
         self.featurizer = _vit(cfg.vision)
         self.fused_featurizer = _vit(cfg.vision_fused) if cfg.vision_fused else None
 
+    @property
+    def towers(self) -> list[nn.Module]:
+        """The towers, whose patch features concatenate in this order."""
+        return [t for t in (self.featurizer, self.fused_featurizer) if t is not None]
+
     def forward(self, images: Tensor) -> Tensor:
         """images (B, C, S, S) in [-1, 1] -> patch features (B, P, Dv)."""
         feats = self.featurizer(images)  # (B, P, Dv1)
@@ -293,14 +299,17 @@ class ParallelVLA(nn.Module):
         return ImageEncoder(self.vision_backbone.featurizer if one else self.vision_backbone,
                             self.projector)
 
-    def embed_patches(self, images: list[Tensor], context_state=None) -> Tensor:
+    def embed_patches(self, images: list[Tensor], context_state=None,
+                      previews: TowerPreview | None = None) -> Tensor:
         """Images per camera (B, C, S, S) -> projected patch tokens of all cameras (B, P, D)
-        (each camera through the context's image encoding: e.g. MEM's space-time one)."""
+        (each camera through the context's image encoding: e.g. MEM's space-time one):
+        through ``previews`` (the pruner's in-tower votes, ``pruner.tower_layer``) or the
+        image encoder (reusing the last frame's unchanged patches with ``vision.reuse``)."""
         encoder = self.image_encoder
         reuse, training = self.vision_reuse, self.training
-        tokens = [self.context.encode_images(current_frame_encoder(reuse, training, encoder, cam),
-                                             img, cam, context_state)
-                  for cam, img in enumerate(images)]  # (B, Ti, D) each
+        tokens = [self.context.encode_images(
+            previews or current_frame_encoder(reuse, training, encoder, cam), img, cam,
+            context_state) for cam, img in enumerate(images)]  # (B, Ti, D) each
         return torch.cat(tokens, 1)  # (B, P, D)
 
     def encode(self, images: list[Tensor], lang_ids: Tensor, lang_pad: Tensor,
@@ -317,13 +326,17 @@ class ParallelVLA(nn.Module):
                              "context_state (e.g. initial_state(B) at an episode's start)")
         bos = self.decoder.embed(torch.full_like(lang_ids[:, :1], self.cfg.bos_token_id))
         prompt, prompt_pad = self.decoder.embed(lang_ids), lang_pad  # (B, Nl, D), (B, Nl)
-        patches = self.embed_patches(images, context_state)  # (B, P, D)
+        tower = self.cfg.pruner.tower_layer if self.pruner is not None else None
+        previews = None if tower is None else TowerPreview(self.image_encoder, tower)
+        patches = self.embed_patches(images, context_state, previews)  # (B, P, D)
         b, p, _ = patches.shape
         pos = torch.arange(1, p + 1, device=patches.device).expand(b, p)  # (B, P)
         valid = torch.ones(b, p, dtype=torch.bool, device=patches.device)  # (B, P)
         stats: dict[str, Tensor] = {}
         if self.pruner is not None:
-            out = self.pruner(patches, pos, prompt, prompt_pad)
+            values = None if previews is None else (
+                lambda kept: previews.finish(kept, fast=not self.pruner.training))
+            out = self.pruner(patches, pos, prompt, prompt_pad, values)
             patches, valid, pos, stats = out.tokens, out.valid, out.positions, out.stat_tensors
         proprio = None if self.proprio_projector is None else self.proprio_projector(state)
         stop_ids = torch.full_like(lang_ids[:, :1], self.cfg.stop_token_id)  # (B, 1)
