@@ -66,8 +66,6 @@ class VisionConfig:
     def __post_init__(self):
         _require(self.reuse_threshold >= 0, f"vision.reuse_threshold must be >= 0 (a pixel "
                  f"change in [-1, 1] units), got {self.reuse_threshold}")
-        _require(not self.reuse or self.layout == "siglip", "vision.reuse needs "
-                 f"vision.layout='siglip', got {self.layout!r}")
         _require(self.layout in VISION_LAYOUTS, f"vision.layout must be one of "
                  f"{VISION_LAYOUTS}, got {self.layout!r}")
         if self.layout == "siglip":

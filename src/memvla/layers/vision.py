@@ -93,7 +93,11 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
         """``key_valid`` (B, N) bool: the tokens attended to (default every one)."""
-        return self.finish(x, *self.self_attn.qkv(self.layer_norm1(x)), key_valid)
+        return self.finish(x, *self.attention_inputs(x), key_valid)
+
+    def attention_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens (B, N, D) -> their queries, keys, values (B, Hh, N, Dh) each."""
+        return self.self_attn.qkv(self.layer_norm1(x))
 
     def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
                key_valid: Tensor | None = None) -> Tensor:
@@ -139,6 +143,10 @@ class VisionTransformer(nn.Module):
     @property
     def side(self) -> int:
         return self.embeddings.side
+
+    @property
+    def patch_size(self) -> int:
+        return self.embeddings.patch_size
 
     @property
     def feature_blocks(self) -> list[VisionBlock]:

@@ -22,18 +22,6 @@ from .mlp import MLP
 from .vision import check_tower_images, patchify_conv
 
 
-def timm_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, heads: int,
-                   key_valid: Tensor | None = None) -> Tensor:
-    """Self-attention with one fused projection: x (B, N, D) -> (B, N, D) before the
-    output projection; every key, or those where ``key_valid`` (B, N) bool is True."""
-    b, n, d = x.shape
-    qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, heads, d // heads)  # (B,N,3,H,hd)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, hd) each
-    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, N)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
-    return out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
-
-
 class LayerScale(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -50,9 +38,24 @@ class TimmAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed tokens (B, N, D) -> queries, keys, values (B, Hh, N, Dh) each (one fused
+        projection)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)  # (B, N, 3, Hh, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, Hh, N, Dh) each
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None = None
+               ) -> Tensor:
+        """Queries (B, Hh, N, Dh) over keys / values (B, Hh, L, Dh) -> (B, N, D): every
+        key, or those where ``key_valid`` (B, L) bool is True."""
+        mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hh, N, Dh)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
     def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
-        return self.proj(timm_attention(x, self.qkv.weight, self.qkv.bias, self.heads,
-                                        key_valid))
+        return self.attend(*self.project(x), key_valid)  # (B, N, D)
 
 
 class TimmBlock(nn.Module):
@@ -68,7 +71,18 @@ class TimmBlock(nn.Module):
 
     def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
         """``key_valid`` (B, N) bool: the tokens attended to (default every one)."""
-        x = x + self.ls1(self.attn(self.norm1(x), key_valid))  # (B, N, D)
+        return self.finish(x, *self.attention_inputs(x), key_valid)
+
+    def attention_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens (B, N, D) -> their queries, keys, values (B, Hh, N, Dh) each."""
+        return self.attn.project(self.norm1(x))
+
+    def finish(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+               key_valid: Tensor | None = None) -> Tensor:
+        """The block's output (B, N, D) for tokens ``x`` whose queries are ``q``, attending
+        to keys / values ``k``, ``v`` (B, Hh, L, Dh) (as
+        :meth:`memvla.layers.vision.VisionBlock.finish`)."""
+        x = x + self.ls1(self.attn.attend(q, k, v, key_valid))  # (B, N, D)
         return x + self.ls2(self.mlp(self.norm2(x)))  # (B, N, D)
 
 
