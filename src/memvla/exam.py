@@ -182,6 +182,7 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     from .training.loop import create_run, make_run_config, read_run_config, train
 
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     s, out = ExamSettings(**settings), Path(out)
     d = task_settings(s, task, kind)
     v = _variant(kind)
@@ -216,7 +217,8 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     result = {"task": task, "kind": kind, "label": v.label, "horizon": h.option,
               "trained_horizon": s.trained(task), "horizons": horizons,
               "parameters": count_parameters(read_run_config(run).policy),
-              "final_loss": summary["losses"][-1], "train_seconds": train_s, **cost}
+              "final_loss": summary["losses"][-1], "train_seconds": train_s,
+              "cell_seconds": time.perf_counter() - start, **cost}
     atomic_write_json(cell_path(out, task, kind), result)
     return result
 
@@ -239,10 +241,18 @@ def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool 
             else:
                 todo.append((str(out), asdict(s), task, kind, str(data[kind == CEILING])))
     bar = tqdm(total=len(todo), desc="exam cells", disable=not progress)
+
+    def done(task: str, kind: str, cell: dict) -> None:
+        cells[task, kind] = cell
+        if progress:
+            bar.write(f"{task}/{kind}: " + ", ".join(f"{m}× {_rate(cell, m)}"
+                                                     for m in s.multiples)
+                      + f" ({cell['cell_seconds']:.0f} s)")
+        bar.update(1)
+
     if workers <= 1 or len(todo) <= 1:
         for job in todo:
-            cells[job[2], job[3]] = run_cell(*job, threads=max(1, workers))
-            bar.update(1)
+            done(job[2], job[3], run_cell(*job, threads=max(1, workers)))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -253,12 +263,12 @@ def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool 
             for f in as_completed(futures):
                 job = futures[f]
                 try:
-                    cells[job[2], job[3]] = f.result()
+                    cell = f.result()
                 except Exception as e:  # stop now: the finished cells stay cached
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise RuntimeError(f"exam cell {job[2]}/{job[3]} failed ({e!r}); the "
                                        "finished cells are cached: rerun to resume") from e
-                bar.update(1)
+                done(job[2], job[3], cell)
     bar.close()
     results = {"settings": asdict(s), "wall_seconds": time.perf_counter() - t0,
                "cells": [cells[t, k] for t in s.tasks for k in [*s.kinds, CEILING]]}
@@ -291,6 +301,10 @@ def _timeouts(cells: list[dict], ms: list[int]) -> list[str]:
             + "; ".join(parts) + ".", ""]
 
 
+def _cell_seconds(cells: list[dict]) -> float:
+    return sum(c.get("cell_seconds", c.get("train_seconds", 0.0)) for c in cells)
+
+
 def report_markdown(results: dict) -> str:
     s = ExamSettings(**results["settings"])
     ms = s.multiples
@@ -298,7 +312,9 @@ def report_markdown(results: dict) -> str:
           f"{s.episodes} expert episodes per task, {s.steps} training steps per cell "
           f"(preset `{s.preset}`, {s.image_size} px), {s.eval_episodes} evaluation episodes "
           f"per horizon on the same seeds. Wall time {results['wall_seconds']:.0f} s (cached "
-          "cells not counted).", ""]
+          f"cells not counted); the cells took {_cell_seconds(results['cells']):,.0f} s of "
+          "one core each in all, cached ones included (training and evaluation; a cell of an "
+          "earlier version counts its training only).", ""]
     for task in s.tasks:
         cells = [c for c in results["cells"] if c["task"] == task]
         h = HORIZONS[task]
