@@ -23,7 +23,8 @@ K     slots of a temporal context (past frames it holds) or extra keys, where no
 Di    inner width of a Mamba (selective state-space) mixer (``d_inner``)
 Dn    state size per inner channel of a selective SSM (``d_state``)
 Kc    width of a Mamba mixer's causal depthwise convolution (``d_conv``)
-R     rank of a Mamba mixer's time-step projection (``dt_rank``)
+R     rank of a Mamba mixer's time-step projection (``dt_rank``); a vision tower's prefix
+      tokens (class, registers) where noted
 Lc    chunk length of the chunked selective scan; ``Nc`` the number of chunks
 E     width of an experience store's embeddings (:mod:`memvla.retrieval`)
 k     items retrieved per query (``A_s`` the actions of one item the model reads); ``K``
