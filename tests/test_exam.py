@@ -87,3 +87,19 @@ def test_a_failing_cell_stops_the_exam_and_names_itself(tmp_path, monkeypatch):
                                            r"failed .*rerun to resume"):
         run_exam(tmp_path, _settings(), workers=2, progress=False)
     assert not (tmp_path / "cells").exists()
+
+
+def test_a_cached_cell_of_another_definition_is_refused(tmp_path):
+    """A cell records the overrides it trained with; when its kind's definition changes
+    the cache is refused with the differing overrides named, never reused."""
+    import json
+
+    s = _settings()
+    run_exam(tmp_path, s, workers=1, progress=False)
+    path = tmp_path / "cells" / "remember-color" / "plain.json"
+    cell = json.loads(path.read_text())
+    assert cell["preset"] == "tiny" and isinstance(cell["overrides"], list)
+    cell["overrides"] = [*cell["overrides"], "policy.context.num_turns=4"]
+    path.write_text(json.dumps(cell))
+    with pytest.raises(ValueError, match=r"another definition of 'plain' .*num_turns=4"):
+        run_exam(tmp_path, s, workers=1, progress=False)

@@ -53,6 +53,9 @@ VARIANTS = [
             "rule", ["policy.context.kind=memory_tokens",
                      "policy.context.memory_update=associative", "train.bptt_depth=-1"],
             cost=1.3),
+    Variant("memory-norm", "memory tokens, BPTT, written after the backbone's final norm",
+            ["policy.context.kind=memory_tokens", "policy.context.write=norm",
+             "train.bptt_depth=-1"], cost=1.3),
     Variant("memory-scale", "memory tokens, BPTT, read at the other prefix tokens' RMS",
             ["policy.context.kind=memory_tokens", "policy.context.memory_scale=match",
              "train.bptt_depth=-1"], cost=1.3),
@@ -69,6 +72,11 @@ VARIANTS = [
             ["policy.context.kind=frames", "policy.context.frames_mode=mem"], cost=4.0),
     Variant("slow-fast", "slow-fast context: 8 turns in the KV cache, pooled older frames",
             ["policy.context.kind=slow_fast", "train.bptt_depth=-1"], cost=1.3),
+    # a window shorter than the training episodes: training sees the cache reset and the
+    # slow memory (with 8 turns, episodes of up to 8 chunks never do; docs/exam.md)
+    Variant("slow-fast-4", "slow-fast context: 4 turns in the KV cache, pooled older frames",
+            ["policy.context.kind=slow_fast", "policy.context.num_turns=4",
+             "train.bptt_depth=-1"], cost=1.3),
     Variant("mamba", "Mamba backbone carrying its recurrent state (RoboMamba)",
             ["policy.model.backbone=mamba", "policy.context.kind=ssm_state",
              "train.bptt_depth=-1"], cost=1.5),

@@ -30,10 +30,10 @@ from .utils import atomic_write_json, did_you_mean, read_json
 FORMAT = "memvla-exam-1"
 # the kinds: demo variants (memvla.demo.VARIANTS), and the ceiling; the memory-token
 # variants of memory beyond training run when asked for (--kinds)
-DEFAULT_KINDS = ("plain", "memory-k0", "memory-bptt", "frames-3x8", "slow-fast", "mamba",
+DEFAULT_KINDS = ("plain", "memory-k0", "memory-bptt", "frames-3x8", "slow-fast-4", "mamba",
                  "bank")
-KINDS = (*DEFAULT_KINDS, "memory-gated", "memory-noise", "memory-assoc",
-         "memory-scale", "memory-observe")
+KINDS = (*DEFAULT_KINDS, "slow-fast", "memory-gated", "memory-noise", "memory-assoc",
+         "memory-scale", "memory-norm", "memory-observe")
 CEILING = "plain-twin"
 
 
@@ -149,6 +149,28 @@ def check_directory(out: Path, s: ExamSettings) -> None:
     atomic_write_json(path, s.identity())
 
 
+def cell_definition(s: ExamSettings, task: str, kind: str) -> tuple[str, list[str]]:
+    """The preset and the overrides a cell trains with (what its cache must match)."""
+    from .demo import _variant, variant_overrides
+
+    preset, overrides = variant_overrides(task_settings(s, task, kind), _variant(kind))
+    return preset, list(overrides)
+
+
+def check_cached(path: Path, s: ExamSettings, task: str, kind: str) -> dict:
+    """A cached cell, refused when it was trained with another definition of its kind (a
+    cell of an earlier version records none and is taken as it is)."""
+    cell = read_json(path)
+    if "overrides" in cell:
+        preset, overrides = cell_definition(s, task, kind)
+        if (cell.get("preset"), cell["overrides"]) != (preset, overrides):
+            extra = sorted(set(cell["overrides"]) ^ set(overrides))
+            raise ValueError(f"{path}: this cell was trained with another definition of "
+                             f"{kind!r} (differing: {extra or [cell.get('preset'), preset]}); "
+                             "delete the file to train it again")
+    return cell
+
+
 def record_task_data(out: Path, s: ExamSettings, task: str, progress: bool) -> dict:
     """The task's expert data and its twin's (recorded once, shared by its cells)."""
     from .data.record import generate_dataset
@@ -175,7 +197,7 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     """Train one cell and evaluate it at every multiple; writes its JSON (a worker)."""
     import torch
 
-    from .demo import _variant, variant_overrides
+    from .demo import _variant
     from .evaluate import evaluate
     from .policies import load_policy
     from .presets import count_parameters
@@ -187,7 +209,7 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     d = task_settings(s, task, kind)
     v = _variant(kind)
     run = out / "runs" / task / kind
-    preset, overrides = variant_overrides(d, v)
+    preset, overrides = cell_definition(s, task, kind)
     rc = make_run_config(preset, dataset, s.steps, overrides)
     create_run(run, rc, overwrite=True)
     t0 = time.perf_counter()
@@ -217,6 +239,7 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     result = {"task": task, "kind": kind, "label": v.label, "horizon": h.option,
               "trained_horizon": s.trained(task), "horizons": horizons,
               "parameters": count_parameters(read_run_config(run).policy),
+              "preset": preset, "overrides": list(overrides),
               "final_loss": summary["losses"][-1], "train_seconds": train_s,
               "cell_seconds": time.perf_counter() - start, **cost}
     atomic_write_json(cell_path(out, task, kind), result)
@@ -237,7 +260,7 @@ def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool 
         for kind in [*s.kinds, CEILING]:
             path = cell_path(out, task, kind)
             if path.is_file():
-                cells[task, kind] = {**read_json(path), "cached": True}
+                cells[task, kind] = {**check_cached(path, s, task, kind), "cached": True}
             else:
                 todo.append((str(out), asdict(s), task, kind, str(data[kind == CEILING])))
     bar = tqdm(total=len(todo), desc="exam cells", disable=not progress)
