@@ -74,7 +74,11 @@ class ContextConfig:
     Slow: up to ``num_history`` frames of the turns before the window, sampled with
     StreamVLN's ``slice(0, t0, max(t0 // num_history, 1))``, 2-D pooled (``pool_stride``,
     ``pool_mode``), before the current prefix. Trained through the episode (the cache is
-    the carried state, ``train.bptt_depth`` truncates it).
+    the carried state, ``train.bptt_depth`` truncates it). Keep ``num_turns`` below the
+    chunks of the training episodes: a policy whose training never crossed a window meets
+    its first reset, and its first slow frames, only beyond the trained horizon (on
+    remember-color, 8 turns with delays up to 30: 99% at delay 30, 5% at 90; 4 turns: 100%
+    at both, docs/exam.md).
 
     ``voxel_size`` (metres; ``slow_fast``, and ``frames`` with ``tokens`` / ``pooled``):
     StreamVLN's voxel pruning of the past frames' tokens (:mod:`memvla.layers.voxel`):
