@@ -52,6 +52,15 @@ class VisionEmbeddings(nn.Module):
         return x + pos[None]  # (B, P, D)
 
 
+def key_mask(q: Tensor, k: Tensor, key_valid: Tensor | None) -> Tensor:
+    """The attention mask (B, N, L) bool of queries (B, Hh, N, Dh) over keys (B, Hh, L, Dh):
+    every key, or those where ``key_valid`` (B, L) is True."""
+    b, n, length = q.shape[0], q.shape[2], k.shape[2]
+    if key_valid is None:
+        return q.new_ones(b, n, length, dtype=torch.bool)  # (B, N, L)
+    return key_valid[:, None, :].expand(b, n, length)  # (B, N, L)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -72,12 +81,7 @@ class VisionAttention(nn.Module):
                ) -> Tensor:
         """Queries (B, Hh, N, Dh) over the keys / values (B, Hh, L, Dh) -> (B, N, D): every
         key, or those where ``key_valid`` (B, L) bool is True."""
-        b, n, length = q.shape[0], q.shape[2], k.shape[2]
-        if key_valid is None:
-            mask = q.new_ones(b, n, length, dtype=bool)  # (B, N, L)
-        else:
-            mask = key_valid[:, None, :].expand(b, n, length)  # (B, N, L)
-        return self.out_proj(merge_heads(scaled_attention(q, k, v, mask)))  # (B, N, D)
+        return self.out_proj(merge_heads(scaled_attention(q, k, v, key_mask(q, k, key_valid))))
 
     def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
         return self.attend(*self.qkv(x), key_valid)  # (B, P, D)

@@ -145,6 +145,11 @@ class TowerPreview:
         self.states.append(states)
         return preview(self.encoder, states)  # (B, G, D)
 
+    def values(self, training: bool):
+        """What the pruner selects from (its ``values``): kept mask -> the finished tokens,
+        every patch masked in training (the twin), only the kept ones at inference."""
+        return lambda kept: self.finish(kept, fast=not training)
+
     def finish(self, keep: Tensor, fast: bool) -> Tensor:
         """Kept tokens (B, C·G) bool, cameras in call order -> tokens (B, C·G, D): only the
         kept groups computed (``fast``) or every patch with the dropped ones masked."""

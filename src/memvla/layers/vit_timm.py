@@ -15,11 +15,11 @@ but never read; :meth:`TimmViT.unused_parameter_names`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import merge_heads, scaled_attention
 from .mlp import MLP
-from .vision import check_tower_images, patchify_conv
+from .vision import check_tower_images, key_mask, patchify_conv
 
 
 class LayerScale(nn.Module):
@@ -50,9 +50,7 @@ class TimmAttention(nn.Module):
                ) -> Tensor:
         """Queries (B, Hh, N, Dh) over keys / values (B, Hh, L, Dh) -> (B, N, D): every
         key, or those where ``key_valid`` (B, L) bool is True."""
-        mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hh, N, Dh)
-        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+        return self.proj(merge_heads(scaled_attention(q, k, v, key_mask(q, k, key_valid))))
 
     def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
         return self.attend(*self.project(x), key_valid)  # (B, N, D)

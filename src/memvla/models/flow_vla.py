@@ -335,8 +335,7 @@ class FlowMatchingVLA(nn.Module):
         if keys is not None:
             task = torch.cat([task, keys[0]], 1)  # (B, Nl + K, D)
             task_valid = torch.cat([task_valid, keys[1]], 1)  # (B, Nl + K)
-        values = None if previews is None else (
-            lambda kept: previews.finish(kept, fast=not self.pruner.training))
+        values = None if previews is None else previews.values(self.pruner.training)
         out = self.pruner(patches, pos[:, starts[first]:starts[last]], task, task_valid,
                           values)
         self.last_prune_stat_tensors = out.stat_tensors

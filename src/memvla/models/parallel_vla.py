@@ -334,8 +334,7 @@ class ParallelVLA(nn.Module):
         valid = torch.ones(b, p, dtype=torch.bool, device=patches.device)  # (B, P)
         stats: dict[str, Tensor] = {}
         if self.pruner is not None:
-            values = None if previews is None else (
-                lambda kept: previews.finish(kept, fast=not self.pruner.training))
+            values = None if previews is None else previews.values(self.pruner.training)
             out = self.pruner(patches, pos, prompt, prompt_pad, values)
             patches, valid, pos, stats = out.tokens, out.valid, out.positions, out.stat_tensors
         proprio = None if self.proprio_projector is None else self.proprio_projector(state)
