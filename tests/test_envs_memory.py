@@ -171,6 +171,26 @@ def test_remember_color_cue_has_the_colour_of_the_disc_that_succeeds(memoryless)
         assert info["is_success"]
 
 
+def test_seq_of_colors_twin_shows_the_colour_to_touch_next():
+    """The twin's corner patch has the colour of the next disc in the order, from the first
+    frame to the last touch; the task without the twin paints nothing there."""
+    for memoryless in (False, True):
+        env = envs.make("seq-of-colors", n_items=3, delay=2, memoryless=memoryless)
+        obs, _ = env.reset(seed=4)
+        u, expert, seen = env.unwrapped, env.unwrapped.make_expert(), []
+        while True:
+            corner = tuple(int(v) for v in obs["observation.images.top"][1, 1])
+            if u.n_done < u.n_items and (not seen or seen[-1][0] != u.n_done):
+                seen.append((u.n_done, corner))
+            obs, _, terminated, truncated, info = env.step(expert.act())
+            if terminated or truncated:
+                break
+        assert info["is_success"] and [k for k, _ in seen] == [0, 1, 2]
+        wanted = [tuple(int(v) for v in render.COLORS[u.color_ids[u.order[k]]]) for k in range(3)]
+        background = tuple(int(v) for v in render.BACKGROUND)
+        assert [c for _, c in seen] == (wanted if memoryless else [background] * 3)
+
+
 @pytest.mark.parametrize("name", ["remember-color", "shell-game"])
 def test_memoryless_twin_keeps_the_cue_visible(name):
     episodes, cue_end = frames_per_cue(name, [0, 1, 2], 0, memoryless=True)

@@ -103,3 +103,29 @@ def test_a_cached_cell_of_another_definition_is_refused(tmp_path):
     path.write_text(json.dumps(cell))
     with pytest.raises(ValueError, match=r"another definition of 'plain' .*num_turns=4"):
         run_exam(tmp_path, s, workers=1, progress=False)
+
+
+def test_a_cache_from_another_version_of_its_task_is_refused(tmp_path, monkeypatch):
+    """Cells and data record their task's version; after the task's episodes change (its
+    version bumped) both are refused, naming the versions, never mixed."""
+    import json
+
+    from memvla.envs.remember_color import RememberColorEnv
+
+    s = _settings()
+    run_exam(tmp_path, s, workers=1, progress=False)
+    path = tmp_path / "cells" / "remember-color" / "plain.json"
+    assert json.loads(path.read_text())["task_version"] == RememberColorEnv.version
+    info = json.loads((tmp_path / "data" / "remember-color" / "meta" / "info.json").read_text())
+    assert info["memvla"]["task_version"] == RememberColorEnv.version
+    monkeypatch.setattr(RememberColorEnv, "version", RememberColorEnv.version + 1)
+    with pytest.raises(ValueError, match=r"data/remember-color: recorded with version 1 of "
+                       r"'remember-color', this memvla has version 2"):
+        run_exam(tmp_path, s, workers=1, progress=False)
+    for d in ("remember-color", "remember-color-twin"):  # new data: the cells still refused
+        info = tmp_path / "data" / d / "meta" / "info.json"
+        meta = json.loads(info.read_text())
+        meta["memvla"]["task_version"] = 2
+        info.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"plain\.json: recorded with version 1"):
+        run_exam(tmp_path, s, workers=1, progress=False)

@@ -157,10 +157,27 @@ def cell_definition(s: ExamSettings, task: str, kind: str) -> tuple[str, list[st
     return preset, list(overrides)
 
 
+def task_version(task: str) -> int:
+    """The version of a task's episodes (:attr:`memvla.envs.TaskEnv.version`)."""
+    from .envs import TASKS
+
+    return TASKS[task].env_class.version
+
+
+def check_version(where: Path, recorded: int, task: str) -> None:
+    """Refuse a cached cell or dataset recorded from another version of its task."""
+    if recorded != task_version(task):
+        raise ValueError(f"{where}: recorded with version {recorded} of {task!r}, this memvla "
+                         f"has version {task_version(task)} (its episodes changed); delete it "
+                         "to record and train it again")
+
+
 def check_cached(path: Path, s: ExamSettings, task: str, kind: str) -> dict:
-    """A cached cell, refused when it was trained with another definition of its kind (a
-    cell of an earlier version records none and is taken as it is)."""
+    """A cached cell, refused when it was trained with another definition of its kind or
+    another version of its task (a cell of an earlier exam records neither: version 1, its
+    overrides taken as they are)."""
     cell = read_json(path)
+    check_version(path, cell.get("task_version", 1), task)
     if "overrides" in cell:
         preset, overrides = cell_definition(s, task, kind)
         if (cell.get("preset"), cell["overrides"]) != (preset, overrides):
@@ -179,7 +196,10 @@ def record_task_data(out: Path, s: ExamSettings, task: str, progress: bool) -> d
     paths = {}
     for twin in (False, True):
         path = out / "data" / (f"{task}-twin" if twin else task)
-        if not (path / "meta" / "info.json").is_file():
+        info = path / "meta" / "info.json"
+        if info.is_file():
+            check_version(path, read_json(info).get("memvla", {}).get("task_version", 1), task)
+        else:
             generate_dataset(task, s.episodes, path, seed=s.seed,
                              options=d.task_options(twin, data=True), overwrite=True,
                              progress=progress)
@@ -236,8 +256,8 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
                     "chunk_ms_p50": res["chunk_latency_ms"]["p50"],
                     "state_bytes": state_bytes(state) // (state_batch(state) or 1),
                     "chance": res["chance_level"]}
-    result = {"task": task, "kind": kind, "label": v.label, "horizon": h.option,
-              "trained_horizon": s.trained(task), "horizons": horizons,
+    result = {"task": task, "task_version": task_version(task), "kind": kind, "label": v.label,
+              "horizon": h.option, "trained_horizon": s.trained(task), "horizons": horizons,
               "parameters": count_parameters(read_run_config(run).policy),
               "preset": preset, "overrides": list(overrides),
               "final_loss": summary["losses"][-1], "train_seconds": train_s,

@@ -108,6 +108,9 @@ class TaskEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
     uses_gripper = False
     cue_end = 0  # first frame index at which the cue is no longer shown (0: no cue)
+    # bumped when a change to the task makes its earlier data and results incomparable
+    # (recorded in a dataset's info.json and an exam cell; a stale exam cache is refused)
+    version = 1
     option_keys: tuple[str, ...] = ()  # keys accepted in reset(options=...)
 
     def __init__(

@@ -15,7 +15,7 @@ INSTRUCTIONS = (
     "remember the color sequence and touch the objects in that order",
     "watch the colors, then touch them in the same order",
 )
-CELL = 0.05  # memoryless twin: sequence drawn as a grid of 3 cells per row, top-left corner
+CORNER = 0.12  # side of the memoryless twin's patch (top-left corner, outside the ring)
 
 
 class SeqOfColorsEnv(HeldChoiceTask):
@@ -27,11 +27,13 @@ class SeqOfColorsEnv(HeldChoiceTask):
 
     The colours and positions are drawn independently of the order, so the choice frames
     do not reveal it. ``reset(options={"cue": [i0, i1, ...]})`` forces the order (a
-    permutation of the object indices). Memoryless twin: the sequence stays visible as a
-    row of small squares (three per row) in the top-left corner.
+    permutation of the object indices). Memoryless twin: the colour to touch next stays
+    visible as a patch in the top-left corner (as ``remember-color``'s cue: a patch the
+    32 px policies see; the whole sequence in that corner would be cells of under 2 px).
     """
 
     option_keys = ("cue",)
+    version = 2  # 2: the twin shows the colour to touch next (1: the sequence in 1.6 px cells)
 
     def __init__(self, *, n_items: int = 3, item_steps: int = 3, delay: int = 10,
                  ready_steps: int = 8, ready_actions: str = "wait", **kwargs):
@@ -94,10 +96,9 @@ class SeqOfColorsEnv(HeldChoiceTask):
         self.success = self.n_done == self.n_items
 
     def _draw(self, img: np.ndarray) -> None:
-        if self.memoryless:
-            for k, obj in enumerate(self.order):
-                x, y = (k % 3) * CELL, (k // 3) * CELL
-                render.fill_rect(img, x, y, x + CELL, y + CELL, render.COLORS[self.color_ids[obj]])
+        if self.memoryless and self.n_done < self.n_items:
+            nxt = render.COLORS[self.color_ids[self.order[self.n_done]]]
+            render.fill_rect(img, 0.0, 0.0, CORNER, CORNER, nxt)
         phase = self.phase
         if phase == "cue":
             c = render.COLORS[self.color_ids[self.order[self.t // self.item_steps]]]
