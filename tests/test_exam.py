@@ -69,6 +69,7 @@ def test_horizons_beyond_a_task_and_bad_names():
     assert horizon_value(s, "remember-color", 10) == 300
     assert horizon_value(s, "seq-of-colors", 3) == 9
     assert horizon_value(s, "seq-of-colors", 10) is None  # 30 colours: the task has 9
+    assert s.task_steps("remember-color") == 3000 and s.task_steps("take-it-back") == 9000
     with pytest.raises(ValueError, match=r"unknown exam kind 'memory-bpt'.*memory-bptt"):
         ExamSettings(kinds=["memory-bpt"])
     with pytest.raises(ValueError, match=r"unknown exam task 'shell-gam'.*shell-game"):
@@ -102,6 +103,14 @@ def test_a_cached_cell_of_another_definition_is_refused(tmp_path):
     cell["overrides"] = [*cell["overrides"], "policy.context.num_turns=4"]
     path.write_text(json.dumps(cell))
     with pytest.raises(ValueError, match=r"another definition of 'plain' .*num_turns=4"):
+        run_exam(tmp_path, s, workers=1, progress=False)
+    twin = tmp_path / "cells" / "remember-color" / "plain-twin.json"
+    cell = json.loads(twin.read_text())
+    assert cell["steps"] == s.steps
+    twin.write_text(json.dumps({**cell, "steps": 3 * s.steps}))  # trained for other steps
+    path.unlink()
+    with pytest.raises(ValueError, match=r"plain-twin\.json: this cell was trained for 6 "
+                       r"steps, 'remember-color' cells now train for 2"):
         run_exam(tmp_path, s, workers=1, progress=False)
 
 

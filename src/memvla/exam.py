@@ -40,7 +40,9 @@ CEILING = "plain-twin"
 @dataclass(frozen=True)
 class Horizon:
     """A task's horizon: the option, its trained value, the largest value the task takes,
-    the options of the training data (``{H}``: the trained value) and of every run."""
+    the options of the training data (``{H}``: the trained value) and of every run, the
+    cell's overrides, and its training steps as a multiple of the exam's (a task whose
+    ceiling needs more: every kind on it gets the same)."""
 
     option: str
     trained: int
@@ -48,6 +50,7 @@ class Horizon:
     data: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     overrides: tuple = ()
+    steps: int = 1
 
 
 HORIZONS = {
@@ -56,7 +59,8 @@ HORIZONS = {
     "shell-game": Horizon("n_swaps", 3, data={"n_swaps": 0, "max_swaps": "{H}"},
                           options={"swap_steps": 8}),
     "seq-of-colors": Horizon("n_items", 3, limit=9),
-    "take-it-back": Horizon("delay", 4),
+    # grasp, carry and return: the ceiling is 21% at 3,000 steps, 73% at 9,000
+    "take-it-back": Horizon("delay", 4, steps=3),
     # the display shows the next move only: replan every 2 steps (as the sweeps do)
     "memory-maze": Horizon("n_markers", 1, limit=4,
                            overrides=("policy.n_action_steps=2", "policy.context.pool_stride=1",
@@ -100,6 +104,10 @@ class ExamSettings:
     def trained(self, task: str) -> int:
         return max(1, round(HORIZONS[task].trained * self.scale))
 
+    def task_steps(self, task: str) -> int:
+        """The training steps of the task's cells."""
+        return self.steps * HORIZONS[task].steps
+
     def identity(self) -> dict:
         """What a cached cell depends on (compared with a resumed directory's)."""
         return {"format": FORMAT, **asdict(self)}
@@ -119,7 +127,7 @@ def task_settings(s: ExamSettings, task: str, kind: str):
 
     h = HORIZONS[task]
     trained = s.trained(task)
-    d = DemoSettings(task=task, episodes=s.episodes, steps=s.steps,
+    d = DemoSettings(task=task, episodes=s.episodes, steps=s.task_steps(task),
                      eval_episodes=s.eval_episodes, image_size=s.image_size, seed=s.seed,
                      preset=s.preset, episode_batch=8, lanes=1, variants=[kind],
                      overrides=list(h.overrides))
@@ -178,6 +186,10 @@ def check_cached(path: Path, s: ExamSettings, task: str, kind: str) -> dict:
     overrides taken as they are)."""
     cell = read_json(path)
     check_version(path, cell.get("task_version", 1), task)
+    if cell.get("steps", s.steps) != s.task_steps(task):
+        raise ValueError(f"{path}: this cell was trained for {cell.get('steps', s.steps)} "
+                         f"steps, {task!r} cells now train for {s.task_steps(task)}; delete "
+                         "the file to train it again")
     if "overrides" in cell:
         preset, overrides = cell_definition(s, task, kind)
         if (cell.get("preset"), cell["overrides"]) != (preset, overrides):
@@ -230,7 +242,7 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     v = _variant(kind)
     run = out / "runs" / task / kind
     preset, overrides = cell_definition(s, task, kind)
-    rc = make_run_config(preset, dataset, s.steps, overrides)
+    rc = make_run_config(preset, dataset, s.task_steps(task), overrides)
     create_run(run, rc, overwrite=True)
     t0 = time.perf_counter()
     summary = train(run, progress=False)
@@ -260,7 +272,8 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
               "horizon": h.option, "trained_horizon": s.trained(task), "horizons": horizons,
               "parameters": count_parameters(read_run_config(run).policy),
               "preset": preset, "overrides": list(overrides),
-              "final_loss": summary["losses"][-1], "train_seconds": train_s,
+              "steps": s.task_steps(task), "final_loss": summary["losses"][-1],
+              "train_seconds": train_s,
               "cell_seconds": time.perf_counter() - start, **cost}
     atomic_write_json(cell_path(out, task, kind), result)
     return result
@@ -362,7 +375,8 @@ def report_markdown(results: dict) -> str:
         cells = [c for c in results["cells"] if c["task"] == task]
         h = HORIZONS[task]
         md += [f"## {task}", "",
-               f"Horizon: `{h.option}`, trained at {s.trained(task)}; chance "
+               f"Horizon: `{h.option}`, trained at {s.trained(task)}"
+               + (f" for {s.task_steps(task):,} steps" if h.steps != 1 else "") + "; chance "
                f"{cells[0].get('chance', float('nan')):.0%}.", "",
                "| kind | " + " | ".join(f"{m}× ({s.trained(task) * m})" for m in ms)
                + " | step ms | state bytes | parameters |",

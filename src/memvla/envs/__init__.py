@@ -79,8 +79,8 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     of those colours on a ring: touch them in the order shown (a touched disc vanishes, a
     wrong one fails), after ``ready_steps`` held frames (default 8) as in remember-color.
     Chance 1/n_items!. Max steps n_items·item_steps + delay + ready_steps + 12·n_items + 6.
-    ``reset(options={"cue": [order]})`` forces the order. Twin: the sequence stays visible
-    as small squares (three per row) in the top-left corner.
+    ``reset(options={"cue": [order]})`` forces the order. Twin: the colour to touch next
+    stays visible as a patch in the top-left corner.
 ``take-it-back`` (``memvla/TakeItBack-v0``)
     A disc at a random start and a square zone outline elsewhere: grasp the disc (gripper
     closed on it), carry it into the zone; the zone turns solid and the scene pauses for
