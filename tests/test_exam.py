@@ -70,6 +70,7 @@ def test_horizons_beyond_a_task_and_bad_names():
     assert horizon_value(s, "seq-of-colors", 3) == 9
     assert horizon_value(s, "seq-of-colors", 10) is None  # 30 colours: the task has 9
     assert s.task_steps("remember-color") == 3000 and s.task_steps("take-it-back") == 9000
+    assert ExamSettings.quick().task_steps("take-it-back") == 150  # a check, not a result
     with pytest.raises(ValueError, match=r"unknown exam kind 'memory-bpt'.*memory-bptt"):
         ExamSettings(kinds=["memory-bpt"])
     with pytest.raises(ValueError, match=r"unknown exam task 'shell-gam'.*shell-game"):

@@ -84,6 +84,7 @@ class ExamSettings:
     seed: int = 0
     preset: str = "tiny"
     scale: float = 1.0  # the trained horizons × scale (rounded, at least 1): quick exams
+    task_steps_multiple: bool = True  # some tasks train for Horizon.steps × steps (not quick)
 
     def __post_init__(self):
         for name, known, what in (("tasks", TASKS, "exam task"), ("kinds", KINDS, "exam kind")):
@@ -100,14 +101,14 @@ class ExamSettings:
     def quick(**changes) -> ExamSettings:
         """Minutes on a 2-core CPU: a check that every cell runs, not a result."""
         return ExamSettings(**{"episodes": 100, "steps": 150, "eval_episodes": 10,
-                               "scale": 0.25, **changes})
+                               "scale": 0.25, "task_steps_multiple": False, **changes})
 
     def trained(self, task: str) -> int:
         return max(1, round(HORIZONS[task].trained * self.scale))
 
     def task_steps(self, task: str) -> int:
         """The training steps of the task's cells."""
-        return self.steps * HORIZONS[task].steps
+        return self.steps * (HORIZONS[task].steps if self.task_steps_multiple else 1)
 
     def identity(self) -> dict:
         """What a cached cell depends on (compared with a resumed directory's)."""
