@@ -38,6 +38,16 @@ def test_a_cell_resumes_from_its_cache_without_retraining(tmp_path, monkeypatch)
     again = run_exam(tmp_path, s, workers=1, progress=False)
     assert all(c["cached"] for c in again["cells"])
     assert [c["horizons"] for c in again["cells"]] == [c["horizons"] for c in first["cells"]]
+    report = run_exam(tmp_path, _settings(kinds=["plain", "bank"], tasks=["remember-color",
+                                                                        "shell-game"]),
+                      workers=1, progress=False, train=False)  # the cached cells only
+    assert [c["kind"] for c in report["cells"]] == ["plain", "plain-twin"]
+    assert report["not_run"] == ["remember-color/bank", "shell-game/plain", "shell-game/bank",
+                                 "shell-game/plain-twin"]
+    text = (tmp_path / "report.md").read_text()
+    assert "## shell-game\n\nNot run." in text
+    assert "Not run (no cached cell): remember-color/bank" in text
+    assert not (tmp_path / "data" / "shell-game").exists()  # nothing recorded either
 
 
 def test_the_seeds_make_two_runs_of_a_cell_identical(tmp_path):

@@ -281,23 +281,26 @@ def run_cell(out: str, settings: dict, task: str, kind: str, dataset: str,
     return result
 
 
-def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool = True
-             ) -> dict:
-    """Every cell of ``s`` (cached ones read back), then the report."""
+def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool = True,
+             train: bool = True) -> dict:
+    """Every cell of ``s`` (cached ones read back), then the report. ``train=False``: the
+    report of the cached cells only, the others listed as not run."""
     from tqdm import tqdm
 
     out = Path(out)
     check_directory(out, s)
     t0 = time.perf_counter()
-    cells, todo = {}, []
+    cells, todo, missing = {}, [], []
     for task in s.tasks:
-        data = record_task_data(out, s, task, progress)
+        data = record_task_data(out, s, task, progress) if train else {}
         for kind in [*s.kinds, CEILING]:
             path = cell_path(out, task, kind)
             if path.is_file():
                 cells[task, kind] = {**check_cached(path, s, task, kind), "cached": True}
-            else:
+            elif train:
                 todo.append((str(out), asdict(s), task, kind, str(data[kind == CEILING])))
+            else:
+                missing.append(f"{task}/{kind}")
     bar = tqdm(total=len(todo), desc="exam cells", disable=not progress)
 
     def done(task: str, kind: str, cell: dict) -> None:
@@ -329,7 +332,8 @@ def run_exam(out: str | Path, s: ExamSettings, workers: int = 2, progress: bool 
                 done(job[2], job[3], cell)
     bar.close()
     results = {"settings": asdict(s), "wall_seconds": time.perf_counter() - t0,
-               "cells": [cells[t, k] for t in s.tasks for k in [*s.kinds, CEILING]]}
+               "cells": [cells[t, k] for t in s.tasks for k in [*s.kinds, CEILING]
+                         if (t, k) in cells], "not_run": missing}
     write_report(out, results)
     return results
 
@@ -376,6 +380,9 @@ def report_markdown(results: dict) -> str:
     for task in s.tasks:
         cells = [c for c in results["cells"] if c["task"] == task]
         h = HORIZONS[task]
+        if not cells:
+            md += [f"## {task}", "", "Not run.", ""]
+            continue
         md += [f"## {task}", "",
                f"Horizon: `{h.option}`, trained at {s.trained(task)}"
                + (f" for {s.task_steps(task):,} steps" if h.steps != 1 else "") + "; chance "
@@ -389,6 +396,8 @@ def report_markdown(results: dict) -> str:
                       + f" | {c.get('step_ms', float('nan')):.2f} | {c.get('state_bytes', 0):,}"
                       f" | {c['parameters']:,} |")
         md += ["", *_timeouts(cells, ms)]
+    if results.get("not_run"):
+        md += ["Not run (no cached cell): " + ", ".join(results["not_run"]) + ".", ""]
     md += ["![success by kind, task and horizon](heatmap.png)", ""]
     return "\n".join(md)
 

@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-episodes", type=int, help="evaluation episodes per horizon")
     parser.add_argument("--workers", type=int, default=2, help="cells trained at the same "
                         "time, one process each (2)")
+    parser.add_argument("--report", action="store_true", help="train nothing: the report of "
+                        "the cells cached in --out, the others listed as not run")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -39,7 +41,8 @@ def run(args) -> int:
         "episodes": args.episodes, "steps": args.steps,
         "eval_episodes": args.eval_episodes}.items() if v is not None}
     s = ExamSettings.quick(**changes) if args.quick else ExamSettings(**changes)
-    results = run_exam(args.out, s, workers=args.workers, progress=not args.no_progress)
+    results = run_exam(args.out, s, workers=args.workers, progress=not args.no_progress,
+                       train=not args.report)
     print((Path(args.out) / "report.md").read_text())
     print(f"memvla exam: {len(results['cells'])} cells, {results['wall_seconds']:.0f} s; "
           f"wrote {args.out}/report.md, results.json, heatmap.png")
