@@ -7,7 +7,7 @@ import pytest
 
 from memvla import envs
 from memvla.envs import render
-from memvla.envs.experts import goto_avoiding, move_to
+from memvla.envs.experts import goto_avoiding, hold, move_to
 from memvla.envs.render import to_px
 from memvla.envs.shell_game import SLOTS_X
 
@@ -385,3 +385,26 @@ def test_bad_ready_actions_option():
     with pytest.raises(ValueError,
                        match=r"'ready_actions' must be one of \['wait', 'aim'\], got 'go'"):
         envs.make("shell-game", ready_actions="go")
+
+
+def test_take_it_back_hides_the_way_in_and_needs_a_put_down():
+    """Entering the zone takes the disc and the effector to its centre (the side it came in
+    from, which points back to the start, is not left visible); carried over the start
+    the disc does not succeed until put down there, and put down elsewhere it fails."""
+    for put_down_at_start in (True, False):
+        env = envs.make("take-it-back", delay=2)
+        u = env.unwrapped
+        env.reset(seed=3)
+        expert = u.make_expert()
+        while u.phase == "carry":
+            env.step(expert.act())
+        assert np.array_equal(u.obj, u.zone) and np.array_equal(u.eff, u.zone) and u.attached
+        while u.phase != "return":
+            env.step(expert.act())
+        while np.hypot(*(u.obj - u.start)) >= 0.01:  # carried back onto the start
+            _, _, terminated, _, _ = env.step(expert.act())
+            assert not terminated and u.attached
+        if not put_down_at_start:
+            env.step(move_to(u.eff, u.zone, gripper=1.0))  # on, still holding it
+        _, _, terminated, _, info = env.step(hold(-1.0))
+        assert terminated and info["is_success"] is put_down_at_start

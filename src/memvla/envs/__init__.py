@@ -83,9 +83,10 @@ Tasks (``TASKS`` / :func:`task_names`; each memory task ``X`` also has a registe
     stays visible as a patch in the top-left corner.
 ``take-it-back`` (``memvla/TakeItBack-v0``)
     A disc at a random start and a square zone outline elsewhere: grasp the disc (gripper
-    closed on it), carry it into the zone; the zone turns solid and the scene pauses for
-    ``delay`` steps (default 4, actions ignored), then the zone vanishes: bring the disc
-    back to its start (within 0.05). Nothing marks the start once the disc has left it.
+    closed on it), carry it into the zone; the zone takes it to its centre, turns solid
+    and the scene pauses for ``delay`` steps (default 4, actions ignored), then the zone
+    vanishes: bring the disc back and put it down (gripper open) at its start (within
+    0.05; put down elsewhere fails). Nothing marks the start once the disc has left it.
     Chance = the area of the tolerance disc over the start area (about 0.02). Max steps
     40 + delay. Twin: a grey ring marks the start throughout.
 ``reach-color`` (``memvla/ReachColor-v0``)

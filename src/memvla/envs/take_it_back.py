@@ -24,15 +24,20 @@ ZONE_FILLED = np.array((80, 80, 80), dtype=np.uint8)
 class TakeItBackEnv(TaskEnv):
     """One disc at a random start and a square zone outline elsewhere. Grasp the disc
     (close the gripper, action[2] > 0, with the effector on it; it then moves with the
-    effector until the gripper opens) and carry it into the zone. The zone then turns
-    solid and the scene pauses for ``delay`` steps (actions are ignored), then the zone
-    disappears: bring the disc back to where it started (within ``RETURN_TOL``).
+    effector until the gripper opens) and carry it into the zone. The zone then takes the
+    disc and the effector to its centre, turns solid and the scene pauses for ``delay``
+    steps (actions are ignored), then the zone disappears: bring the disc back and put it
+    down (open the gripper) where it started, within ``RETURN_TOL``; put down anywhere
+    else, the episode fails.
 
-    Nothing marks the start once the disc has left it. Memoryless twin: a grey ring
-    marks the start position throughout.
+    Nothing marks the start once the disc has left it: the snap to the zone's centre hides
+    the side it came in from, and the put-down makes a path that merely passes over the
+    start fail (version 1 had neither, and a memoryless policy returned along the way in
+    by reading that side). Memoryless twin: a grey ring marks the start throughout.
     """
 
     uses_gripper = True
+    version = 2
 
     def __init__(self, *, delay: int = 4, **kwargs):
         self.delay = check_int("delay", delay, 0, 10_000)
@@ -91,10 +96,12 @@ class TakeItBackEnv(TaskEnv):
             if self.wait_left <= 0:
                 self._phase = "return"
         elif self._phase == "carry" and np.hypot(*(self.obj - self.zone)) < ZONE_TOL:
+            self.obj, self.eff = self.zone.copy(), self.zone.copy()  # (2,) the zone's centre
             self.wait_left = self.delay
             self._phase = "wait" if self.delay > 0 else "return"
-        elif self._phase == "return" and np.hypot(*(self.obj - self.start)) < RETURN_TOL:
-            self.success = True
+        elif self._phase == "return" and not self.attached:  # put down: here or failed
+            self.success = bool(np.hypot(*(self.obj - self.start)) < RETURN_TOL)
+            self.failed = not self.success
 
     def _draw(self, img: np.ndarray) -> None:
         if self._phase == "carry":
@@ -110,8 +117,8 @@ class TakeItBackEnv(TaskEnv):
 
 
 class TakeItBackExpert(Expert):
-    """Goes to the disc, closes the gripper, carries the disc to the zone, waits, and
-    carries it back to its (privileged) start position."""
+    """Goes to the disc, closes the gripper, carries the disc to the zone, waits, carries
+    it back to its (privileged) start position and opens the gripper there."""
 
     def act(self, obs=None) -> np.ndarray:
         env = self.env
@@ -124,4 +131,6 @@ class TakeItBackExpert(Expert):
                 return hold(1.0)  # on the disc: grasp
             return move_to(env.eff, env.obj, gripper=-1.0)
         goal = env.zone if env.phase == "carry" else env.start
+        if env.phase == "return" and np.hypot(*(env.obj - env.start)) < 0.01:
+            return hold(-1.0)  # put it down
         return move_to(env.eff, goal + (env.eff - env.obj), gripper=1.0)
