@@ -118,7 +118,8 @@ def generate_dataset(
                 raise ValueError(f"the expert succeeded in none of {attempted} attempts on "
                                  f"{task!r}")
             info = writer.finalize(extra_info={"memvla": {
-                "task": task, "task_version": getattr(env.unwrapped, "version", 1), "options": options,
+                "task": task, "task_version": getattr(env.unwrapped, "version", 1),
+                "options": options,
                 "seeds": [seed, seed + attempted - 1], "keep": keep, "attempts": attempted,
                 "expert_successes": successes, "action_noise": action_noise}})
         except BaseException:
