@@ -23,6 +23,7 @@ MAX_SPEED = 0.08  # world units per step at action 1.0 (about 5 px at 64×64)
 OBJECT_RADIUS = 0.085  # about 5 px at 64×64; touching = effector centre within this radius
 EFFECTOR_HALF = 0.035  # half-size of the square effector marker (5×5 px at 64×64)
 CENTER = np.array([0.5, 0.5])
+TWIN_PATCH = 0.12  # side of a memoryless twin's cue patch: the top-left corner, clear of the ring
 TEXT_CHARSET = string.ascii_letters + string.digits + " ,.'-!?"
 
 
@@ -62,6 +63,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_layout(layout: Any) -> str:
     return check_choice("layout", layout, LAYOUTS)
+
+
+def draw_twin_patch(img: np.ndarray, color) -> None:
+    """Paint a memoryless twin's cue patch (the top-left corner) in ``color`` (3,) uint8."""
+    render.fill_rect(img, 0.0, 0.0, TWIN_PATCH, TWIN_PATCH, color)
 
 
 def ring_positions(rng: np.random.Generator, n: int, radius: float = OBJECT_RADIUS,

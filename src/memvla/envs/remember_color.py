@@ -11,6 +11,7 @@ from memvla.envs.base import (
     check_choice,
     check_int,
     check_layout,
+    draw_twin_patch,
     ring_positions,
 )
 from memvla.envs.experts import Expert, hold, move_to, reach_choice
@@ -22,7 +23,6 @@ INSTRUCTIONS = (
     "watch the color, wait, then touch the matching object",
 )
 COLOR_ORDERS = ("shuffled", "fixed")
-CORNER = 0.12  # side of the memoryless twin's cue patch (top-left corner, outside the ring)
 
 
 class RememberColorEnv(HeldChoiceTask):
@@ -116,7 +116,7 @@ class RememberColorEnv(HeldChoiceTask):
     def _draw(self, img: np.ndarray) -> None:
         cue = render.COLORS[self.color_ids[self.target]]
         if self.memoryless:
-            render.fill_rect(img, 0.0, 0.0, CORNER, CORNER, cue)
+            draw_twin_patch(img, cue)
         phase = self.phase
         if phase == "cue":
             render.stamp(img, self._disc, CENTER[0], CENTER[1], cue)

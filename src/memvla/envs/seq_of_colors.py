@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from memvla.envs import render
-from memvla.envs.base import CENTER, HeldChoiceTask, check_int, ring_positions
+from memvla.envs.base import CENTER, HeldChoiceTask, check_int, draw_twin_patch, ring_positions
 from memvla.envs.experts import Expert, goto_avoiding, hold, move_to
 
 INSTRUCTIONS = (
@@ -15,7 +15,6 @@ INSTRUCTIONS = (
     "remember the color sequence and touch the objects in that order",
     "watch the colors, then touch them in the same order",
 )
-CORNER = 0.12  # side of the memoryless twin's patch (top-left corner, outside the ring)
 
 
 class SeqOfColorsEnv(HeldChoiceTask):
@@ -97,8 +96,7 @@ class SeqOfColorsEnv(HeldChoiceTask):
 
     def _draw(self, img: np.ndarray) -> None:
         if self.memoryless and self.n_done < self.n_items:
-            nxt = render.COLORS[self.color_ids[self.order[self.n_done]]]
-            render.fill_rect(img, 0.0, 0.0, CORNER, CORNER, nxt)
+            draw_twin_patch(img, render.COLORS[self.color_ids[self.order[self.n_done]]])
         phase = self.phase
         if phase == "cue":
             c = render.COLORS[self.color_ids[self.order[self.t // self.item_steps]]]
