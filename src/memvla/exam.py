@@ -385,7 +385,8 @@ def report_markdown(results: dict) -> str:
             continue
         md += [f"## {task}", "",
                f"Horizon: `{h.option}`, trained at {s.trained(task)}"
-               + (f" for {s.task_steps(task):,} steps" if h.steps != 1 else "") + "; chance "
+               + (f" for {s.task_steps(task):,} steps" if s.task_steps(task) != s.steps
+                  else "") + "; chance "
                f"{cells[0].get('chance', float('nan')):.0%}.", "",
                "| kind | " + " | ".join(f"{m}× ({s.trained(task) * m})" for m in ms)
                + " | step ms | state bytes | parameters |",
