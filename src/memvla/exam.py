@@ -58,7 +58,7 @@ HORIZONS = {
     # a swap lasts one chunk (8 frames, as the sweeps): the memory is written once per chunk
     "shell-game": Horizon("n_swaps", 3, data={"n_swaps": 0, "max_swaps": "{H}"},
                           options={"swap_steps": 8}),
-    # touch three discs in order: the ceiling is 14% at 3,000 steps, 66% at 9,000
+    # touch three discs in order: the ceiling is 14% at 3,000 steps, 58% at 9,000
     "seq-of-colors": Horizon("n_items", 3, limit=9, steps=3),
     # grasp, carry and return: the ceiling is 21% at 3,000 steps, 73% at 9,000
     "take-it-back": Horizon("delay", 4, steps=3),
