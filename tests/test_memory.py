@@ -1,6 +1,7 @@
 """Recurrent memory tokens on the flow VLA: masks of both layouts, streaming inference ==
 episode training forward, reset, truncated BPTT, bounded memory, bad configs."""
 
+import argparse
 import re
 
 import pytest
@@ -389,14 +390,20 @@ def test_the_rmt_action_expert_reads_the_write_tokens(monkeypatch):
     torch.testing.assert_close(h_changed[:, :-M][real_tokens], h_base[:, :-M][real_tokens])
 
 
+CUE_OPTIONS = {"image_size": 32, "delay": 3, "palette_size": 3, "layout": "fixed"}
+
+
+def _cue_policy():
+    """An untrained tiny memory policy at remember-color's 32 px."""
+    torch.manual_seed(0)
+    return make_policy(memory_config(extra=["model.num_steps=1", "model.vision.image_size=32",
+                                            "image_shape=[3,32,32]"])).eval()
+
+
 def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
     from memvla.bench.memory import cue_sensitivity
 
-    opts = {"image_size": 32, "delay": 3, "palette_size": 3, "layout": "fixed"}
-    cfg = memory_config(extra=["model.num_steps=1", "model.vision.image_size=32",
-                               "image_shape=[3,32,32]"])
-    torch.manual_seed(0)
-    policy = make_policy(cfg).eval()
+    opts, policy = CUE_OPTIONS, _cue_policy()
     res = cue_sensitivity(policy, opts, episodes=2)
     assert res["after_cue"] > 1e-3  # untrained: the written memory reads the whole image
     # a memory that ignores its input (what training drove it to in our runs) reads ~0
@@ -407,6 +414,34 @@ def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():
     with pytest.raises(ValueError, match="needs a memory policy"):
         cue_sensitivity(make_policy(narrow_config("tiny", extra=[
             "model.num_steps=1", "model.vision.image_size=32", "image_shape=[3,32,32]"])), opts)
+
+
+def test_memory_drift_measures_against_the_trained_delay():
+    from memvla.bench.memory import memory_drift
+
+    opts, policy = CUE_OPTIONS, _cue_policy()
+    same, longer = memory_drift(policy, opts, [3, 12], episodes=1)
+    assert same["own"] == 0.0 and same["other"] > 1e-3  # its own reference, bit for bit
+    assert longer["own"] > 1e-3 and 0.0 <= longer["decoded"] <= 1.0
+    # a memory that ignores its input is the same for every cue: only ties, 1 in 3 decoded
+    with torch.no_grad():
+        for p in policy.model.vlm_with_expert.text_model.layers.parameters():
+            p.zero_()
+    (flat,) = memory_drift(policy, opts, [12], episodes=1)
+    assert flat["own"] < 1e-6 and flat["decoded"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="delays must be integers >= 0, got -1"):
+        memory_drift(policy, opts, [-1])
+
+
+def test_memory_bench_drift_needs_a_checkpoint_and_delays():
+    from memvla.bench.memory import add_arguments, drift_report
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="--drift needs --checkpoint"):
+        drift_report(parser.parse_args(["--drift", "90"]), "cpu")
+    with pytest.raises(ValueError, match="comma-separated delays.*'ninety'"):
+        drift_report(parser.parse_args(["--drift", "ninety", "--checkpoint", "x"]), "cpu")
 
 
 def test_long_episode_bench_reports_paired_latency_and_the_norm_bound():

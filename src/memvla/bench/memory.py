@@ -16,6 +16,9 @@ short holds first; evaluation is at --delay / --swaps. For the memory variants o
 remember-color, :func:`cue_sensitivity` says whether the written memory depends on the
 cue at all.
 
+Drift (``--drift DELAYS --checkpoint RUN``, nothing else runs): :func:`memory_drift`, whether
+a trained remember-color memory before the choice stays where it is at the trained delay.
+
 Everything runs on ``--device`` (default: CUDA when available, else the CPU).
 """
 
@@ -35,6 +38,12 @@ def add_arguments(parser) -> None:
                         help="environment steps of the long episode")
     parser.add_argument("--checkpoint", help="a trained memory policy (checkpoint or run) for "
                         "the long episode (default: an untrained tiny memory policy)")
+    parser.add_argument("--drift", metavar="DELAYS",
+                        help="only this: how --checkpoint's remember-color memory before the "
+                        "choice drifts at these delays (comma-separated, e.g. 90,300) from "
+                        "where it is at --delay (the trained delay)")
+    parser.add_argument("--drift-episodes", type=int, default=20,
+                        help="episodes per cue for --drift")
     parser.add_argument("--success", action="store_true",
                         help="also train and evaluate the variants (long: tens of minutes)")
     parser.add_argument("--tasks", default="remember-color,shell-game")
@@ -198,53 +207,103 @@ def long_episode(steps: int, checkpoint: str | None = None, repeats: int = 30,
             "norm_bound": policy.model.memory_norm_bound(), "device": str(policy.device)}
 
 
-def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 10_000) -> dict:
-    """How much a memory policy's memory depends on the cue of ``remember-color``.
-
-    Each episode is run once per forced cue with the scripted expert's actions (so the
-    frames after the cue are identical across cues, see the task), the policy predicting a
-    chunk every ``chunk_size`` steps. Reported: the mean distance between the memories
-    written for different cues, after the first chunk and before the first chunk of the
-    choice phase, relative to the memory's mean norm. A memory that learnt the cue keeps
-    these apart; ~0 means the memory ignores the cue (it cannot help the choice).
-    """
-    import itertools
-
-    import numpy as np
+def _written_memories(policy, task_options: dict, seed: int, cue: int) -> list:
+    """The memories a policy writes on one ``remember-color`` episode of a forced cue, up to
+    and including the first chunk of the choice phase, the scripted expert acting (so the
+    frames after the cue are identical across cues, see the task). Each is (M, D)."""
     import torch
 
     from ..envs import make
     from ..evaluate import stack_observations
 
     if not policy.is_recurrent:
-        raise ValueError("cue_sensitivity needs a memory policy (context.kind=memory_tokens)")
+        raise ValueError("this measure needs a memory policy (context.kind=memory_tokens)")
     n = policy.config.model.chunk_size
+    env = make("remember-color", **task_options)
+    obs, _ = env.reset(seed=seed, options={"cue": cue})
+    u, expert = env.unwrapped, env.unwrapped.make_expert()
+    policy.reset()
+    written = []
+    for t in range(u.choice_start + n):
+        if t % n == 0:
+            with torch.no_grad():
+                policy.predict_action_chunk(stack_observations([obs], policy.device))
+            written.append(policy.memory[0].clone())  # (M, D)
+            if t >= u.choice_start:
+                break
+        obs, *_ = env.step(expert.act())
+    return written
+
+
+def _distance(a, b) -> float:
+    return float((a - b).norm(dim=-1).mean())  # mean over the M memory tokens
+
+
+def cue_sensitivity(policy, task_options: dict, episodes: int = 20, seed: int = 10_000) -> dict:
+    """How much a memory policy's memory depends on the cue of ``remember-color``.
+
+    Each episode is run once per forced cue (:func:`_written_memories`), the policy
+    predicting a chunk every ``chunk_size`` steps. Reported: the mean distance between the
+    memories written for different cues, after the first chunk and before the first chunk of
+    the choice phase, relative to the memory's mean norm. A memory that learnt the cue keeps
+    these apart; ~0 means the memory ignores the cue (it cannot help the choice).
+    """
+    import itertools
+
+    import numpy as np
+
     first, last, norms = [], [], []
     for ep in range(episodes):
         mems = []
         for cue in range(task_options.get("n_colors", 3)):
-            env = make("remember-color", **task_options)
-            obs, _ = env.reset(seed=seed + ep, options={"cue": cue})
-            u, expert = env.unwrapped, env.unwrapped.make_expert()
-            policy.reset()
-            written = []
-            for t in range(u.choice_start + n):
-                if t % n == 0:
-                    with torch.no_grad():
-                        policy.predict_action_chunk(stack_observations([obs], policy.device))
-                    written.append(policy.memory[0].clone())  # (M, D)
-                    if t >= u.choice_start:
-                        break
-                obs, *_ = env.step(expert.act())
+            written = _written_memories(policy, task_options, seed + ep, cue)
             mems.append((written[0], written[-2]))  # after chunk 0; before the choice chunk
             norms.append(float(written[0].norm(dim=-1).mean()))
         for a, b in itertools.combinations(mems, 2):
-            first.append(float((a[0] - b[0]).norm(dim=-1).mean()))
-            last.append(float((a[1] - b[1]).norm(dim=-1).mean()))
+            first.append(_distance(a[0], b[0]))
+            last.append(_distance(a[1], b[1]))
     scale = float(np.mean(norms))
     return {"episodes": episodes, "memory_norm": scale,
             "after_cue": float(np.mean(first)) / scale,
             "before_choice": float(np.mean(last)) / scale}
+
+
+def memory_drift(policy, task_options: dict, delays: list[int], episodes: int = 20,
+                 seed: int = 10_000) -> list[dict]:
+    """Whether a memory policy's memory before the choice stays where training left it as
+    the ``remember-color`` delay grows.
+
+    For each episode and cue the reference is the memory before the choice chunk at
+    ``task_options["delay"]`` (the trained delay); at each of ``delays`` the same episode
+    and cue give another. Reported per delay: ``decoded``, the share of (episode, cue)
+    whose memory is nearest to its own cue's reference (1: the cue is still readable as
+    trained; 1 / n_colors: lost or collapsed onto another cue's), and the mean distances to
+    its own cue's and to the other cues' references, relative to the references' norm. A
+    memory that keeps the cue but drifts shows ``own`` growing toward ``other``.
+    """
+    import numpy as np
+
+    for d in delays:
+        if not isinstance(d, int) or d < 0:
+            raise ValueError(f"memory_drift: delays must be integers >= 0, got {d!r}")
+    colors = task_options.get("n_colors", 3)
+    refs = {(ep, c): _written_memories(policy, task_options, seed + ep, c)[-2]
+            for ep in range(episodes) for c in range(colors)}
+    scale = float(np.mean([float(r.norm(dim=-1).mean()) for r in refs.values()]))
+    rows = []
+    for delay in delays:
+        hits, own, other = 0, [], []
+        for ep in range(episodes):
+            for c in range(colors):
+                m = _written_memories(policy, {**task_options, "delay": delay}, seed + ep, c)[-2]
+                dist = [_distance(m, refs[ep, k]) for k in range(colors)]  # (n_colors,)
+                hits += int(np.argmin(dist) == c)
+                own.append(dist[c])
+                other.extend(dist[k] for k in range(colors) if k != c)
+        rows.append({"delay": delay, "decoded": hits / (episodes * colors),
+                     "own": float(np.mean(own)) / scale, "other": float(np.mean(other)) / scale,
+                     "episodes": episodes})
+    return rows
 
 
 def _check_ranges(args) -> None:
@@ -302,6 +361,38 @@ def success_sweeps(args) -> list[dict]:
     return results
 
 
+def drift_report(args, device) -> int:
+    """``--drift``: the table of :func:`memory_drift` for ``--checkpoint``."""
+    from ..policies import load_policy
+    from ..utils import atomic_write_json
+    from .timing import format_table
+
+    if not args.checkpoint:
+        raise ValueError("--drift needs --checkpoint RUN: a trained remember-color memory "
+                         "policy")
+    try:
+        delays = [int(d) for d in args.drift.split(",") if d.strip()]
+    except ValueError:
+        raise ValueError(f"--drift must be comma-separated delays, e.g. 90,300; got "
+                         f"{args.drift!r}") from None
+    if not delays:
+        raise ValueError(f"--drift must name at least one delay, got {args.drift!r}")
+    opts = sweep_settings(args, "remember-color").task_options(False)
+    policy = load_policy(args.checkpoint, device=device).eval()
+    rows = memory_drift(policy, opts, delays, episodes=args.drift_episodes)
+    print(format_table(["delay", "cue decoded", "to its own cue", "to the other cues"],
+                       [[r["delay"], f"{r['decoded']:.0%}", f"{r['own']:.3f}",
+                         f"{r['other']:.3f}"] for r in rows]))
+    print(f"the memory before the choice against the same episode's at delay {args.delay}, "
+          f"{args.drift_episodes} episodes per cue: decoded = nearest to its own cue's; "
+          "distances relative to the memory's norm")
+    if args.json:
+        atomic_write_json(Path(args.json), {"checkpoint": str(args.checkpoint),
+                                            "trained_delay": args.delay, "drift": rows})
+        print(f"wrote {args.json}")
+    return 0
+
+
 def run(args) -> int:
     from ..policies import policy_device
     from ..utils import atomic_write_json
@@ -309,6 +400,8 @@ def run(args) -> int:
 
     _check_ranges(args)  # before minutes of timing
     device = policy_device(args.device)
+    if args.drift is not None:
+        return drift_report(args, device)
     cost = [latency_cost("tiny", [], args.repeats, device),
             latency_cost("smolvla-450m", ["model.text.depth=2", "model.expert.depth=2",
                                           "model.vision.depth=2"], max(5, args.repeats // 5),
