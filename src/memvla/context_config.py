@@ -20,7 +20,8 @@ CONTEXT_OPTIONS = {
     "none": (),
     "ssm_state": ("observe_every",),
     "memory_tokens": ("num_tokens", "layout", "init_std", "write", "max_rms", "memory_update",
-                      "memory_noise", "memory_scale", "memory_key_dim", "observe_every"),
+                      "memory_noise", "memory_scale", "memory_key_dim", "observe_every",
+                      "hold_weight", "hold_threshold"),
     "frames": ("num_frames", "frame_stride", "frames_mode", "pool_stride", "pool_mode",
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
@@ -96,6 +97,12 @@ class ContextConfig:
     ``raw`` (the carried memory enters the prefix as it is) or ``match`` (each memory token
     rescaled to the RMS of the other prefix tokens of its sample, so that its scale stays
     that of the prefix however long the episode: μVLA's scale matching).
+    ``hold_weight``: in training through episodes, that weight times the memory's relative
+    change ‖m' − m‖² / ‖m‖² over the writes whose observation (every ``observation.*``
+    feature) is within ``hold_threshold`` of the previous segment's, added to the loss: the
+    memory is taught to stay where it is while nothing happens, so that it does not drift
+    over delays longer than training's (0: off; see
+    :func:`memvla.layers.memory_tokens.hold_penalty`).
 
     ``observe_every`` (the kinds trained through the episode: ``memory_tokens``,
     ``slow_fast``, ``ssm_state``, ``bank``): the state is also written from the frames
@@ -143,6 +150,8 @@ class ContextConfig:
     memory_scale: str = "raw"
     memory_key_dim: int = 32
     observe_every: int | None = None
+    hold_weight: float = 0.0
+    hold_threshold: float = 0.01
     num_frames: int = 6
     frame_stride: int = 10
     frames_mode: str = "tokens"
@@ -241,6 +250,13 @@ class ContextConfig:
                      f"of {MEMORY_SCALES}, got {self.memory_scale!r}")
             _require(self.memory_noise >= 0, f"context.memory_noise is a share of the "
                      f"memory's RMS, >= 0; got {self.memory_noise}")
+            _require(isinstance(self.hold_weight, int | float) and self.hold_weight >= 0,
+                     f"context.hold_weight weighs the memory's change over unchanged "
+                     f"observations in the loss, >= 0 (0: off); got {self.hold_weight!r}")
+            _require(isinstance(self.hold_threshold, int | float) and self.hold_threshold >= 0,
+                     f"context.hold_threshold is the largest change of an observation "
+                     f"feature (e.g. a pixel) that counts as unchanged, >= 0; got "
+                     f"{self.hold_threshold!r}")
 
     @property
     def recurrent(self) -> bool:

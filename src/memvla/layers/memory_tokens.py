@@ -81,6 +81,31 @@ def memory_noise(memory: Tensor, scale: float, generator: torch.Generator | None
     return memory + scale * rms * noise  # (B, M, D)
 
 
+def hold_penalty(old: Tensor, new: Tensor, unchanged: Tensor) -> tuple[Tensor, Tensor]:
+    """How far a write moved the memory where the observation did not change: per sample
+    ‖new − old‖² / ‖old‖² over (M, D) (``old`` detached: the write is what must hold), summed
+    over the samples where ``unchanged`` (B,) is True, and their count. A memory trained
+    against it is a fixed point of the write while the world stands still
+    (``context.hold_weight``). ``old``/``new``: (B, M, D), or any (B, ...) state."""
+    old = old.detach()
+    change = (new - old).pow(2).flatten(1).sum(1)  # (B,)
+    change = change / old.pow(2).flatten(1).sum(1).clamp_min(1e-12)  # (B,)
+    held = unchanged.to(change.dtype)  # (B,)
+    return (change * held).sum(), held.sum()
+
+
+def hold_penalty_reference(old: Tensor, new: Tensor, unchanged: Tensor
+                           ) -> tuple[Tensor, Tensor]:
+    """Loop twin of :func:`hold_penalty`, for tests."""
+    total, count = torch.zeros((), dtype=new.dtype), torch.zeros((), dtype=new.dtype)
+    for b in range(old.shape[0]):
+        if unchanged[b]:
+            o = old[b].detach().double()
+            total = total + float(((new[b].double() - o) ** 2).sum() / (o ** 2).sum())
+            count = count + 1
+    return total, count
+
+
 def clip_rms(memory: Tensor, max_rms: float) -> Tensor:
     """Scale down each token of ``memory`` (B, M, D) whose RMS over D exceeds ``max_rms``
     to exactly that RMS; tokens inside the bound pass unchanged. Returns (B, M, D)."""

@@ -14,9 +14,31 @@ import torch
 from torch import Tensor
 
 from ..context import detach_state, select_state
-from ..layers.memory_tokens import truncates_before
+from ..layers.memory_tokens import hold_penalty, truncates_before
 from .frames import HISTORY_PREFIX
 from .inputs import check_actions, check_history
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """uint8 images in [0, 1], as the model reads them; anything else as it is."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def unchanged_observation(before: dict, after: dict, threshold: float) -> Tensor:
+    """(B,) True where every ``observation.*`` feature of the segment ``after`` (images,
+    state, depth, ...; uint8 images in [0, 1]) is within ``threshold`` of ``before``'s, element
+    by element: the world stood still between the two writes."""
+    keys = sorted(k for k, v in after.items() if k.startswith("observation.")
+                  and torch.is_tensor(v))
+    if not keys:
+        raise ValueError("context.hold_weight compares observation.* features between "
+                         "segments, but the segments have none")
+    same = None
+    for key in keys:
+        a, b = (_as_float(x[key]) for x in (after, before))
+        close = (a - b).abs().flatten(1).amax(1) <= threshold  # (B,)
+        same = close if same is None else same & close
+    return same
 
 
 class ContextPolicyMixin:
@@ -210,10 +232,12 @@ class ContextPolicyMixin:
         carried = prev = None  # the temporal context's state, the previous chunk
         total, count = 0.0, 0.0
         writes_per_chunk = self.config.n_action_steps // self.config.segment_stride
+        hold_weight = self.config.context.hold_weight
+        held, held_count, seg = 0.0, 0.0, None
         for s in range(s_total):
             if truncates_before(s, bptt_depth):
                 carried = detach_state(carried)
-            seg = episodes.segment(s)
+            seg, before = episodes.segment(s), seg
             if s % writes_per_chunk:  # a frame observed while the chunk executes
                 new_state = self._segment_write(seg, carried, prev)
             else:
@@ -221,14 +245,23 @@ class ContextPolicyMixin:
                 prev = self._previous_chunk(seg)
                 total = total + (losses * valid[..., None]).sum()
                 count = count + valid.sum() * self.config.action_dim
+            if hold_weight and before is not None:  # context.hold_weight
+                same = unchanged_observation(before, seg, self.config.context.hold_threshold)
+                change, n = hold_penalty(carried, new_state, same & ~seg["segment_is_pad"])
+                held, held_count = held + change, held_count + n
             # an episode past its end keeps its state (its padded segments change nothing)
             carried = select_state(seg["segment_is_pad"], carried, new_state)
         if count == 0:
             raise ValueError("action_is_pad: every action step of the episodes is padding")
         loss = total / count
-        return loss, self._stats({"loss": loss.item(),
-                                  "valid_steps": int(count / self.config.action_dim),
-                                  "segments": s_total})
+        stats = {"loss": loss.item(), "valid_steps": int(count / self.config.action_dim),
+                 "segments": s_total}
+        if hold_weight:
+            hold = held / max(float(held_count), 1.0)
+            loss = loss + hold_weight * hold
+            stats.update(hold=float(hold.detach()) if torch.is_tensor(hold) else hold,
+                         held_writes=int(held_count))
+        return loss, self._stats(stats)
 
     def _check_segments(self, episodes) -> None:
         """Segments must hold chunks of chunk_size actions, one every n_action_steps
