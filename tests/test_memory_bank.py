@@ -1,11 +1,18 @@
 """The memory bank: writes equal their loop twin, the bank never exceeds its size, merges
-as documented, and retrieval returns the exact top-k, oldest first."""
+as documented, retrieval returns the exact top-k, oldest first, and the attention read
+equals its loop twin."""
 
 import pytest
 import torch
 
 from memvla.configs import ContextConfig
-from memvla.layers.memory_bank import bank_retrieve, bank_write, bank_write_ref
+from memvla.layers.memory_bank import (
+    bank_attend,
+    bank_attend_ref,
+    bank_retrieve,
+    bank_write,
+    bank_write_ref,
+)
 
 
 def empty(b: int, s: int, d: int):
@@ -89,11 +96,49 @@ def test_retrieval_is_the_exact_top_k_oldest_first():
     assert exists.sum(1).tolist() == [1, 1, 1]  # one entry held: the rest do not exist
 
 
+def test_the_attention_read_equals_its_twin_over_held_entries_only():
+    torch.manual_seed(2)
+    scores = torch.randn(3, 4, 6) * 5  # (B, K, S)
+    count = torch.ones(3, 6)
+    count[1, 2:] = 0  # sample 1 holds 2 entries
+    count[2] = 0  # sample 2 holds none
+    w = bank_attend(scores, count)
+    torch.testing.assert_close(w, bank_attend_ref(scores, count))
+    torch.testing.assert_close(w[:2].sum(-1), torch.ones(2, 4))
+    assert (w[1, :, 2:] == 0).all() and (w[2] == 0).all() and not w.isnan().any()
+
+
+def test_an_attention_read_reaches_an_entry_the_top_k_leaves_out():
+    """A cue unlike the frames after it is the least similar to the query: the top-k read
+    never gives it a gradient, the attention read does."""
+    from memvla.context.bank import BankContext
+
+    torch.manual_seed(0)
+    grads = {}
+    for read in ("topk", "attention"):
+        ctx = BankContext(ContextConfig(kind="bank", bank_size=4, bank_topk=1,
+                                        bank_read=read), 8)
+        keys = torch.randn(1, 3, 8).requires_grad_()
+        state = {"keys": keys, "count": torch.ones(1, 3), "time": torch.arange(3.0)[None],
+                 "turn": 3, "observed": [torch.randn(1, 8)]}
+        read_tokens = ctx.extend_prefix([], state)[0]
+        read_tokens.embs.sum().backward()
+        grads[read] = keys.grad.abs().sum(-1)[0]  # (S,)
+    assert (grads["topk"] > 0).sum() == 1  # only the one entry read
+    assert (grads["attention"] > 0).all()
+
+
 def test_bank_options_are_checked():
     with pytest.raises(ValueError, match="bank_topk in \\[1, bank_size\\]"):
         ContextConfig(kind="bank", bank_size=2, bank_topk=3)
     with pytest.raises(ValueError, match="bank_merge is a cosine similarity in"):
         ContextConfig(kind="bank", bank_merge=1.5)
+    with pytest.raises(ValueError, match="context.bank_read must be one of \\('topk', "
+                       "'attention'\\), got 'soft'"):
+        ContextConfig(kind="bank", bank_read="soft")
+    with pytest.raises(ValueError, match="read tokens of bank_read='attention'.*bank_topk=0"):
+        ContextConfig(kind="bank", bank_read="attention", bank_topk=0)
+    ContextConfig(kind="bank", bank_size=2, bank_topk=3, bank_read="attention")  # 3 mixes
     with pytest.raises(ValueError, match="context.bank_size is an option of "
                        "context.kind='bank'"):
         ContextConfig(kind="memory_tokens", bank_size=4)

@@ -13,6 +13,7 @@ MEMORY_LAYOUTS = ("smolvla", "rmt")
 MEMORY_WRITES = ("norm", "clip")
 MEMORY_UPDATES = ("replace", "gated", "associative")
 MEMORY_SCALES = ("raw", "match")
+BANK_READS = ("topk", "attention")
 FRAMES_MODES = ("tokens", "pooled", "mem")
 POOL_MODES = ("avg", "max", "bilinear")
 # the options of each kind; the others must keep their defaults
@@ -26,7 +27,8 @@ CONTEXT_OPTIONS = {
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
                   "voxel_size", "observe_every"),
-    "bank": ("bank_size", "bank_topk", "bank_merge", "write", "max_rms", "observe_every"),
+    "bank": ("bank_size", "bank_topk", "bank_merge", "bank_read", "write", "max_rms",
+             "observe_every"),
     "experience": ("store_topk", "store_chunk", "store_dropout", "retrieve_below",
                    "confidence", "confidence_samples", "max_spread"),
 }
@@ -118,7 +120,9 @@ class ContextConfig:
     pooled observation vector per chunk, at most ``bank_size`` entries (when full, the most
     similar adjacent pair is merged, the oldest on a tie; with ``bank_merge`` a new entry
     at least that cosine-similar to the newest merges into it at once), the ``bank_topk``
-    entries most similar to the current observation in the prefix through a learned gate;
+    entries most similar to the current observation in the prefix through a learned gate
+    (``bank_read='topk'``), or ``bank_topk`` tokens each an attention-weighted mix of every
+    entry (``bank_read='attention'``: every entry gets a gradient, see :mod:`memvla.context.bank`);
     an entry is a write token's output bounded as memory tokens' is (``write``,
     ``max_rms``). Trained through the episode.
 
@@ -165,6 +169,7 @@ class ContextConfig:
     bank_size: int = 16
     bank_topk: int = 4
     bank_merge: float | None = None
+    bank_read: str = "topk"
     store_topk: int = 4
     store_chunk: int = 8
     store_dropout: float = 0.0
@@ -208,9 +213,18 @@ class ContextConfig:
             _require(self.num_history >= 0, f"context.num_history must be >= 0, got "
                      f"{self.num_history}")
         if self.kind == "bank":
-            _require(self.bank_size >= 1 and 1 <= self.bank_topk <= self.bank_size,
-                     f"context.bank_size must be >= 1 and context.bank_topk in [1, "
-                     f"bank_size]; got bank_size={self.bank_size}, bank_topk={self.bank_topk}")
+            _require(self.bank_read in BANK_READS, f"context.bank_read must be one of "
+                     f"{BANK_READS}, got {self.bank_read!r}")
+            if self.bank_read == "topk":  # the entries read, of those held
+                _require(self.bank_size >= 1 and 1 <= self.bank_topk <= self.bank_size,
+                         f"context.bank_size must be >= 1 and context.bank_topk in [1, "
+                         f"bank_size]; got bank_size={self.bank_size}, "
+                         f"bank_topk={self.bank_topk}")
+            else:  # the read tokens, each a mix of every entry
+                _require(self.bank_size >= 1 and self.bank_topk >= 1,
+                         f"context.bank_size and context.bank_topk (the read tokens of "
+                         f"bank_read='attention') must be >= 1; got bank_size="
+                         f"{self.bank_size}, bank_topk={self.bank_topk}")
             _require(self.write in MEMORY_WRITES and self.max_rms > 0, f"context.write must "
                      f"be one of {MEMORY_WRITES} and context.max_rms > 0, got "
                      f"{self.write!r}, {self.max_rms}")

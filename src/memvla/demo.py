@@ -88,6 +88,9 @@ VARIANTS = [
              "train.bptt_depth=-1"], twin=True, cost=1.5),
     Variant("bank", "memory bank: 16 pooled past observations, the 4 nearest in the prefix",
             ["policy.context.kind=bank", "train.bptt_depth=-1"], cost=1.3),
+    Variant("bank-attn", "memory bank read by attention: 4 tokens, each a mix of every entry",
+            ["policy.context.kind=bank", "policy.context.bank_read=attention",
+             "train.bptt_depth=-1"], cost=1.3),
     Variant("slow-fast-voxel", "slow-fast context, older frames pruned by 0.5 m voxels "
             "(needs depth and pose)", ["policy.context.kind=slow_fast", "train.bptt_depth=-1",
                                        "policy.context.voxel_size=0.5"], cost=1.3),

@@ -12,10 +12,18 @@ of each chunk's observation, one vector per chunk, retrieved by similarity.
   cue frame and of the frames after it are 0.999 similar).
 - **query**: the current observation pooled (each camera's image tokens averaged, then
   the cameras), projected (``query``); it scores the projected entries (``key``) by cosine
-  similarity, and the top ``context.bank_topk`` enter the prefix before the model's own
-  tokens, oldest first, each through ``value`` and scaled by a learned gate
-  on its score (sigmoid(a·cos + b): an entry that does not fit the query is shut out; the
-  bounded score keeps the gate off saturation).
+  similarity. ``context.bank_read``:
+
+  - ``topk``: the top ``context.bank_topk`` enter the prefix before the model's own
+    tokens, oldest first, each through ``value`` and scaled by a learned gate on its score
+    (sigmoid(a·cos + b): an entry that does not fit the query is shut out; the bounded
+    score keeps the gate off saturation). An entry outside the top k gets no gradient: a
+    cue unlike the frames after it is the least similar to them, so once the bank holds
+    more than k entries it is never read, nor learned to be read.
+  - ``attention``: ``context.bank_topk`` read tokens, each a softmax-weighted mix (over
+    every held entry, at a learned temperature) of the entry plus ``value`` of it; the k
+    queries are the projected observation plus a learned offset each
+    (:func:`memvla.layers.memory_bank.bank_attend`).
 
 The state is ``keys`` (B, S, D), ``count`` (B, S), ``time`` (B, S) and ``turn`` (chunks
 done); while a chunk is being computed it also holds the pooled observation of that chunk
@@ -27,12 +35,14 @@ episode: S entries at most, k of them in the prefix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import ContextConfig
-from ..layers.memory_bank import bank_retrieve, bank_write
+from ..layers.memory_bank import bank_attend, bank_retrieve, bank_write
 from ..layers.memory_tokens import bound_written
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
@@ -48,8 +58,12 @@ class BankContext(TemporalContext):
         self.query = nn.Linear(width, width)
         self.key = nn.Linear(width, width)
         self.value = nn.Linear(width, width)
-        self.gate = nn.Parameter(torch.tensor([4.0, 0.0]))  # a, b of sigmoid(a·cos + b)
+        if cfg.bank_read == "topk":
+            self.gate = nn.Parameter(torch.tensor([4.0, 0.0]))  # a, b of sigmoid(a·cos + b)
         self.write = nn.Parameter(torch.randn(1, width) * 0.02)  # the write token
+        if cfg.bank_read == "attention":
+            self.offsets = nn.Parameter(torch.randn(cfg.bank_topk, width) * 0.02)  # (K, D)
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
         self.last_retrieved: dict[str, Tensor] = {}  # of the last prefix
 
     @property
@@ -95,6 +109,13 @@ class BankContext(TemporalContext):
 
     def extend_prefix(self, parts: list[TokenSegment], state: dict,
                       encoder=None) -> list[TokenSegment]:
+        read = self.read_topk if self.cfg.bank_read == "topk" else self.read_attention
+        segment = read(state)
+        write = TokenSegment.full(self.write[None].expand(segment.embs.shape[0], -1, -1), 1, 0)
+        return [segment, *parts, write]  # the write token: a block of its own, at the end
+
+    def read_topk(self, state: dict) -> TokenSegment:
+        """The top-k entries by similarity, gated by it (``bank_read='topk'``)."""
         scores = self.scores(state)  # (B, S)
         keys = state["keys"].to(scores.dtype)  # (B, S, D)
         idx, top, exists = bank_retrieve(scores, state["count"], self.cfg.bank_topk)
@@ -104,9 +125,24 @@ class BankContext(TemporalContext):
         tokens = self.value(got) * gate[..., None]  # (B, k, D)
         self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
                                "retrieved": exists.sum(1), "gate": gate.detach()}
-        segment = TokenSegment(tokens, exists, torch.zeros_like(idx))
-        write = TokenSegment.full(self.write[None].expand(tokens.shape[0], -1, -1), 1, 0)
-        return [segment, *parts, write]  # the write token: a block of its own, at the end
+        return TokenSegment(tokens, exists, torch.zeros_like(idx))
+
+    def read_attention(self, state: dict) -> TokenSegment:
+        """K tokens, each an attention-weighted mix of every held entry
+        (``bank_read='attention'``)."""
+        keys = state["keys"]  # (B, S, D)
+        q = self.query(self.observation(state))[:, None] + self.offsets  # (B, K, D)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(self.key(keys.to(q.dtype)), dim=-1)  # (B, S, D)
+        weights = bank_attend(q @ k.transpose(1, 2) * self.log_temperature.exp(),
+                              state["count"])  # (B, K, S)
+        tokens = weights @ (keys + self.value(keys.to(q.dtype)))  # (B, K, D)
+        held = (state["count"] > 0).any(1)  # (B,)
+        exists = held[:, None].expand(-1, tokens.shape[1])  # (B, K)
+        self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
+                               "retrieved": exists.sum(1), "weights": weights.detach()}
+        return TokenSegment(tokens, exists, torch.zeros(exists.shape, dtype=torch.long,
+                                                        device=tokens.device))
 
     def update(self, state: dict, hidden: Tensor, cache=None, images=None) -> dict:
         entry = bound_written(hidden[:, -1:], self.cfg.write, self.cfg.max_rms)[:, 0]  # (B, D)
@@ -118,4 +154,5 @@ class BankContext(TemporalContext):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"bank_size={c.bank_size}, bank_topk={c.bank_topk}, bank_merge={c.bank_merge}"
+        return (f"bank_size={c.bank_size}, bank_topk={c.bank_topk}, bank_merge={c.bank_merge}, "
+                f"bank_read={c.bank_read!r}")

@@ -14,10 +14,12 @@ A bank holds up to S entries per sample, oldest first in slots 0 … n−1: ``ke
    after it can be 0.999 similar while repeated frames are 1.0, so an eager threshold below
    that would merge the cue away; the default has none.)
 
-Reading (:func:`bank_retrieve`): the top-k entries by a score per entry (the context's
-cosine similarity to a query), returned oldest first, with their scores and whether each
-exists. :func:`bank_write_ref` is
-the loop twin of :func:`bank_write`.
+Reading, two ways (``context.bank_read``): :func:`bank_retrieve`, the top-k entries by a
+score per entry (the context's cosine similarity to a query), returned oldest first, with
+their scores and whether each exists; or :func:`bank_attend`, each of k queries reading a
+softmax-weighted mix of every held entry (MemoryVLA's retrieval by attention), which gives
+every entry a gradient, not only those that made the top k. :func:`bank_write_ref` and
+:func:`bank_attend_ref` are the loop twins of :func:`bank_write` and :func:`bank_attend`.
 """
 
 from __future__ import annotations
@@ -124,3 +126,25 @@ def bank_retrieve(scores: Tensor, count: Tensor, k: int) -> tuple[Tensor, Tensor
     top = scores.masked_fill(~held, float("-inf")).topk(k, dim=1).indices  # (B, k)
     idx = top.sort(1).values  # (B, k) oldest first
     return idx, scores.gather(1, idx), held.gather(1, idx)
+
+
+def bank_attend(scores: Tensor, count: Tensor) -> Tensor:
+    """Attention weights (B, K, S) of K queries over a bank from their ``scores`` (B, K, S)
+    (e.g. scaled cosine similarities): a softmax over the held entries (``count`` (B, S) > 0);
+    all zero for a sample whose bank is empty."""
+    held = (count > 0)[:, None]  # (B, 1, S)
+    w = scores.masked_fill(~held, float("-inf")).softmax(-1)  # (B, K, S)
+    return torch.where(held.any(-1, keepdim=True), w, torch.zeros_like(w))  # no NaN rows
+
+
+def bank_attend_ref(scores: Tensor, count: Tensor) -> Tensor:
+    """Loop twin of :func:`bank_attend`: per sample and query, exp over the held entries."""
+    out = torch.zeros_like(scores)
+    for b in range(scores.shape[0]):
+        held = [i for i in range(scores.shape[2]) if count[b, i] > 0]
+        for q in range(scores.shape[1]):
+            if held:
+                e = [float(torch.exp(scores[b, q, i] - scores[b, q, held].max())) for i in held]
+                for i, v in zip(held, e, strict=True):
+                    out[b, q, i] = v / sum(e)
+    return out
