@@ -130,13 +130,13 @@ class BankContext(TemporalContext):
     def read_attention(self, state: dict) -> TokenSegment:
         """K tokens, each an attention-weighted mix of every held entry
         (``bank_read='attention'``)."""
-        keys = state["keys"]  # (B, S, D)
         q = self.query(self.observation(state))[:, None] + self.offsets  # (B, K, D)
         q = F.normalize(q, dim=-1)
-        k = F.normalize(self.key(keys.to(q.dtype)), dim=-1)  # (B, S, D)
+        keys = state["keys"].to(q.dtype)  # (B, S, D)
+        k = F.normalize(self.key(keys), dim=-1)  # (B, S, D)
         weights = bank_attend(q @ k.transpose(1, 2) * self.log_temperature.exp(),
                               state["count"])  # (B, K, S)
-        tokens = weights @ (keys + self.value(keys.to(q.dtype)))  # (B, K, D)
+        tokens = weights @ (keys + self.value(keys))  # (B, K, D)
         held = (state["count"] > 0).any(1)  # (B,)
         exists = held[:, None].expand(-1, tokens.shape[1])  # (B, K)
         self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
