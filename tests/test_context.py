@@ -41,6 +41,8 @@ KINDS = {"none": [],
          "bank": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2"],
          "bank-attention": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=3",
                             "context.bank_read=attention"],
+         "bank-chain": ["context.kind=bank", "context.bank_size=2", "context.bank_topk=2",
+                        "context.bank_chain=true"],
          # the state also written from the frame 2 steps into each 4-step chunk
          "memory_tokens-observe": ["context.kind=memory_tokens", "context.num_tokens=3",
                                    "context.observe_every=2"],

@@ -9,6 +9,7 @@ from memvla.configs import ContextConfig
 from memvla.layers.memory_bank import (
     bank_attend,
     bank_attend_ref,
+    bank_newest,
     bank_retrieve,
     bank_write,
     bank_write_ref,
@@ -128,6 +129,23 @@ def test_an_attention_read_reaches_an_entry_the_top_k_leaves_out():
     assert (grads["attention"] > 0).all()
 
 
+def test_a_chained_write_starts_from_the_newest_entry():
+    from memvla.context.bank import BankContext
+
+    keys, count = torch.randn(3, 4, 5), torch.tensor([[1.0, 2, 1, 0], [0, 0, 0, 0],
+                                                       [1, 1, 1, 1]])
+    newest = bank_newest(keys, count)
+    torch.testing.assert_close(newest, torch.stack([keys[0, 2], torch.zeros(5), keys[2, 3]]))
+    written = {}
+    for chain in (False, True):
+        torch.manual_seed(0)  # the same write vector
+        ctx = BankContext(ContextConfig(kind="bank", bank_size=4, bank_chain=chain), 5)
+        state = {"keys": keys, "count": count, "time": torch.zeros(3, 4), "turn": 3,
+                 "observed": [torch.randn(3, 5)]}
+        written[chain] = ctx.extend_prefix([], state)[-1].embs[:, 0]  # (B, D) write token
+    torch.testing.assert_close(written[True] - written[False], newest)
+
+
 def test_bank_options_are_checked():
     with pytest.raises(ValueError, match="bank_topk in \\[1, bank_size\\]"):
         ContextConfig(kind="bank", bank_size=2, bank_topk=3)
@@ -139,6 +157,8 @@ def test_bank_options_are_checked():
     with pytest.raises(ValueError, match="read tokens of bank_read='attention'.*bank_topk=0"):
         ContextConfig(kind="bank", bank_read="attention", bank_topk=0)
     ContextConfig(kind="bank", bank_size=2, bank_topk=3, bank_read="attention")  # 3 mixes
+    with pytest.raises(ValueError, match="context.bank_chain must be true or false, got 1"):
+        ContextConfig(kind="bank", bank_chain=1)
     with pytest.raises(ValueError, match="context.bank_size is an option of "
                        "context.kind='bank'"):
         ContextConfig(kind="memory_tokens", bank_size=4)

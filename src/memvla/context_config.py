@@ -27,8 +27,8 @@ CONTEXT_OPTIONS = {
                "temporal_every", "voxel_size"),
     "slow_fast": ("num_turns", "window", "num_history", "pool_stride", "pool_mode",
                   "voxel_size", "observe_every"),
-    "bank": ("bank_size", "bank_topk", "bank_merge", "bank_read", "write", "max_rms",
-             "observe_every"),
+    "bank": ("bank_size", "bank_topk", "bank_merge", "bank_read", "bank_chain", "write",
+             "max_rms", "observe_every"),
     "experience": ("store_topk", "store_chunk", "store_dropout", "retrieve_below",
                    "confidence", "confidence_samples", "max_spread"),
 }
@@ -123,6 +123,8 @@ class ContextConfig:
     entries most similar to the current observation in the prefix through a learned gate
     (``bank_read='topk'``), or ``bank_topk`` tokens each an attention-weighted mix of every
     entry (``bank_read='attention'``: every entry gets a gradient, see :mod:`memvla.context.bank`);
+    with ``bank_chain`` each entry's write token starts from the newest entry (a recurrent
+    write, as memory tokens': what lets the bank learn remember-color's cue);
     an entry is a write token's output bounded as memory tokens' is (``write``,
     ``max_rms``). Trained through the episode.
 
@@ -170,6 +172,7 @@ class ContextConfig:
     bank_topk: int = 4
     bank_merge: float | None = None
     bank_read: str = "topk"
+    bank_chain: bool = False
     store_topk: int = 4
     store_chunk: int = 8
     store_dropout: float = 0.0
@@ -215,6 +218,8 @@ class ContextConfig:
         if self.kind == "bank":
             _require(self.bank_read in BANK_READS, f"context.bank_read must be one of "
                      f"{BANK_READS}, got {self.bank_read!r}")
+            _require(isinstance(self.bank_chain, bool), f"context.bank_chain must be true or "
+                     f"false, got {self.bank_chain!r}")
             if self.bank_read == "topk":  # the entries read, of those held
                 _require(self.bank_size >= 1 and 1 <= self.bank_topk <= self.bank_size,
                          f"context.bank_size must be >= 1 and context.bank_topk in [1, "

@@ -91,6 +91,9 @@ VARIANTS = [
     Variant("bank-attn", "memory bank read by attention: 4 tokens, each a mix of every entry",
             ["policy.context.kind=bank", "policy.context.bank_read=attention",
              "train.bptt_depth=-1"], cost=1.3),
+    Variant("bank-chain", "memory bank, each entry written from the newest one",
+            ["policy.context.kind=bank", "policy.context.bank_chain=true",
+             "train.bptt_depth=-1"], cost=1.3),
     Variant("slow-fast-voxel", "slow-fast context, older frames pruned by 0.5 m voxels "
             "(needs depth and pose)", ["policy.context.kind=slow_fast", "train.bptt_depth=-1",
                                        "policy.context.voxel_size=0.5"], cost=1.3),

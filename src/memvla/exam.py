@@ -33,7 +33,8 @@ FORMAT = "memvla-exam-1"
 DEFAULT_KINDS = ("plain", "memory-k0", "memory-bptt", "frames-3x8", "slow-fast-4", "mamba",
                  "bank")
 KINDS = (*DEFAULT_KINDS, "slow-fast", "memory-gated", "memory-noise", "memory-assoc",
-         "memory-scale", "memory-norm", "memory-observe", "memory-hold", "bank-attn")
+         "memory-scale", "memory-norm", "memory-observe", "memory-hold", "bank-attn",
+         "bank-chain")
 CEILING = "plain-twin"
 
 

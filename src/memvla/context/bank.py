@@ -25,6 +25,12 @@ of each chunk's observation, one vector per chunk, retrieved by similarity.
     queries are the projected observation plus a learned offset each
     (:func:`memvla.layers.memory_bank.bank_attend`).
 
+- **chain** (``context.bank_chain``): the write token starts from the newest entry (the
+  learned write vector plus it), so each entry is written from the last one, as memory
+  tokens write the next memory from theirs, and a cue's gradient comes back through every
+  chunk in between. Without it an entry is reached only from the chunks that read it, and
+  on remember-color the write never learns the cue (docs/retrieval.md).
+
 The state is ``keys`` (B, S, D), ``count`` (B, S), ``time`` (B, S) and ``turn`` (chunks
 done); while a chunk is being computed it also holds the pooled observation of that chunk
 (``observed``, put there when the model encodes its images and taken out by
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..configs import ContextConfig
-from ..layers.memory_bank import bank_attend, bank_retrieve, bank_write
+from ..layers.memory_bank import bank_attend, bank_newest, bank_retrieve, bank_write
 from ..layers.memory_tokens import bound_written
 from ..layers.tokens import TokenSegment
 from .base import TemporalContext
@@ -111,8 +117,11 @@ class BankContext(TemporalContext):
                       encoder=None) -> list[TokenSegment]:
         read = self.read_topk if self.cfg.bank_read == "topk" else self.read_attention
         segment = read(state)
-        write = TokenSegment.full(self.write[None].expand(segment.embs.shape[0], -1, -1), 1, 0)
-        return [segment, *parts, write]  # the write token: a block of its own, at the end
+        write = self.write[None].expand(segment.embs.shape[0], -1, -1)  # (B, 1, D)
+        if self.cfg.bank_chain:  # written from the newest entry, as memory tokens are
+            write = write + bank_newest(state["keys"].to(write.dtype), state["count"])[:, None]
+        # the write token: a block of its own, at the end
+        return [segment, *parts, TokenSegment.full(write, 1, 0)]
 
     def read_topk(self, state: dict) -> TokenSegment:
         """The top-k entries by similarity, gated by it (``bank_read='topk'``)."""
@@ -155,4 +164,4 @@ class BankContext(TemporalContext):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"bank_size={c.bank_size}, bank_topk={c.bank_topk}, bank_merge={c.bank_merge}, "
-                f"bank_read={c.bank_read!r}")
+                f"bank_read={c.bank_read!r}, bank_chain={c.bank_chain}")

@@ -20,6 +20,7 @@ their scores and whether each exists; or :func:`bank_attend`, each of k queries 
 softmax-weighted mix of every held entry (MemoryVLA's retrieval by attention), which gives
 every entry a gradient, not only those that made the top k. :func:`bank_write_ref` and
 :func:`bank_attend_ref` are the loop twins of :func:`bank_write` and :func:`bank_attend`.
+:func:`bank_newest` is the newest entry (what a chained write starts from).
 """
 
 from __future__ import annotations
@@ -148,3 +149,12 @@ def bank_attend_ref(scores: Tensor, count: Tensor) -> Tensor:
                 for i, v in zip(held, e, strict=True):
                     out[b, q, i] = v / sum(e)
     return out
+
+
+def bank_newest(keys: Tensor, count: Tensor) -> Tensor:
+    """The newest entry (B, D) of each sample's bank (keys (B, S, D), count (B, S); entries
+    are held oldest first in slots 0 … n−1); zero for an empty bank."""
+    n = (count > 0).sum(1)  # (B,)
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    newest = keys[rows, (n - 1).clamp_min(0)]  # (B, D)
+    return newest * (n > 0)[:, None].to(keys.dtype)  # (B, D)
