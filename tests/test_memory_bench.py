@@ -10,22 +10,15 @@ from helpers import narrow_config
 
 from memvla.policies import make_policy
 
-M = 3
-
-
-def memory_config(extra=()):
-    return narrow_config("tiny", extra=["context.kind=memory_tokens",
-                                        f"context.num_tokens={M}", *extra])
-
-
 CUE_OPTIONS = {"image_size": 32, "delay": 3, "palette_size": 3, "layout": "fixed"}
 
 
 def _cue_policy():
     """An untrained tiny memory policy at remember-color's 32 px."""
     torch.manual_seed(0)
-    return make_policy(memory_config(extra=["model.num_steps=1", "model.vision.image_size=32",
-                                            "image_shape=[3,32,32]"])).eval()
+    return make_policy(narrow_config("tiny", extra=[
+        "context.kind=memory_tokens", "context.num_tokens=3", "model.num_steps=1",
+        "model.vision.image_size=32", "image_shape=[3,32,32]"])).eval()
 
 
 def test_cue_sensitivity_sees_a_memory_that_depends_on_the_cue():

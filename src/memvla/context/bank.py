@@ -146,10 +146,10 @@ class BankContext(TemporalContext):
         weights = bank_attend(q @ k.transpose(1, 2) * self.log_temperature.exp(),
                               state["count"])  # (B, K, S)
         tokens = weights @ (keys + self.value(keys))  # (B, K, D)
-        held = (state["count"] > 0).any(1)  # (B,)
-        exists = held[:, None].expand(-1, tokens.shape[1])  # (B, K)
-        self.last_retrieved = {"entries": (state["count"] > 0).sum(1),
-                               "retrieved": exists.sum(1), "weights": weights.detach()}
+        entries = (state["count"] > 0).sum(1)  # (B,)
+        exists = (entries > 0)[:, None].expand(-1, tokens.shape[1])  # (B, K)
+        self.last_retrieved = {"entries": entries, "retrieved": exists.sum(1),
+                               "weights": weights.detach()}
         return TokenSegment(tokens, exists, torch.zeros(exists.shape, dtype=torch.long,
                                                         device=tokens.device))
 

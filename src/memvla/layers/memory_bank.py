@@ -44,12 +44,13 @@ def bank_write(keys: Tensor, count: Tensor, time: Tensor, entry: Tensor, t: floa
     rows = torch.arange(b, device=keys.device)
     n = (count > 0).sum(1)  # (B,) entries held
     last = (n - 1).clamp_min(0)  # (B,)
-    sim_last = F.cosine_similarity(keys[rows, last], entry, dim=-1)  # (B,)
+    newest = bank_newest(keys, count)  # (B, D); zero (and unused) for an empty bank
+    sim_last = F.cosine_similarity(newest, entry, dim=-1)  # (B,)
     merge_last = (n > 0) & (sim_last >= (2.0 if threshold is None else threshold))  # (B,)
     full = (n == s) & ~merge_last  # (B,)
 
     # case 1: merge into the newest entry
-    merged_last = _merge(keys[rows, last], count[rows, last], entry, torch.ones_like(n))
+    merged_last = _merge(newest, count[rows, last], entry, torch.ones_like(n))
     k1, c1, t1 = keys.clone(), count.clone(), time.clone()
     k1[rows, last], c1[rows, last], t1[rows, last] = merged_last, count[rows, last] + 1, t
 
